@@ -1,0 +1,251 @@
+//! The child runtime: what every child process runs, whichever start method made it.
+//!
+//! A child says hello (protocol version, executable fingerprint, pid), gets its task (read from
+//! the channel, or already in memory after a fork), runs it under `catch_unwind` with a panic
+//! hook that records message, location and backtrace, sends back what happened, and ends with
+//! `_exit`. Ending with `_exit` matters after a fork: the child must never return into, or
+//! unwind through, the stack frames it copied from its parent.
+
+use std::io::Write;
+use std::os::fd::{AsFd, OwnedFd};
+use std::panic::{self, AssertUnwindSafe};
+use std::sync::{Mutex, OnceLock};
+use std::thread::{self, ThreadId};
+use std::time::{Duration, Instant};
+
+use crate::channel::{Channel, FrameError};
+use crate::error::{ErrorKind, RemotePanic};
+use crate::registry::{self, CallError};
+use crate::role::Role;
+use crate::sys::{self, POLLRDHUP, PollFd};
+use crate::wire::{self, FailReason, PROTOCOL_VERSION, Start, ToParent};
+
+/// Exit code of a child whose task returned.
+pub const EXIT_OK: i32 = 0;
+/// Exit code of a child whose task panicked or could not run (as Python's uncaught exception).
+pub const EXIT_FAILED: i32 = 1;
+/// Exit code of a daemon child that ended because its parent went away.
+pub const EXIT_ORPHANED: i32 = 121;
+
+/// How often a daemon child checks that its parent is still there.
+const WATCH_INTERVAL: Duration = Duration::from_millis(200);
+
+// linkme's `#[link_section]` trips the unsafe_code lint; no unsafe operation is involved.
+#[allow(unsafe_code)]
+#[linkme::distributed_slice(crate::role::ROLES)]
+static CHILD_ROLE: Role = Role {
+    name: "child",
+    main: serve_inherited,
+};
+
+fn serve_inherited(socket: OwnedFd) -> ! {
+    serve(Channel::from_fd(socket))
+}
+
+/// The executable fingerprint of this process, computed once.
+pub fn fingerprint() -> u64 {
+    static FINGERPRINT: OnceLock<u64> = OnceLock::new();
+    *FINGERPRINT.get_or_init(|| sys::executable_fingerprint().unwrap_or(0))
+}
+
+/// What the task did, ready to be sent.
+enum Outcome {
+    Returned(Vec<u8>),
+    Panicked(RemotePanic),
+    Failed(FailReason, String),
+}
+
+/// Entry point of a child that gets its task over the channel (spawn, forkserver).
+pub fn serve(mut channel: Channel) -> ! {
+    if say_hello(&channel).is_err() {
+        sys::exit_immediately(EXIT_FAILED);
+    }
+    let frame = match channel.recv(None, None) {
+        Ok(frame) => frame,
+        // The parent went away before telling us what to do: nothing to report, nobody to
+        // report it to.
+        Err(FrameError::Disconnected) => sys::exit_immediately(EXIT_FAILED),
+        Err(e) => finish(
+            &channel,
+            Outcome::Failed(FailReason::Protocol, format!("{e}")),
+        ),
+    };
+    let (start, args) = match wire::decode::<Start>(&frame) {
+        Ok(decoded) => decoded,
+        Err(e) => finish(
+            &channel,
+            Outcome::Failed(
+                FailReason::Protocol,
+                format!("start frame did not decode: {e}"),
+            ),
+        ),
+    };
+    if let Some(failure) = check_handshake(&start) {
+        finish(&channel, failure);
+    }
+    let entry = match registry::lookup(&start.task) {
+        Ok(entry) => entry,
+        Err(e) => {
+            let reason = match e.kind() {
+                ErrorKind::DuplicateTask => FailReason::DuplicateTask,
+                _ => FailReason::UnknownTask,
+            };
+            finish(&channel, Outcome::Failed(reason, e.to_string()))
+        }
+    };
+    prepare(&start, &channel);
+    let outcome = run_guarded(&start, || (entry.run)(args));
+    finish(&channel, outcome)
+}
+
+/// Entry point of a forked child whose task and arguments are already in memory (fork).
+pub fn run_moved(
+    channel: Channel,
+    start: Start,
+    call: impl FnOnce() -> Result<Vec<u8>, CallError>,
+) -> ! {
+    if say_hello(&channel).is_err() {
+        sys::exit_immediately(EXIT_FAILED);
+    }
+    prepare(&start, &channel);
+    let outcome = run_guarded(&start, call);
+    finish(&channel, outcome)
+}
+
+fn say_hello(channel: &Channel) -> Result<(), wire::SendError> {
+    let hello = ToParent::Hello {
+        version: PROTOCOL_VERSION,
+        fingerprint: fingerprint(),
+        pid: std::process::id(),
+    };
+    wire::send(channel, &hello, &[], &[], None, None)
+}
+
+/// The child's side of the handshake: refuse a parent of another version or executable.
+fn check_handshake(start: &Start) -> Option<Outcome> {
+    if start.version != PROTOCOL_VERSION {
+        return Some(Outcome::Failed(
+            FailReason::VersionMismatch,
+            format!(
+                "protocol version {}, expected {PROTOCOL_VERSION}",
+                start.version
+            ),
+        ));
+    }
+    if start.fingerprint != fingerprint() {
+        return Some(Outcome::Failed(
+            FailReason::FingerprintMismatch,
+            format!(
+                "parent executable fingerprint {:016x} differs from the child's {:016x}: \
+                 parent and child are different builds",
+                start.fingerprint,
+                fingerprint()
+            ),
+        ));
+    }
+    None
+}
+
+/// Adopts the parent's settings: log level, panic capture, and (for a daemon) the watch that
+/// ends the child when its parent goes away.
+fn prepare(start: &Start, channel: &Channel) {
+    crate::log::adopt(start.log.as_deref());
+    install_panic_hook();
+    if start.daemon {
+        watch_parent(channel);
+    }
+}
+
+static TASK_THREAD: OnceLock<ThreadId> = OnceLock::new();
+static LAST_PANIC: Mutex<Option<RemotePanic>> = Mutex::new(None);
+
+fn install_panic_hook() {
+    let _ = TASK_THREAD.set(thread::current().id());
+    let previous = panic::take_hook();
+    panic::set_hook(Box::new(move |info| {
+        if TASK_THREAD.get() == Some(&thread::current().id()) {
+            let panic = RemotePanic {
+                message: payload_message(info.payload()),
+                location: info
+                    .location()
+                    .map(|l| format!("{}:{}:{}", l.file(), l.line(), l.column())),
+                backtrace: std::backtrace::Backtrace::force_capture().to_string(),
+            };
+            if let Ok(mut slot) = LAST_PANIC.lock() {
+                slot.get_or_insert(panic);
+            }
+        }
+        previous(info);
+    }));
+}
+
+/// The text of a panic payload: the `&str` or `String` that `panic!` made.
+fn payload_message(payload: &(dyn std::any::Any + Send)) -> String {
+    payload
+        .downcast_ref::<&str>()
+        .map(|s| (*s).to_owned())
+        .or_else(|| payload.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "Box<dyn Any>".to_owned())
+}
+
+/// Starts a thread that ends this (daemon) child within [`WATCH_INTERVAL`] of its parent
+/// going away: the parent's end of the channel closes (`POLLRDHUP`), or we are re-parented.
+fn watch_parent(channel: &Channel) {
+    let Ok(socket) = channel.as_fd().try_clone_to_owned() else {
+        return;
+    };
+    let parent = sys::parent_pid();
+    let _ = thread::Builder::new()
+        .name("multiproc-parent-watch".into())
+        .spawn(move || {
+            loop {
+                let mut set = [PollFd::new(socket.as_fd(), POLLRDHUP)];
+                let _ = sys::poll(&mut set, Some(Instant::now() + WATCH_INTERVAL));
+                if set[0].ready(POLLRDHUP) || sys::parent_pid() != parent {
+                    sys::exit_immediately(EXIT_ORPHANED);
+                }
+            }
+        });
+}
+
+fn run_guarded(start: &Start, call: impl FnOnce() -> Result<Vec<u8>, CallError>) -> Outcome {
+    let span = tracing::debug_span!("child", pid = std::process::id(), name = %start.name);
+    let _entered = span.enter();
+    tracing::debug!(task = %start.task, "running task");
+    match panic::catch_unwind(AssertUnwindSafe(call)) {
+        Ok(Ok(bytes)) => Outcome::Returned(bytes),
+        Ok(Err(CallError::Args(e))) => Outcome::Failed(FailReason::ArgsUndecodable, e.to_string()),
+        Ok(Err(CallError::Result(e))) => {
+            Outcome::Failed(FailReason::ResultUnencodable, e.to_string())
+        }
+        Err(payload) => {
+            let recorded = LAST_PANIC.lock().ok().and_then(|mut slot| slot.take());
+            let panic = recorded.unwrap_or_else(|| RemotePanic {
+                message: payload_message(&*payload),
+                location: None,
+                backtrace: String::new(),
+            });
+            // Dropping a panic payload can itself panic; leak it instead, we exit next anyway.
+            std::mem::forget(payload);
+            Outcome::Panicked(panic)
+        }
+    }
+}
+
+/// Sends the outcome, flushes stdio and ends the process.
+fn finish(channel: &Channel, outcome: Outcome) -> ! {
+    let (message, payload, code) = match outcome {
+        Outcome::Returned(bytes) => (ToParent::Returned, bytes, EXIT_OK),
+        Outcome::Panicked(panic) => (ToParent::Panicked(panic), Vec::new(), EXIT_FAILED),
+        Outcome::Failed(reason, message) => (
+            ToParent::Failed { reason, message },
+            Vec::new(),
+            EXIT_FAILED,
+        ),
+    };
+    // A parent that is gone cannot be told; the exit code still says what happened.
+    let _ = wire::send(channel, &message, &payload, &[], None, None);
+    let _ = std::io::stdout().flush();
+    let _ = std::io::stderr().flush();
+    sys::exit_immediately(code)
+}

@@ -1,0 +1,41 @@
+//! multiproc-core: the engine behind the `multiproc` facade.
+//!
+//! It holds the start-method seam ([`StartMethod`], [`ChildHandle`]), the task registry, the
+//! wire protocol and its framing with fd passing, the child runtime, and [`Process`], written
+//! once against `dyn StartMethod`. Users depend on `multiproc`, not on this crate; start-method
+//! crates depend on it. The only `unsafe` of the workspace lives in [`sys`].
+
+pub mod channel;
+pub mod child;
+pub mod codec;
+pub mod error;
+pub mod log;
+pub mod method;
+pub mod process;
+pub mod registry;
+pub mod role;
+pub mod status;
+pub mod sys;
+pub mod task;
+pub mod wire;
+
+pub use error::{ChildFailure, Error, ErrorKind, RemotePanic, Result};
+pub use method::{ChildHandle, ChildMain, DirectChild, Payload, StartMethod, StartRequest};
+pub use process::{Process, ProcessBuilder};
+pub use status::ExitStatus;
+pub use sys::MultithreadedForkPermit;
+pub use task::{Portable, Task};
+
+/// Takes the child or forkserver role if this process was started as one; returns at once in
+/// the user's program.
+///
+/// With the default `ctor` feature this already happened before `main`, and calling it again
+/// is harmless. Builds that turn the feature off must call it first thing in `main`, before
+/// starting any thread.
+pub fn init() {
+    role::take_role();
+}
+
+/// Re-exported for `#[multiproc::task]`; not a stable API.
+#[doc(hidden)]
+pub use linkme;

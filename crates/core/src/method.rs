@@ -1,0 +1,144 @@
+//! The start-method seam: the one trait every way of starting a child implements, and the
+//! handle every started child is controlled through.
+//!
+//! `Process` (and everything built on it) is written once against `dyn StartMethod`. A start
+//! method only has to do two things: create a process whose child runtime talks over the
+//! channel it is given, and hand back a [`ChildHandle`] that can wait for and signal it.
+
+use std::convert::Infallible;
+use std::fmt;
+use std::io;
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::time::Instant;
+
+use crate::channel::Channel;
+use crate::error::Result;
+use crate::status::ExitStatus;
+use crate::sys::{self, POLLIN, PollFd};
+
+/// How the child gets its task.
+pub enum Payload {
+    /// The child reads a `Start` frame, with the encoded arguments, from its channel and looks
+    /// the task up by name (spawn, forkserver).
+    Sent,
+    /// The child runs this closure in a forked copy of the caller, arguments moved in, never
+    /// serialized (fork). The closure never returns: it ends the process.
+    Moved(ChildMain),
+}
+
+/// The body of a forked child: takes the child's end of the channel and ends the process (its
+/// return type has no values, as `!` is not yet stable in closure types).
+pub type ChildMain = Box<dyn FnOnce(Channel) -> Infallible + Send>;
+
+impl fmt::Debug for Payload {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Payload::Sent => f.write_str("Sent"),
+            Payload::Moved(_) => f.write_str("Moved(..)"),
+        }
+    }
+}
+
+/// Everything a start method needs to start one child.
+#[derive(Debug)]
+pub struct StartRequest<'a> {
+    /// The child's end of the bootstrap channel; the start method must close its copy.
+    pub channel: OwnedFd,
+    /// The parent's end, which a forked child must close in itself so that it cannot keep its
+    /// own channel open.
+    pub parent_end: BorrowedFd<'a>,
+    /// How the child gets its task.
+    pub payload: Payload,
+}
+
+/// A way of starting child processes: fork, spawn, forkserver.
+pub trait StartMethod: Send + Sync + fmt::Debug {
+    /// The name `Context::new` maps to this method (`"fork"`, `"spawn"`, `"forkserver"`).
+    fn name(&self) -> &'static str;
+
+    /// Whether children get their arguments moved in memory ([`Payload::Moved`]) rather than
+    /// sent over the channel ([`Payload::Sent`]).
+    fn moves_arguments(&self) -> bool {
+        false
+    }
+
+    /// Starts one child whose runtime talks over `request.channel`.
+    fn start(&self, request: StartRequest<'_>) -> Result<Box<dyn ChildHandle>>;
+}
+
+/// Control over one started child: wait for it, poll it, signal it.
+pub trait ChildHandle: Send + fmt::Debug {
+    /// The child's pid.
+    fn pid(&self) -> u32;
+
+    /// A descriptor that becomes readable when the child has ended.
+    fn sentinel(&self) -> BorrowedFd<'_>;
+
+    /// The child's exit status if it has ended, reaping it; never blocks.
+    fn try_wait(&mut self) -> io::Result<Option<ExitStatus>>;
+
+    /// Sends `signal` to the child; a child that already ended is not an error.
+    fn signal(&self, signal: i32) -> io::Result<()>;
+
+    /// Waits until the child has ended or `deadline` passes.
+    fn wait_deadline(&mut self, deadline: Option<Instant>) -> io::Result<Option<ExitStatus>> {
+        loop {
+            if let Some(status) = self.try_wait()? {
+                return Ok(Some(status));
+            }
+            let mut set = [PollFd::new(self.sentinel(), POLLIN)];
+            if sys::poll(&mut set, deadline)? == 0 {
+                return Ok(None);
+            }
+        }
+    }
+}
+
+/// A child of the calling process itself (fork, spawn), controlled through its pidfd.
+#[derive(Debug)]
+pub struct DirectChild {
+    pid: u32,
+    pidfd: OwnedFd,
+    status: Option<ExitStatus>,
+}
+
+impl DirectChild {
+    /// Takes control of our own unreaped child `pid`.
+    ///
+    /// Opening the pidfd before the child is reaped is race-free: the pid cannot be reused
+    /// while the child is a zombie of ours.
+    pub fn new(pid: u32) -> io::Result<Self> {
+        Ok(DirectChild {
+            pid,
+            pidfd: sys::pidfd_open(pid)?,
+            status: None,
+        })
+    }
+}
+
+impl ChildHandle for DirectChild {
+    fn pid(&self) -> u32 {
+        self.pid
+    }
+
+    fn sentinel(&self) -> BorrowedFd<'_> {
+        self.pidfd.as_fd()
+    }
+
+    fn try_wait(&mut self) -> io::Result<Option<ExitStatus>> {
+        if self.status.is_none() {
+            self.status = sys::pidfd_wait(self.pidfd.as_fd(), false)?;
+        }
+        Ok(self.status)
+    }
+
+    fn signal(&self, signal: i32) -> io::Result<()> {
+        if self.status.is_some() {
+            return Ok(());
+        }
+        match sys::pidfd_send_signal(self.pidfd.as_fd(), signal) {
+            Err(e) if e.raw_os_error() == Some(libc::ESRCH) => Ok(()),
+            other => other,
+        }
+    }
+}

@@ -1,0 +1,502 @@
+//! `Process`: one task in one child, started by any start method, with its return value and
+//! every way it can fail reported on the call that waited for it.
+
+use std::convert::Infallible;
+use std::marker::PhantomData;
+use std::os::fd::BorrowedFd;
+use std::sync::Arc;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use crate::channel::{Channel, Frame, FrameError};
+use crate::child::{self, fingerprint};
+use crate::codec;
+use crate::error::{ChildFailure, Error, ErrorKind, RemotePanic, Result};
+use crate::method::{ChildHandle, Payload, StartMethod, StartRequest};
+use crate::registry;
+use crate::status::ExitStatus;
+use crate::sys::{self, POLLIN, PollFd};
+use crate::task::{Portable, Task};
+use crate::wire::{self, FailReason, PROTOCOL_VERSION, Start, ToParent};
+
+/// Configures a child process before it starts: `ctx.process(task, args).name("x").start()`.
+#[must_use = "a process does not start until `start()` is called"]
+#[derive(Debug)]
+pub struct ProcessBuilder<A, R> {
+    method: Arc<dyn StartMethod>,
+    task: Task<A, R>,
+    args: A,
+    name: Option<String>,
+    daemon: bool,
+}
+
+impl<A: Portable, R: Portable> ProcessBuilder<A, R> {
+    /// A builder that will run `task(args)` in a child started by `method`.
+    pub fn new(method: Arc<dyn StartMethod>, task: Task<A, R>, args: A) -> Self {
+        ProcessBuilder {
+            method,
+            task,
+            args,
+            name: None,
+            daemon: false,
+        }
+    }
+
+    /// Names the process (Python's `name=`); the default is `Process-N`.
+    pub fn name(mut self, name: impl Into<String>) -> Self {
+        self.name = Some(name.into());
+        self
+    }
+
+    /// Makes the process a daemon: it is killed when its handle is dropped while it runs, and
+    /// it exits by itself within a second of its parent process dying.
+    pub fn daemon(mut self, daemon: bool) -> Self {
+        self.daemon = daemon;
+        self
+    }
+
+    /// Starts the child.
+    ///
+    /// Fails here when the task's name is not uniquely registered, the arguments cannot be
+    /// encoded, or the start method cannot create a process (fork refused in a multi-threaded
+    /// program, exec failed). A child that dies before it runs the task is reported by `join`.
+    pub fn start(self) -> Result<Process<R>> {
+        reap_detached();
+        registry::lookup(self.task.name())?;
+        let name = self.name.unwrap_or_else(next_default_name);
+        let start = Start {
+            version: PROTOCOL_VERSION,
+            fingerprint: fingerprint(),
+            task: self.task.name().to_owned(),
+            name: name.clone(),
+            daemon: self.daemon,
+            log: crate::log::inherited_level(),
+        };
+        let method_name = self.method.name();
+        let (parent_end, child_end) =
+            Channel::pair().map_err(|e| Error::io(format!("socketpair for {name}"), e))?;
+
+        let (payload, sent_args) = if self.method.moves_arguments() {
+            let func = self.task.func();
+            let args = self.args;
+            let settings = start.clone();
+            let main = Box::new(move |channel: Channel| -> Infallible {
+                child::run_moved(channel, settings, move || {
+                    registry::encode_result(&func(args))
+                })
+            });
+            (Payload::Moved(main), None)
+        } else {
+            let bytes = codec::encode(&self.args).map_err(|e| {
+                Error::new(
+                    ErrorKind::Encode,
+                    format!("arguments of task `{}`: {e}", start.task),
+                )
+            })?;
+            (Payload::Sent, Some(bytes))
+        };
+
+        let request = StartRequest {
+            channel: child_end.into_fd(),
+            parent_end: parent_end.as_fd(),
+            payload,
+        };
+        let child = self.method.start(request)?;
+        let pid = child.pid();
+        tracing::debug!(pid, name = %name, method = method_name, task = %start.task, "process started");
+
+        if let Some(args) = sent_args {
+            let sent = wire::send(
+                &parent_end,
+                &start,
+                &args,
+                &[],
+                None,
+                Some(child.sentinel()),
+            );
+            match sent {
+                // A child that died before reading its task is reported by `join`, which knows
+                // how it ended.
+                Ok(())
+                | Err(wire::SendError::Frame(FrameError::Disconnected | FrameError::Aborted)) => {}
+                Err(e) => {
+                    return Err(Error::new(
+                        ErrorKind::Io,
+                        format!("sending the task to process {pid} ({name}): {e}"),
+                    ));
+                }
+            }
+        }
+
+        Ok(Process {
+            child: Some(child),
+            channel: parent_end,
+            name,
+            method: method_name,
+            daemon: self.daemon,
+            hello: false,
+            reading: true,
+            reply: None,
+            broken: None,
+            status: None,
+            result_taken: false,
+            signalled: false,
+            _result: PhantomData,
+        })
+    }
+}
+
+fn next_default_name() -> String {
+    static COUNTER: AtomicU64 = AtomicU64::new(1);
+    format!("Process-{}", COUNTER.fetch_add(1, Ordering::Relaxed))
+}
+
+/// What the child sent after its hello.
+#[derive(Debug)]
+enum Reply {
+    /// The encoded return value is `frame.body[offset..]`.
+    Returned(Vec<u8>, usize),
+    Panicked(RemotePanic),
+    Failed(FailReason, String),
+}
+
+/// A running (or finished) child process that will return an `R`.
+///
+/// Dropping the handle of a child that still runs kills it if it is a daemon; otherwise the
+/// child runs on, and is reaped by a later `start()` once it ends (as Python does).
+#[derive(Debug)]
+pub struct Process<R> {
+    child: Option<Box<dyn ChildHandle>>,
+    channel: Channel,
+    name: String,
+    method: &'static str,
+    daemon: bool,
+    hello: bool,
+    reading: bool,
+    reply: Option<Reply>,
+    broken: Option<Error>,
+    status: Option<ExitStatus>,
+    result_taken: bool,
+    signalled: bool,
+    _result: PhantomData<fn() -> R>,
+}
+
+impl<R: Portable> Process<R> {
+    /// The child's pid.
+    pub fn pid(&self) -> u32 {
+        self.handle().pid()
+    }
+
+    /// The process name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The start method that started it.
+    pub fn start_method(&self) -> &'static str {
+        self.method
+    }
+
+    /// Whether it is a daemon.
+    pub fn is_daemon(&self) -> bool {
+        self.daemon
+    }
+
+    /// Whether the child is still running (reaps it if it has ended).
+    pub fn is_alive(&mut self) -> bool {
+        self.poll_status().is_none()
+    }
+
+    /// How the child ended, or `None` while it runs.
+    pub fn exit_status(&mut self) -> Option<ExitStatus> {
+        self.poll_status()
+    }
+
+    /// Python's `exitcode`: `None` while running, then the exit code, or `-N` for signal `N`.
+    pub fn exitcode(&mut self) -> Option<i32> {
+        self.poll_status().map(ExitStatus::exitcode)
+    }
+
+    /// A descriptor that becomes readable when the child ends (Python's `sentinel`); a pidfd
+    /// where the start method has one.
+    pub fn sentinel(&self) -> BorrowedFd<'_> {
+        self.handle().sentinel()
+    }
+
+    /// Sends SIGTERM (Python's `terminate`).
+    pub fn terminate(&mut self) -> Result<()> {
+        self.signal(libc::SIGTERM)
+    }
+
+    /// Sends SIGKILL (Python's `kill`).
+    pub fn kill(&mut self) -> Result<()> {
+        self.signal(libc::SIGKILL)
+    }
+
+    /// Sends `signal` to the child; a child that already ended is not an error.
+    pub fn signal(&mut self, signal: i32) -> Result<()> {
+        self.signalled = true;
+        self.handle()
+            .signal(signal)
+            .map_err(|e| Error::io(format!("signal {signal} to {}", self.label()), e))
+    }
+
+    /// Waits for the child to end and returns what its task returned.
+    ///
+    /// A panic, an exit without a value, a kill by a signal, a failed handshake, and bytes that
+    /// do not decode are all errors; [`Error::kind`] tells them apart and
+    /// [`Error::exit_status`] says how the child ended.
+    pub fn join(mut self) -> Result<R> {
+        self.wait_until(None)?;
+        self.take_result()
+    }
+
+    /// Waits at most `timeout`; `Ok(None)` if the child is still running then.
+    ///
+    /// Once it has returned `Ok(Some(_))` or an error, the result is gone: a later `join` gives
+    /// an [`ErrorKind::ResultTaken`] error.
+    pub fn join_timeout(&mut self, timeout: Duration) -> Result<Option<R>> {
+        if self.wait_until(Some(Instant::now() + timeout))? {
+            self.take_result().map(Some)
+        } else {
+            Ok(None)
+        }
+    }
+
+    fn handle(&self) -> &dyn ChildHandle {
+        self.child
+            .as_deref()
+            .expect("the child handle lives until drop")
+    }
+
+    fn label(&self) -> String {
+        format!(
+            "process {} ({}, {})",
+            self.handle().pid(),
+            self.name,
+            self.method
+        )
+    }
+
+    /// Non-blocking: reads what the child sent so far and reaps it if it ended.
+    fn poll_status(&mut self) -> Option<ExitStatus> {
+        let _ = self.wait_until(Some(Instant::now()));
+        self.status
+    }
+
+    /// Reads replies and waits for the exit status until `deadline`; true once the child has
+    /// ended and everything it sent has been read.
+    fn wait_until(&mut self, deadline: Option<Instant>) -> Result<bool> {
+        loop {
+            self.pump();
+            if self.status.is_none() {
+                let label = self.label();
+                let child = self
+                    .child
+                    .as_mut()
+                    .expect("the child handle lives until drop");
+                self.status = child
+                    .try_wait()
+                    .map_err(|e| Error::io(format!("waitid on {label}"), e))?;
+                if let Some(status) = self.status {
+                    tracing::debug!(pid = child.pid(), name = %self.name, %status, "process exited");
+                    // Whatever the child wrote before it ended is in the socket now.
+                    self.pump();
+                }
+            }
+            if self.status.is_some() {
+                return Ok(true);
+            }
+            let mut set = [
+                PollFd::new(self.handle().sentinel(), POLLIN),
+                PollFd::new(self.channel.as_fd(), POLLIN),
+            ];
+            let watched = if self.reading { 2 } else { 1 };
+            let ready = sys::poll(&mut set[..watched], deadline)
+                .map_err(|e| Error::io(format!("poll on {}", self.label()), e))?;
+            if ready == 0 {
+                return Ok(false);
+            }
+        }
+    }
+
+    /// Takes every complete frame the child has sent, without blocking.
+    fn pump(&mut self) {
+        while self.reading {
+            match self.channel.try_recv() {
+                Ok(Some(frame)) => self.on_frame(frame),
+                Ok(None) => return,
+                Err(FrameError::Disconnected) => self.reading = false,
+                Err(e) => {
+                    let label = self.label();
+                    self.broken = Some(Error::new(
+                        ErrorKind::Protocol,
+                        format!("{label} sent a bad frame: {e}"),
+                    ));
+                    self.reading = false;
+                }
+            }
+        }
+    }
+
+    fn on_frame(&mut self, frame: Frame) {
+        let label = self.label();
+        let message = match wire::decode::<ToParent>(&frame) {
+            Ok((message, payload)) => (message, frame.body.len() - payload.len()),
+            Err(e) => {
+                self.broken = Some(Error::new(
+                    ErrorKind::Protocol,
+                    format!("{label} sent a message that did not decode: {e}"),
+                ));
+                self.reading = false;
+                return;
+            }
+        };
+        match message {
+            (
+                ToParent::Hello {
+                    version,
+                    fingerprint: theirs,
+                    ..
+                },
+                _,
+            ) if !self.hello => {
+                self.hello = true;
+                if version != PROTOCOL_VERSION || theirs != fingerprint() {
+                    self.broken = Some(Error::new(
+                        ErrorKind::StartFailed,
+                        format!(
+                            "{label} handshake failed: protocol version {version}, expected \
+                             {PROTOCOL_VERSION}; executable {theirs:016x}, expected {:016x}",
+                            fingerprint()
+                        ),
+                    ));
+                    self.reading = false;
+                }
+            }
+            (ToParent::Returned, offset) if self.hello => {
+                self.reply = Some(Reply::Returned(frame.body, offset));
+                self.reading = false;
+            }
+            (ToParent::Panicked(panic), _) if self.hello => {
+                self.reply = Some(Reply::Panicked(panic));
+                self.reading = false;
+            }
+            (ToParent::Failed { reason, message }, _) if self.hello => {
+                self.reply = Some(Reply::Failed(reason, message));
+                self.reading = false;
+            }
+            (other, _) => {
+                self.broken = Some(Error::new(
+                    ErrorKind::Protocol,
+                    format!("{label} sent {other:?} out of order"),
+                ));
+                self.reading = false;
+            }
+        }
+    }
+
+    fn take_result(&mut self) -> Result<R> {
+        let label = self.label();
+        let status = self.status;
+        if self.result_taken {
+            return Err(Error::new(
+                ErrorKind::ResultTaken,
+                format!("the result of {label} was already taken"),
+            ));
+        }
+        self.result_taken = true;
+        if let Some(error) = self.broken.take() {
+            return Err(error.with_exit_status(status));
+        }
+        let status_text = status.map_or_else(|| "still running".to_owned(), |s| s.to_string());
+        match self.reply.take() {
+            Some(Reply::Returned(body, offset)) => {
+                codec::decode::<R>(&body[offset..]).map_err(|e| {
+                    Error::new(
+                        ErrorKind::Decode,
+                        format!("{label} returned bytes that did not decode: {e}"),
+                    )
+                    .with_exit_status(status)
+                })
+            }
+            Some(Reply::Panicked(panic)) => {
+                Err(Error::child(label, ChildFailure::Panicked(panic), status))
+            }
+            Some(Reply::Failed(reason, message)) => Err(Error::new(
+                fail_kind(reason),
+                format!("{label} could not run its task: {message}"),
+            )
+            .with_exit_status(status)),
+            // A child we signalled ourselves ended as asked, even if it had not said hello yet.
+            None if !self.hello
+                && !(self.signalled && status.is_some_and(|s| s.signal().is_some())) =>
+            {
+                Err(Error::new(
+                    ErrorKind::StartFailed,
+                    format!("{label} ended before the handshake: {status_text}"),
+                )
+                .with_exit_status(status))
+            }
+            None => match status {
+                Some(status) => Err(Error::child(
+                    label,
+                    ChildFailure::Exited(status),
+                    Some(status),
+                )),
+                None => Err(Error::new(
+                    ErrorKind::Protocol,
+                    format!("{label} closed its channel without a result"),
+                )),
+            },
+        }
+    }
+}
+
+fn fail_kind(reason: FailReason) -> ErrorKind {
+    match reason {
+        FailReason::UnknownTask => ErrorKind::UnknownTask,
+        FailReason::DuplicateTask => ErrorKind::DuplicateTask,
+        FailReason::VersionMismatch | FailReason::FingerprintMismatch => ErrorKind::StartFailed,
+        FailReason::ArgsUndecodable => ErrorKind::Decode,
+        FailReason::ResultUnencodable => ErrorKind::Encode,
+        FailReason::Protocol => ErrorKind::Protocol,
+    }
+}
+
+impl<R> Drop for Process<R> {
+    fn drop(&mut self) {
+        let Some(mut child) = self.child.take() else {
+            return;
+        };
+        if self.status.is_some() || matches!(child.try_wait(), Ok(Some(_))) {
+            return;
+        }
+        if self.daemon {
+            // SIGKILL cannot be caught, so this wait is bounded by the kernel tearing the
+            // process down.
+            let _ = child.signal(libc::SIGKILL);
+            let _ = child.wait_deadline(None);
+        } else {
+            detach(child);
+        }
+    }
+}
+
+/// Children whose handles were dropped while they ran, reaped by later starts.
+static DETACHED: Mutex<Vec<Box<dyn ChildHandle>>> = Mutex::new(Vec::new());
+
+fn detach(child: Box<dyn ChildHandle>) {
+    if let Ok(mut detached) = DETACHED.lock() {
+        detached.push(child);
+    }
+}
+
+/// Reaps detached children that have ended. A handle that cannot be waited on (as in a forked
+/// child, where the copied handles name its siblings) is dropped.
+fn reap_detached() {
+    if let Ok(mut detached) = DETACHED.lock() {
+        detached.retain_mut(|child| matches!(child.try_wait(), Ok(None)));
+    }
+}

@@ -1,0 +1,73 @@
+//! Roles: how a re-executed binary learns, before `main`, that it is a spawned child or a
+//! forkserver rather than the user's program.
+//!
+//! The parent sets `MULTIPROC_ROLE=<role>:<fd>` in the new process's environment, where `<fd>`
+//! is the inherited bootstrap socket. [`take_role`] runs from an `.init_array` constructor (or
+//! from `multiproc::init()` where the constructor is turned off), removes the variable so that
+//! the child's own children do not see it, and hands the socket to the role's entry point,
+//! which never returns: the user's `main` never runs in a child. Roles register themselves in a
+//! link-time table, so the forkserver crate can add its role without core depending on it.
+
+use std::os::fd::OwnedFd;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use crate::sys;
+
+/// The environment variable that carries a re-executed process's role.
+pub const ROLE_ENV: &str = "MULTIPROC_ROLE";
+
+/// Exit code of a re-executed process that could not take its role (a malformed variable, a
+/// missing socket, an unknown role).
+pub const EXIT_BOOTSTRAP_FAILED: i32 = 120;
+
+/// One role a re-executed binary can take.
+#[derive(Debug)]
+pub struct Role {
+    /// The name in `MULTIPROC_ROLE`.
+    pub name: &'static str,
+    /// The entry point, given the inherited socket; it ends the process.
+    pub main: fn(OwnedFd) -> !,
+}
+
+/// Every role linked into this executable.
+// linkme places the table with `#[link_section]`, which the unsafe_code lint flags; no unsafe
+// operation is involved.
+#[allow(unsafe_code)]
+#[linkme::distributed_slice]
+pub static ROLES: [Role];
+
+/// The value of [`ROLE_ENV`] for `role` with its socket at `fd`.
+pub fn role_env_value(role: &str, fd: i32) -> String {
+    format!("{role}:{fd}")
+}
+
+/// Takes the role named in the environment, if any; returns only in the user's program.
+///
+/// Idempotent: the constructor and an explicit `multiproc::init()` may both call it.
+pub fn take_role() {
+    static TAKEN: AtomicBool = AtomicBool::new(false);
+    if TAKEN.swap(true, Ordering::SeqCst) {
+        return;
+    }
+    let Some(value) = sys::take_env(ROLE_ENV) else {
+        return;
+    };
+    let value = value.to_string_lossy().into_owned();
+    let fail = |why: String| -> ! {
+        eprintln!("multiproc: cannot take role from {ROLE_ENV}={value:?}: {why}");
+        sys::exit_immediately(EXIT_BOOTSTRAP_FAILED)
+    };
+    let Some((name, fd)) = value.split_once(':') else {
+        fail("expected <role>:<fd>".into())
+    };
+    let Ok(fd) = fd.parse::<i32>() else {
+        fail(format!("`{fd}` is not an fd number"))
+    };
+    let Some(role) = ROLES.iter().find(|role| role.name == name) else {
+        fail(format!("no role `{name}` is linked into this executable"))
+    };
+    match sys::adopt_inherited_socket(fd) {
+        Ok(socket) => (role.main)(socket),
+        Err(e) => fail(e.to_string()),
+    }
+}

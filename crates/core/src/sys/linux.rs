@@ -1,0 +1,625 @@
+//! Linux backend of `sys`: sockets with SCM_RIGHTS, poll, pidfd, fork, posix_spawn, `.init_array`.
+//!
+//! # Safety
+//!
+//! This file is the one place of the workspace where `unsafe` is allowed. Each block states why
+//! its preconditions hold; the functions it exports are safe to call from anywhere.
+
+use std::ffi::{CString, OsString, c_char, c_int};
+use std::io;
+use std::mem::{self, MaybeUninit};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::fs::MetadataExt;
+use std::ptr;
+use std::time::Instant;
+
+use crate::status::ExitStatus;
+
+/// Turns a `-1` return into the thread's `errno`.
+fn cvt(ret: c_int) -> io::Result<c_int> {
+    if ret == -1 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(ret)
+    }
+}
+
+/// Turns a `-1` return of a `ssize_t`/`long` call into the thread's `errno`.
+fn cvt_long(ret: isize) -> io::Result<usize> {
+    if ret < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(ret as usize)
+    }
+}
+
+/// The kernel's `SCM_MAX_FD`: the most descriptors one `sendmsg` may carry.
+pub const MAX_FDS_PER_MESSAGE: usize = 253;
+
+/// A control-message buffer large enough for [`MAX_FDS_PER_MESSAGE`] descriptors, aligned for
+/// `cmsghdr` (which holds a `size_t`).
+#[repr(C, align(8))]
+struct CmsgBuffer([u8; 1088]);
+
+/// `sendmsg(sock, bufs, SCM_RIGHTS(fds), MSG_NOSIGNAL)`—writes as many bytes of `bufs` as the socket
+/// takes, with `fds` riding on the first byte.
+///
+/// `MSG_NOSIGNAL` turns a vanished peer into `EPIPE` instead of a SIGPIPE that would kill a host
+/// program that did not ignore it. With `nonblocking`, a full socket gives `WouldBlock`.
+pub fn send_with_fds(
+    sock: BorrowedFd<'_>,
+    bufs: &[io::IoSlice<'_>],
+    fds: &[BorrowedFd<'_>],
+    nonblocking: bool,
+) -> io::Result<usize> {
+    if fds.len() > MAX_FDS_PER_MESSAGE {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!(
+                "{} fds in one message, at most {MAX_FDS_PER_MESSAGE}",
+                fds.len()
+            ),
+        ));
+    }
+    let mut cmsg = CmsgBuffer([0; 1088]);
+    // SAFETY: msghdr is plain old data; all-zero is a valid empty header.
+    let mut msg: libc::msghdr = unsafe { mem::zeroed() };
+    // The kernel only reads the iovecs; IoSlice is ABI-compatible with iovec on Unix.
+    msg.msg_iov = bufs.as_ptr() as *mut libc::iovec;
+    msg.msg_iovlen = bufs.len() as _;
+    if !fds.is_empty() {
+        let payload = mem::size_of_val(fds) as u32;
+        // SAFETY: CMSG_SPACE is arithmetic on its argument.
+        let space = unsafe { libc::CMSG_SPACE(payload) } as usize;
+        debug_assert!(space <= cmsg.0.len());
+        msg.msg_control = cmsg.0.as_mut_ptr().cast();
+        msg.msg_controllen = space as _;
+        // SAFETY: msg_control points at `space` bytes of an aligned buffer, so CMSG_FIRSTHDR is
+        // non-null and the header plus `payload` bytes of data lie inside the buffer.
+        unsafe {
+            let header = libc::CMSG_FIRSTHDR(&msg);
+            (*header).cmsg_level = libc::SOL_SOCKET;
+            (*header).cmsg_type = libc::SCM_RIGHTS;
+            (*header).cmsg_len = libc::CMSG_LEN(payload) as _;
+            let data = libc::CMSG_DATA(header).cast::<RawFd>();
+            for (i, fd) in fds.iter().enumerate() {
+                ptr::write_unaligned(data.add(i), fd.as_raw_fd());
+            }
+        }
+    }
+    let mut flags = libc::MSG_NOSIGNAL;
+    if nonblocking {
+        flags |= libc::MSG_DONTWAIT;
+    }
+    // SAFETY: msg points at live buffers for the duration of the call.
+    super::retry_eintr(|| cvt_long(unsafe { libc::sendmsg(sock.as_raw_fd(), &msg, flags) }))
+}
+
+/// `recvmsg(sock, buf, MSG_CMSG_CLOEXEC)`—reads bytes into `buf` and appends any descriptors
+/// that arrived with them to `fds`, already close-on-exec.
+///
+/// Returns the number of bytes read; `0` means the peer closed its end. With `nonblocking`, an
+/// empty socket gives `WouldBlock`. Descriptors that did not fit (the kernel sets `MSG_CTRUNC`)
+/// are reported as an error rather than silently lost.
+pub fn recv_with_fds(
+    sock: BorrowedFd<'_>,
+    buf: &mut [u8],
+    fds: &mut Vec<OwnedFd>,
+    nonblocking: bool,
+) -> io::Result<usize> {
+    recvmsg_raw(sock, buf.as_mut_ptr(), buf.len(), fds, nonblocking)
+}
+
+/// The body of [`recv_with_fds`] over a raw destination: `dest` must be valid for writes of
+/// `len` bytes (initialised or not).
+fn recvmsg_raw(
+    sock: BorrowedFd<'_>,
+    dest: *mut u8,
+    len: usize,
+    fds: &mut Vec<OwnedFd>,
+    nonblocking: bool,
+) -> io::Result<usize> {
+    let mut cmsg = CmsgBuffer([0; 1088]);
+    let mut iov = libc::iovec {
+        iov_base: dest.cast(),
+        iov_len: len,
+    };
+    // SAFETY: msghdr is plain old data; all-zero is a valid empty header.
+    let mut msg: libc::msghdr = unsafe { mem::zeroed() };
+    msg.msg_iov = &mut iov;
+    msg.msg_iovlen = 1;
+    msg.msg_control = cmsg.0.as_mut_ptr().cast();
+    msg.msg_controllen = cmsg.0.len() as _;
+    let mut flags = libc::MSG_CMSG_CLOEXEC;
+    if nonblocking {
+        flags |= libc::MSG_DONTWAIT;
+    }
+    // SAFETY: msg points at live, writable buffers of the advertised lengths.
+    let n = super::retry_eintr(|| {
+        cvt_long(unsafe { libc::recvmsg(sock.as_raw_fd(), &mut msg, flags) })
+    })?;
+    // SAFETY: after a successful recvmsg, the control buffer holds `msg_controllen` bytes of
+    // well-formed cmsg headers, which the CMSG_* macros walk without leaving the buffer. Every
+    // SCM_RIGHTS descriptor is a fresh descriptor this process now owns, taken exactly once.
+    unsafe {
+        let mut header = libc::CMSG_FIRSTHDR(&msg);
+        while !header.is_null() {
+            if (*header).cmsg_level == libc::SOL_SOCKET && (*header).cmsg_type == libc::SCM_RIGHTS {
+                let data = libc::CMSG_DATA(header);
+                let len = (*header).cmsg_len as usize - (data as usize - header as usize);
+                let count = len / mem::size_of::<RawFd>();
+                for i in 0..count {
+                    let raw = ptr::read_unaligned(data.cast::<RawFd>().add(i));
+                    fds.push(OwnedFd::from_raw_fd(raw));
+                }
+            }
+            header = libc::CMSG_NXTHDR(&msg, header);
+        }
+    }
+    if msg.msg_flags & libc::MSG_CTRUNC != 0 {
+        return Err(io::Error::other(
+            "file descriptors were truncated in transit (MSG_CTRUNC)",
+        ));
+    }
+    Ok(n)
+}
+
+/// [`recv_with_fds`] into the spare capacity of `buf`: reserves up to `max` bytes, receives at
+/// most that many without initialising them first, and extends `buf` by what arrived.
+///
+/// This is how a large frame is received without zero-filling (or copying) it first.
+pub fn recv_into_vec(
+    sock: BorrowedFd<'_>,
+    buf: &mut Vec<u8>,
+    max: usize,
+    fds: &mut Vec<OwnedFd>,
+    nonblocking: bool,
+) -> io::Result<usize> {
+    buf.reserve(max);
+    let spare = buf.spare_capacity_mut();
+    let len = spare.len().min(max);
+    // recvmsg only writes into the buffer, so handing it uninitialised bytes is sound.
+    let n = recvmsg_raw(sock, spare.as_mut_ptr().cast::<u8>(), len, fds, nonblocking)?;
+    // SAFETY: the kernel initialised the first `n` bytes of the spare capacity, n <= len.
+    unsafe { buf.set_len(buf.len() + n) };
+    Ok(n)
+}
+
+/// Readable (`POLLIN`).
+pub const POLLIN: i16 = libc::POLLIN;
+/// Writable (`POLLOUT`).
+pub const POLLOUT: i16 = libc::POLLOUT;
+/// The peer shut down its writing side (`POLLRDHUP`).
+pub const POLLRDHUP: i16 = libc::POLLRDHUP as i16;
+/// Hang-up (`POLLHUP`), reported whether asked for or not.
+pub const POLLHUP: i16 = libc::POLLHUP;
+/// Error (`POLLERR`), reported whether asked for or not.
+pub const POLLERR: i16 = libc::POLLERR;
+
+/// One entry of a `poll(2)` set; layout-compatible with `struct pollfd`.
+#[repr(C)]
+#[derive(Debug)]
+pub struct PollFd<'fd> {
+    fd: BorrowedFd<'fd>,
+    events: i16,
+    revents: i16,
+}
+
+impl<'fd> PollFd<'fd> {
+    /// Watches `fd` for `events` (a union of the `POLL*` constants of this module).
+    pub fn new(fd: BorrowedFd<'fd>, events: i16) -> Self {
+        Self {
+            fd,
+            events,
+            revents: 0,
+        }
+    }
+
+    /// The events that were ready after the last [`poll`].
+    pub fn revents(&self) -> i16 {
+        self.revents
+    }
+
+    /// Whether any of `events` (or a hang-up or error, which always wake a poll) is ready.
+    pub fn ready(&self, events: i16) -> bool {
+        self.revents & (events | POLLHUP | POLLERR) != 0
+    }
+}
+
+/// `poll(fds, deadline)`—waits until an entry is ready or `deadline` passes (never, for `None`).
+///
+/// Returns how many entries are ready; `0` means the deadline passed. `EINTR` restarts the wait
+/// with the time that is left.
+pub fn poll(fds: &mut [PollFd<'_>], deadline: Option<Instant>) -> io::Result<usize> {
+    loop {
+        let timeout = super::poll_timeout_ms(deadline);
+        // SAFETY: PollFd is repr(C) with the layout of pollfd (BorrowedFd is a transparent
+        // c_int), and the slice is valid for writes of its length.
+        let ret = unsafe {
+            libc::poll(
+                fds.as_mut_ptr().cast::<libc::pollfd>(),
+                fds.len() as libc::nfds_t,
+                timeout,
+            )
+        };
+        match cvt(ret) {
+            Ok(n) => return Ok(n as usize),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+/// How many threads the calling process has, from `/proc/self/status`.
+pub fn thread_count() -> io::Result<usize> {
+    let status = std::fs::read_to_string("/proc/self/status")?;
+    status
+        .lines()
+        .find_map(|line| line.strip_prefix("Threads:"))
+        .and_then(|n| n.trim().parse().ok())
+        .ok_or_else(|| io::Error::other("no Threads: line in /proc/self/status"))
+}
+
+/// Which side of a `fork` the caller is on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Forked {
+    /// The new process.
+    Child,
+    /// The original process; the child has this pid.
+    Parent(u32),
+}
+
+/// Permission to `fork` a process that has more than one thread.
+///
+/// Holding one is a promise, made with `unsafe`, that the code the child runs after the fork
+/// does not need a lock or an allocator state that another thread of the parent might have held
+/// at the instant of the fork.
+#[derive(Debug, Clone, Copy)]
+pub struct MultithreadedForkPermit(());
+
+impl MultithreadedForkPermit {
+    /// Grants permission to fork while other threads run.
+    ///
+    /// # Safety
+    ///
+    /// Only the forking thread is copied into the child. Any lock another thread held at that
+    /// moment (the allocator's, stdout's, a `Mutex` in your code or a library's) stays locked
+    /// forever in the child, so a child that touches one deadlocks. The caller guarantees that
+    /// the tasks it runs under this permit avoid every such lock, or that no other thread can
+    /// hold one across a fork (for example because every other thread is parked in a known
+    /// place).
+    pub unsafe fn new() -> Self {
+        Self(())
+    }
+}
+
+/// `fork()`—but only while the calling process has exactly one thread.
+///
+/// Returns `Err((n, _))` naming the thread count `n` when other threads exist, because a fork
+/// then copies locks that those threads may hold (the malloc lock is the classic) into a child
+/// that has no thread to release them.
+///
+/// In the child, the descriptors in `close_in_child` are closed (see [`fork_raw`]).
+pub fn fork_single_threaded(
+    close_in_child: &[BorrowedFd<'_>],
+) -> Result<Forked, (usize, io::Error)> {
+    let threads = thread_count().map_err(|e| (0, e))?;
+    if threads != 1 {
+        return Err((threads, io::Error::other("process is multi-threaded")));
+    }
+    // SAFETY: the process has one thread (checked above), so no lock can be held across the
+    // fork by a thread that does not exist in the child.
+    fork_raw(close_in_child).map_err(|e| (1, e))
+}
+
+/// `fork()` with other threads running, under a caller's [`MultithreadedForkPermit`].
+pub fn fork_with_permit(
+    _permit: MultithreadedForkPermit,
+    close_in_child: &[BorrowedFd<'_>],
+) -> io::Result<Forked> {
+    // The permit's constructor made the caller promise that the child avoids every lock
+    // another thread may hold.
+    fork_raw(close_in_child)
+}
+
+/// `fork()`, for the single-threaded forkserver (its callers state why that is sound).
+pub fn fork_in_single_threaded_server(close_in_child: &[BorrowedFd<'_>]) -> io::Result<Forked> {
+    debug_assert_eq!(thread_count().ok(), Some(1));
+    fork_raw(close_in_child)
+}
+
+/// `fork()`, then in the child `close()` each of `close_in_child`.
+///
+/// The descriptors to close are owned by values in the caller's stack frames (the parent's end
+/// of the new child's channel, say). The child never returns into those frames—every caller
+/// runs the child to `_exit`—so closing the child's copies cannot break an owner's invariant.
+fn fork_raw(close_in_child: &[BorrowedFd<'_>]) -> io::Result<Forked> {
+    // SAFETY: fork has no memory-safety preconditions of its own; the callers above establish
+    // that the child will not deadlock on a lock held by a thread it does not have.
+    match cvt(unsafe { libc::fork() })? {
+        0 => {
+            for fd in close_in_child {
+                // SAFETY: see above: the owners of these descriptors are never used again in
+                // this (child) process, so no one will use or close the numbers after us.
+                unsafe { libc::close(fd.as_raw_fd()) };
+            }
+            Ok(Forked::Child)
+        }
+        pid => Ok(Forked::Parent(pid as u32)),
+    }
+}
+
+/// `_exit(code)`—ends the process at once: no atexit handlers, no destructors, no unwinding.
+///
+/// A forked child ends here so that it never returns into (or unwinds through) the stack frames
+/// it copied from its parent.
+pub fn exit_immediately(code: i32) -> ! {
+    // SAFETY: _exit is async-signal-safe and has no preconditions.
+    unsafe { libc::_exit(code) }
+}
+
+/// `getppid()`.
+pub fn parent_pid() -> u32 {
+    // SAFETY: getppid cannot fail and has no preconditions.
+    unsafe { libc::getppid() as u32 }
+}
+
+/// `pidfd_open(pid, 0)`—a descriptor that names this process for as long as the descriptor
+/// lives, immune to pid reuse; it becomes readable when the process exits.
+pub fn pidfd_open(pid: u32) -> io::Result<OwnedFd> {
+    // SAFETY: a raw syscall with two integer arguments.
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid as libc::pid_t, 0) };
+    let fd = cvt_long(fd as isize)? as RawFd;
+    // SAFETY: the kernel returned a new descriptor, which we now own. pidfds are CLOEXEC.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// `pidfd_send_signal(pidfd, signal, NULL, 0)`—sends `signal` to exactly the process the
+/// descriptor names. A process that has already exited gives `ESRCH`.
+pub fn pidfd_send_signal(pidfd: BorrowedFd<'_>, signal: i32) -> io::Result<()> {
+    // SAFETY: a raw syscall with integer arguments and a NULL siginfo, which the kernel accepts.
+    let ret = unsafe {
+        libc::syscall(
+            libc::SYS_pidfd_send_signal,
+            pidfd.as_raw_fd(),
+            signal,
+            ptr::null::<libc::siginfo_t>(),
+            0,
+        )
+    };
+    cvt_long(ret as isize).map(drop)
+}
+
+/// `waitid(P_PIDFD, pidfd, WEXITED [| WNOHANG])`—reaps the child the descriptor names.
+///
+/// Returns `None` when `block` is false and the child is still running. Only works for our own
+/// children; this is the only way multiproc reaps, so it never steals another library's child
+/// the way `waitpid(-1)` would.
+pub fn pidfd_wait(pidfd: BorrowedFd<'_>, block: bool) -> io::Result<Option<ExitStatus>> {
+    const P_PIDFD: libc::idtype_t = 3;
+    let mut options = libc::WEXITED;
+    if !block {
+        options |= libc::WNOHANG;
+    }
+    let mut info = MaybeUninit::<libc::siginfo_t>::zeroed();
+    super::retry_eintr(|| {
+        // SAFETY: info points at a writable siginfo_t.
+        cvt(unsafe {
+            libc::waitid(
+                P_PIDFD,
+                pidfd.as_raw_fd() as libc::id_t,
+                info.as_mut_ptr(),
+                options,
+            )
+        })
+    })?;
+    // SAFETY: zero-initialised, then possibly filled by the kernel: valid either way.
+    let info = unsafe { info.assume_init() };
+    // SAFETY: for SIGCHLD-style results the pid and status fields are the ones the kernel set;
+    // a WNOHANG call that found nothing leaves si_pid zero.
+    let (pid, status) = unsafe { (info.si_pid(), info.si_status()) };
+    if pid == 0 {
+        return Ok(None);
+    }
+    Ok(Some(match info.si_code {
+        libc::CLD_EXITED => ExitStatus::Exited(status),
+        _ => ExitStatus::Signaled(status),
+    }))
+}
+
+/// The fd number a spawned child finds its bootstrap socket at.
+pub const SPAWN_CHANNEL_FD: RawFd = 3;
+
+/// `posix_spawn("/proc/self/exe", argv, envp)` with the bootstrap socket at fd 3, stdin on
+/// `/dev/null`, every other descriptor above 2 closed, signal mask empty and all dispositions
+/// default. Returns the child's pid.
+///
+/// glibc implements this with `clone(CLONE_VM | CLONE_VFORK)`, so no page tables are copied and
+/// an exec failure comes back as this call's error rather than as a child that exits 127.
+pub fn spawn_self(argv: &[CString], envp: &[CString], channel: BorrowedFd<'_>) -> io::Result<u32> {
+    // A dup2 onto itself would keep CLOEXEC set, so the channel must not already sit at fd 3.
+    let moved;
+    let channel = if channel.as_raw_fd() == SPAWN_CHANNEL_FD {
+        moved = channel.try_clone_to_owned()?;
+        moved.as_fd()
+    } else {
+        channel
+    };
+    let mut argv_ptrs: Vec<*mut c_char> = argv.iter().map(|a| a.as_ptr().cast_mut()).collect();
+    argv_ptrs.push(ptr::null_mut());
+    let mut envp_ptrs: Vec<*mut c_char> = envp.iter().map(|e| e.as_ptr().cast_mut()).collect();
+    envp_ptrs.push(ptr::null_mut());
+    let path = c"/proc/self/exe";
+    let dev_null = c"/dev/null";
+
+    let mut actions = MaybeUninit::<libc::posix_spawn_file_actions_t>::uninit();
+    let mut attr = MaybeUninit::<libc::posix_spawnattr_t>::uninit();
+    // SAFETY: every pointer handed to the posix_spawn family is valid for the duration of the
+    // call: the actions and attributes are initialised before use and destroyed after, argv and
+    // envp are NULL-terminated arrays of NUL-terminated strings that outlive the call.
+    unsafe {
+        spawn_check(libc::posix_spawn_file_actions_init(actions.as_mut_ptr()))?;
+        let actions_ptr = actions.as_mut_ptr();
+        let result = (|| {
+            spawn_check(libc::posix_spawn_file_actions_adddup2(
+                actions_ptr,
+                channel.as_raw_fd(),
+                SPAWN_CHANNEL_FD,
+            ))?;
+            spawn_check(libc::posix_spawn_file_actions_addopen(
+                actions_ptr,
+                0,
+                dev_null.as_ptr(),
+                libc::O_RDONLY,
+                0,
+            ))?;
+            spawn_check(libc::posix_spawn_file_actions_addclosefrom_np(
+                actions_ptr,
+                SPAWN_CHANNEL_FD + 1,
+            ))?;
+            spawn_check(libc::posix_spawnattr_init(attr.as_mut_ptr()))?;
+            let attr_ptr = attr.as_mut_ptr();
+            let spawned = (|| {
+                let mut set = MaybeUninit::<libc::sigset_t>::uninit();
+                libc::sigemptyset(set.as_mut_ptr());
+                spawn_check(libc::posix_spawnattr_setsigmask(attr_ptr, set.as_ptr()))?;
+                libc::sigfillset(set.as_mut_ptr());
+                spawn_check(libc::posix_spawnattr_setsigdefault(attr_ptr, set.as_ptr()))?;
+                spawn_check(libc::posix_spawnattr_setflags(
+                    attr_ptr,
+                    (libc::POSIX_SPAWN_SETSIGMASK | libc::POSIX_SPAWN_SETSIGDEF) as _,
+                ))?;
+                let mut pid: libc::pid_t = 0;
+                spawn_check(libc::posix_spawn(
+                    &mut pid,
+                    path.as_ptr(),
+                    actions_ptr,
+                    attr_ptr,
+                    argv_ptrs.as_ptr(),
+                    envp_ptrs.as_ptr(),
+                ))?;
+                Ok(pid as u32)
+            })();
+            libc::posix_spawnattr_destroy(attr_ptr);
+            spawned
+        })();
+        libc::posix_spawn_file_actions_destroy(actions_ptr);
+        result
+    }
+}
+
+/// The posix_spawn family returns an errno value instead of setting `errno`.
+fn spawn_check(ret: c_int) -> io::Result<()> {
+    if ret == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::from_raw_os_error(ret))
+    }
+}
+
+/// Takes ownership of an inherited descriptor named by number (a spawned child's fd 3).
+///
+/// Fails unless `fd` is an open socket. Marks it close-on-exec again, so that programs the child
+/// itself starts do not inherit it.
+pub fn adopt_inherited_socket(fd: RawFd) -> io::Result<OwnedFd> {
+    let mut stat = MaybeUninit::<libc::stat>::uninit();
+    // SAFETY: fstat writes into the provided buffer; an invalid fd gives EBADF.
+    cvt(unsafe { libc::fstat(fd, stat.as_mut_ptr()) })?;
+    // SAFETY: fstat succeeded, so the buffer is initialised.
+    let stat = unsafe { stat.assume_init() };
+    if stat.st_mode & libc::S_IFMT != libc::S_IFSOCK {
+        return Err(io::Error::other(format!(
+            "inherited fd {fd} is not a socket"
+        )));
+    }
+    // SAFETY: F_SETFD on an open descriptor.
+    cvt(unsafe { libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC) })?;
+    // SAFETY: the fd is open (fstat succeeded) and was handed to this process for it alone: the
+    // environment variable that named it has been removed, so nothing else will claim it.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// Reads and removes the environment variable `name`.
+///
+/// Removal needs a single-threaded process (another thread could be reading the environment);
+/// when other threads exist the variable is read but left in place.
+pub fn take_env(name: &str) -> Option<OsString> {
+    let value = std::env::var_os(name)?;
+    if thread_count().ok() == Some(1) {
+        // SAFETY: the process has one thread, so no other thread can read the environment
+        // while it changes.
+        unsafe { std::env::remove_var(name) };
+    }
+    Some(value)
+}
+
+/// Resets every catchable signal to its default disposition and unblocks all signals.
+///
+/// Used in a forkserver child so that the server's own choices (it ignores SIGINT) do not leak
+/// into user code.
+pub fn reset_signals() {
+    for signal in 1..libc::SIGRTMAX() {
+        if signal == libc::SIGKILL || signal == libc::SIGSTOP {
+            continue;
+        }
+        // SAFETY: installing SIG_DFL for a valid signal number has no memory preconditions.
+        unsafe { libc::signal(signal, libc::SIG_DFL) };
+    }
+    let mut set = MaybeUninit::<libc::sigset_t>::uninit();
+    // SAFETY: set is initialised by sigemptyset before sigprocmask reads it.
+    unsafe {
+        libc::sigemptyset(set.as_mut_ptr());
+        libc::sigprocmask(libc::SIG_SETMASK, set.as_ptr(), ptr::null_mut());
+    }
+}
+
+/// Sets `signal` to be ignored (`SIG_IGN`).
+pub fn ignore_signal(signal: i32) {
+    // SAFETY: installing SIG_IGN for a valid signal number has no memory preconditions.
+    unsafe { libc::signal(signal, libc::SIG_IGN) };
+}
+
+/// A cheap identity of the running executable: device, inode, size and modification time of
+/// `/proc/self/exe`. Parent and child compare it in the handshake to detect different builds.
+pub fn executable_fingerprint() -> io::Result<u64> {
+    let meta = std::fs::metadata("/proc/self/exe")?;
+    // FNV-1a over the four numbers: stable across processes, no dependency.
+    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+    for word in [
+        meta.dev(),
+        meta.ino(),
+        meta.size(),
+        meta.mtime() as u64,
+        meta.mtime_nsec() as u64,
+    ] {
+        for byte in word.to_le_bytes() {
+            hash ^= u64::from(byte);
+            hash = hash.wrapping_mul(0x0100_0000_01b3);
+        }
+    }
+    Ok(hash)
+}
+
+/// The `.init_array` entry that lets a re-executed binary take its role before `main`.
+///
+/// glibc calls `.init_array` functions with `(argc, argv, envp)` after the dynamic loader has
+/// relocated everything and before `main`; the process is single-threaded then.
+#[cfg(feature = "ctor")]
+#[used]
+#[unsafe(link_section = ".init_array")]
+static INIT_ARRAY_ENTRY: extern "C" fn(c_int, *const *const c_char, *const *const c_char) =
+    init_array_entry;
+
+#[cfg(feature = "ctor")]
+extern "C" fn init_array_entry(
+    _argc: c_int,
+    _argv: *const *const c_char,
+    _envp: *const *const c_char,
+) {
+    crate::role::take_role();
+}
+
+/// Converts a string into a `CString`, mapping an interior NUL to an error.
+pub fn cstring(value: impl Into<Vec<u8>>) -> io::Result<CString> {
+    CString::new(value).map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))
+}

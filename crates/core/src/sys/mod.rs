@@ -1,0 +1,45 @@
+//! The operating-system boundary: every `unsafe` block and every Linux-specific call of multiproc.
+//!
+//! The rest of the workspace denies `unsafe_code`; this module allows it per file, and each block
+//! carries a `// SAFETY:` line with its proof. Keeping the platform here (pidfd, SCM_RIGHTS,
+//! `/proc`, `posix_spawn`, `.init_array`) is what lets a macOS backend follow later by adding a
+//! sibling file instead of touching the process code.
+
+#[cfg(target_os = "linux")]
+#[allow(unsafe_code)]
+mod linux;
+
+#[cfg(target_os = "linux")]
+pub use linux::*;
+
+#[cfg(not(target_os = "linux"))]
+compile_error!("multiproc supports Linux only for now; see ARCHITECTURE.md, section `sys`");
+
+use std::io;
+use std::time::Instant;
+
+/// Runs `f` again for as long as it fails with `EINTR`.
+///
+/// Every blocking call in this module goes through here, so a signal delivered to the calling
+/// thread (a profiler's SIGPROF, a terminal's SIGWINCH) never surfaces as a spurious error.
+pub fn retry_eintr<T>(mut f: impl FnMut() -> io::Result<T>) -> io::Result<T> {
+    loop {
+        match f() {
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            other => return other,
+        }
+    }
+}
+
+/// Milliseconds left until `deadline` for `poll(2)`, rounded up; `-1` (wait forever) for `None`.
+pub fn poll_timeout_ms(deadline: Option<Instant>) -> i32 {
+    match deadline {
+        None => -1,
+        Some(deadline) => {
+            let left = deadline.saturating_duration_since(Instant::now());
+            // Round up so that a wait never returns a hair before its deadline and spins.
+            let ms = left.as_micros().div_ceil(1000);
+            i32::try_from(ms).unwrap_or(i32::MAX)
+        }
+    }
+}

@@ -1,0 +1,174 @@
+//! The wire protocol between a parent and its child: message types, version, and the frame
+//! layout that carries a message beside a raw payload.
+//!
+//! These types are an IPC boundary, separate from the domain types, and versioned by
+//! [`PROTOCOL_VERSION`]. A frame body is `[u32 message length][message (codec)][payload]`: the
+//! payload (task arguments, a return value) is already-encoded bytes, written with its own iovec
+//! so that a 100 MB argument is never copied into the message or walked by serde again.
+
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+use std::os::fd::BorrowedFd;
+use std::time::Instant;
+
+use crate::channel::{Channel, Frame, FrameError};
+use crate::codec::{self, CodecError};
+use crate::error::RemotePanic;
+
+/// The protocol version both sides announce; a mismatch fails the handshake.
+pub const PROTOCOL_VERSION: u32 = 1;
+
+/// Parent to child: what to run. The task's encoded arguments follow as the frame's payload.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Start {
+    /// The parent's [`PROTOCOL_VERSION`].
+    pub version: u32,
+    /// The parent's executable fingerprint.
+    pub fingerprint: u64,
+    /// The registered name of the task.
+    pub task: String,
+    /// The process name (`Process.name` in Python).
+    pub name: String,
+    /// Whether the child must exit when its parent goes away.
+    pub daemon: bool,
+    /// The parent's log level, which the child adopts (`None`: no logging).
+    pub log: Option<String>,
+}
+
+/// Child to parent.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ToParent {
+    /// The first frame of every child, sent before it reads anything.
+    Hello {
+        /// The child's [`PROTOCOL_VERSION`].
+        version: u32,
+        /// The child's executable fingerprint.
+        fingerprint: u64,
+        /// The child's pid as it sees it.
+        pid: u32,
+    },
+    /// The task returned; the encoded value is the payload.
+    Returned,
+    /// The task panicked.
+    Panicked(RemotePanic),
+    /// The child refused or failed to run the task.
+    Failed {
+        /// What went wrong.
+        reason: FailReason,
+        /// A lowercase message for the parent's error.
+        message: String,
+    },
+}
+
+/// Why a child did not run its task.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum FailReason {
+    /// No task of that name is registered in the child.
+    UnknownTask,
+    /// The name is registered twice in the child.
+    DuplicateTask,
+    /// Parent and child speak different protocol versions.
+    VersionMismatch,
+    /// Parent and child are different executables.
+    FingerprintMismatch,
+    /// The arguments did not decode as the task's argument type.
+    ArgsUndecodable,
+    /// The task's return value could not be encoded.
+    ResultUnencodable,
+    /// The parent's `Start` frame was malformed.
+    Protocol,
+}
+
+/// Sends `message` with `payload` and `fds` as one frame.
+pub fn send<M: Serialize>(
+    channel: &Channel,
+    message: &M,
+    payload: &[u8],
+    fds: &[BorrowedFd<'_>],
+    deadline: Option<Instant>,
+    abort: Option<BorrowedFd<'_>>,
+) -> Result<(), SendError> {
+    let mut head = vec![0u8; 4];
+    codec::encode_into(message, &mut head).map_err(SendError::Encode)?;
+    let len = u32::try_from(head.len() - 4).expect("a control message is small");
+    head[..4].copy_from_slice(&len.to_le_bytes());
+    channel
+        .send(&[&head, payload], fds, deadline, abort)
+        .map_err(SendError::Frame)
+}
+
+/// Splits a received frame into its message and payload.
+pub fn decode<M: DeserializeOwned>(frame: &Frame) -> Result<(M, &[u8]), CodecError> {
+    let body = &frame.body;
+    let Some(prefix) = body.get(..4) else {
+        return Err(CodecError::new(format!(
+            "frame of {} bytes has no message header",
+            body.len()
+        )));
+    };
+    let len = u32::from_le_bytes(prefix.try_into().expect("4 bytes")) as usize;
+    let Some(message) = body.get(4..4 + len) else {
+        return Err(CodecError::new(format!(
+            "message length {len} exceeds the {}-byte frame",
+            body.len()
+        )));
+    };
+    Ok((codec::decode(message)?, &body[4 + len..]))
+}
+
+/// Why [`send`] failed.
+#[derive(Debug)]
+pub enum SendError {
+    /// The message could not be encoded.
+    Encode(CodecError),
+    /// The frame could not be written.
+    Frame(FrameError),
+}
+
+impl std::fmt::Display for SendError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            SendError::Encode(e) => write!(f, "{e}"),
+            SendError::Frame(e) => write!(f, "{e}"),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    #[test]
+    fn message_and_payload_travel_together() {
+        let (a, mut b) = Channel::pair().unwrap();
+        let start = Start {
+            version: PROTOCOL_VERSION,
+            fingerprint: 42,
+            task: "m::add".into(),
+            name: "adder".into(),
+            daemon: true,
+            log: Some("debug".into()),
+        };
+        let deadline = Some(Instant::now() + Duration::from_secs(5));
+        send(&a, &start, b"ARGS", &[], deadline, None).unwrap();
+        let frame = b.recv(deadline, None).unwrap();
+        let (got, payload) = decode::<Start>(&frame).unwrap();
+        assert_eq!(got, start);
+        assert_eq!(payload, b"ARGS");
+    }
+
+    #[test]
+    fn short_or_lying_message_header_is_an_error() {
+        let frame = Frame {
+            body: vec![1, 2],
+            fds: vec![],
+        };
+        assert!(decode::<ToParent>(&frame).is_err());
+        let frame = Frame {
+            body: vec![255, 255, 255, 255, 0],
+            fds: vec![],
+        };
+        assert!(decode::<ToParent>(&frame).is_err());
+    }
+}

@@ -1,0 +1,89 @@
+//! multiproc-fork: the `fork` start method—`fork(2)` in the calling process.
+//!
+//! The child is a copy-on-write image of the caller, so the task's arguments are moved into it
+//! rather than serialized. Forking copies only the calling thread: a lock that another thread
+//! held at that instant (the allocator's, stdout's, one in a logging library) stays locked
+//! forever in the child. So [`Fork`] refuses to fork a multi-threaded process unless the caller
+//! gave it a [`MultithreadedForkPermit`], which takes `unsafe` to make; the forkserver is the
+//! safe way to start processes from a threaded program.
+
+use multiproc_core::channel::Channel;
+use multiproc_core::sys::{self, Forked};
+use multiproc_core::{
+    ChildHandle, DirectChild, Error, ErrorKind, Payload, Result, StartMethod, StartRequest,
+};
+
+pub use multiproc_core::MultithreadedForkPermit;
+
+/// The fork start method.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Fork {
+    permit: Option<MultithreadedForkPermit>,
+}
+
+impl Fork {
+    /// Forks only while the calling process has a single thread.
+    pub fn new() -> Self {
+        Fork { permit: None }
+    }
+
+    /// Forks even while other threads run; see [`MultithreadedForkPermit::new`] for what the
+    /// caller promised by making the permit.
+    pub fn with_permit(permit: MultithreadedForkPermit) -> Self {
+        Fork {
+            permit: Some(permit),
+        }
+    }
+}
+
+impl StartMethod for Fork {
+    fn name(&self) -> &'static str {
+        "fork"
+    }
+
+    fn moves_arguments(&self) -> bool {
+        true
+    }
+
+    fn start(&self, request: StartRequest<'_>) -> Result<Box<dyn ChildHandle>> {
+        let Payload::Moved(main) = request.payload else {
+            return Err(Error::new(
+                ErrorKind::Io,
+                "the fork start method needs a moved payload",
+            ));
+        };
+        let close_in_child = [request.parent_end];
+        let forked = match self.permit {
+            Some(permit) => {
+                sys::fork_with_permit(permit, &close_in_child).map_err(|e| Error::io("fork", e))?
+            }
+            None => sys::fork_single_threaded(&close_in_child).map_err(|(threads, e)| {
+                if threads > 1 {
+                    Error::new(
+                        ErrorKind::ForkRefused,
+                        format!(
+                            "fork refused: the calling process has {threads} threads, and a \
+                             forked child could deadlock on a lock one of them holds; use the \
+                             forkserver start method (Context::new(\"forkserver\")), which \
+                             forks in a single-threaded server"
+                        ),
+                    )
+                } else {
+                    Error::io("fork", e)
+                }
+            })?,
+        };
+        match forked {
+            // `main` ends the child process; its `Infallible` return type says it never comes
+            // back here.
+            #[allow(unreachable_code)]
+            Forked::Child => match main(Channel::from_fd(request.channel)) {},
+            Forked::Parent(pid) => {
+                drop(request.channel);
+                let child = DirectChild::new(pid)
+                    .map_err(|e| Error::io(format!("pidfd_open for forked child {pid}"), e))?;
+                Ok(Box::new(child))
+            }
+        }
+    }
+}

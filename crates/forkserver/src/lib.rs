@@ -1,0 +1,1 @@
+//! multiproc-forkserver: the `forkserver` start method (in progress, see issue 3).

@@ -1,0 +1,147 @@
+//! multiproc: run Rust work in child processes, with Python's three start methods—`fork`,
+//! `spawn` and `forkserver`—chosen at run time.
+//!
+//! ```no_run
+//! use multiproc::{task, Context};
+//!
+//! #[task]
+//! fn add(a: u64, b: u64) -> u64 { a + b }
+//!
+//! fn main() -> Result<(), multiproc::Error> {
+//!     let ctx = Context::new("spawn")?;
+//!     let p = ctx.process(add, (2, 3)).name("adder").start()?;
+//!     assert_eq!(p.join()?, 5);
+//!     Ok(())
+//! }
+//! ```
+//!
+//! A child is the same executable: spawned children re-execute it and take their role before
+//! `main` runs (an `.init_array` constructor, the default `ctor` feature), so binaries,
+//! examples and `#[test]` functions need no setup. Builds that turn the feature off call
+//! [`init`] first thing in `main`.
+//!
+//! Every way a child can fail—panic, exit code, signal, death before the handshake, bytes that
+//! do not decode—comes back as an [`Error`] on the call that waited for it; see
+//! [`Error::kind`] and [`Error::child_failure`].
+
+use std::fmt;
+use std::sync::Arc;
+
+pub use multiproc_core::log::log_to_stderr;
+pub use multiproc_core::{
+    ChildFailure, Error, ErrorKind, ExitStatus, MultithreadedForkPermit, Portable, Process,
+    ProcessBuilder, RemotePanic, Result, StartMethod, Task, init,
+};
+pub use multiproc_macros::task;
+
+/// The environment variable that overrides the default start method (`fork`, `spawn` or
+/// `forkserver`), so that one test suite can run under each.
+pub const START_METHOD_ENV: &str = "MULTIPROC_START_METHOD";
+
+/// The start method [`Context::default`] uses when [`START_METHOD_ENV`] is not set.
+pub const DEFAULT_START_METHOD: &str = "spawn";
+
+/// The names of every start method available on this platform, the default first.
+pub fn all_start_methods() -> &'static [&'static str] {
+    &["spawn", "fork"]
+}
+
+/// A start method, chosen by name, that processes (and later pools and queues) are made from.
+///
+/// Cheap to clone and shareable between threads.
+#[derive(Clone)]
+pub struct Context {
+    method: Arc<dyn StartMethod>,
+}
+
+impl Context {
+    /// The context for the start method `name`: `"fork"`, `"spawn"` or `"forkserver"`.
+    ///
+    /// An unknown name gives an [`ErrorKind::UnknownStartMethod`] error that lists the valid
+    /// ones. This is the only place in multiproc that maps a name to a start method.
+    pub fn new(name: &str) -> Result<Context> {
+        let method: Arc<dyn StartMethod> = match name {
+            "fork" => Arc::new(multiproc_fork::Fork::new()),
+            "spawn" => Arc::new(multiproc_spawn::Spawn),
+            _ => {
+                return Err(Error::new(
+                    ErrorKind::UnknownStartMethod,
+                    format!(
+                        "unknown start method `{name}`; expected one of: {}",
+                        all_start_methods().join(", ")
+                    ),
+                ));
+            }
+        };
+        Ok(Context { method })
+    }
+
+    /// The context named by [`START_METHOD_ENV`], or the platform default when it is unset.
+    pub fn from_env() -> Result<Context> {
+        match std::env::var(START_METHOD_ENV) {
+            Ok(name) => Context::new(name.trim()),
+            Err(_) => Context::new(DEFAULT_START_METHOD),
+        }
+    }
+
+    /// A fork context that forks even while other threads run.
+    ///
+    /// The permit is made with `unsafe`; read [`MultithreadedForkPermit::new`] for the promise
+    /// that it stands for. Prefer `Context::new("forkserver")`.
+    pub fn fork_with_permit(permit: MultithreadedForkPermit) -> Context {
+        Context {
+            method: Arc::new(multiproc_fork::Fork::with_permit(permit)),
+        }
+    }
+
+    /// A context around any implementation of the start-method seam.
+    pub fn with_method(method: Arc<dyn StartMethod>) -> Context {
+        Context { method }
+    }
+
+    /// The name of this context's start method.
+    pub fn start_method(&self) -> &'static str {
+        self.method.name()
+    }
+
+    /// The start method itself, for code written against the seam.
+    pub fn method(&self) -> &Arc<dyn StartMethod> {
+        &self.method
+    }
+
+    /// A builder for a child process that runs `task(args)`.
+    pub fn process<A: Portable, R: Portable>(
+        &self,
+        task: Task<A, R>,
+        args: A,
+    ) -> ProcessBuilder<A, R> {
+        ProcessBuilder::new(Arc::clone(&self.method), task, args)
+    }
+}
+
+impl Default for Context {
+    /// [`Context::from_env`].
+    ///
+    /// # Panics
+    ///
+    /// If [`START_METHOD_ENV`] names no start method; use [`Context::from_env`] to get that as
+    /// an error instead.
+    fn default() -> Self {
+        Context::from_env().unwrap_or_else(|e| panic!("{START_METHOD_ENV}: {e}"))
+    }
+}
+
+impl fmt::Debug for Context {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Context")
+            .field("start_method", &self.start_method())
+            .finish()
+    }
+}
+
+/// Used by `#[multiproc::task]`; not a stable API.
+#[doc(hidden)]
+pub mod __private {
+    pub use multiproc_core::linkme;
+    pub use multiproc_core::registry::{TASKS, TaskEntry, run_encoded};
+}

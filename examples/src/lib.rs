@@ -1,0 +1,1 @@
+//! Runnable examples of multiproc; see the files beside this crate.

@@ -1,0 +1,1 @@
+//! The integration suite of multiproc lives in `suite/`; this library is empty.
