@@ -1,1 +1,45 @@
-fn main() {}
+//! The integration suite: every scenario runs under the start method named by
+//! `MULTIPROC_START_METHOD` (`cargo xtask test-all-methods` runs it once per method), and asserts
+//! that this is the method that ran.
+//!
+//! The harness is libtest-mimic rather than libtest so that every test runs on the main thread,
+//! one at a time: the fork start method refuses multi-threaded callers, and the fd and zombie
+//! accounting around process-heavy tests must not count another test's children.
+
+mod common;
+mod failures;
+mod lifecycle;
+mod protocol;
+
+use libtest_mimic::{Arguments, Failed, Trial};
+use multiproc::Context;
+
+/// One scenario: a name and a body run against the context under test.
+pub type Scenario = (&'static str, fn(&Context) -> Result<(), Failed>);
+
+fn main() {
+    let mut args = Arguments::from_args();
+    let ctx = Context::from_env().unwrap_or_else(|e| panic!("{e}"));
+    let method = ctx.start_method();
+    // One test at a time, on the main thread: the fork start method refuses to fork a
+    // multi-threaded process, and the fd and zombie accounting of one test must not see the
+    // children of another.
+    args.test_threads = Some(1);
+    let scenarios = [
+        lifecycle::SCENARIOS,
+        failures::SCENARIOS,
+        protocol::SCENARIOS,
+    ]
+    .concat();
+    let trials = scenarios
+        .into_iter()
+        .map(|(name, body)| {
+            let ctx = ctx.clone();
+            Trial::test(format!("{method}::{name}"), move || {
+                assert_eq!(ctx.start_method(), method);
+                body(&ctx)
+            })
+        })
+        .collect();
+    libtest_mimic::run(&args, trials).exit();
+}
