@@ -53,11 +53,7 @@ fn main() -> Result<(), multiproc::Error> {
         let child_pid = ctx.process(whoami, ()).start()?.join()?;
         println!("[{method:>10}] whoami() ran in pid {child_pid}");
 
-        let err = ctx
-            .process(explode, "boom".to_string())
-            .start()?
-            .join()
-            .unwrap_err();
+        let err = ctx.process(explode, "boom".to_string()).start()?.join().unwrap_err();
         assert_eq!(err.kind(), ErrorKind::Panicked);
         println!(
             "[{method:>10}] explode(): {err}, exit code {:?}",
@@ -67,16 +63,10 @@ fn main() -> Result<(), multiproc::Error> {
         let err = ctx.process(quit, 7).start()?.join().unwrap_err();
         println!("[{method:>10}] quit(7): {err}");
 
-        let mut sleeper = ctx
-            .process(nap, Duration::from_secs(60))
-            .daemon(true)
-            .start()?;
+        let mut sleeper = ctx.process(nap, Duration::from_secs(60)).daemon(true).start()?;
         sleeper.terminate()?;
         let err = sleeper.join_timeout(Duration::from_secs(10)).unwrap_err();
-        println!(
-            "[{method:>10}] terminated nap(60s): {err}; exitcode {:?}",
-            sleeper.exitcode()
-        );
+        println!("[{method:>10}] terminated nap(60s): {err}; exitcode {:?}", sleeper.exitcode());
     }
     Ok(())
 }

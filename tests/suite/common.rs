@@ -11,11 +11,7 @@ pub const DEADLINE: Duration = Duration::from_secs(60);
 
 /// Turns a failed expectation into a test failure with a message.
 pub fn ensure(condition: bool, message: impl FnOnce() -> String) -> Result<(), Failed> {
-    if condition {
-        Ok(())
-    } else {
-        Err(message().into())
-    }
+    if condition { Ok(()) } else { Err(message().into()) }
 }
 
 /// Joins with the suite's deadline; a child still running then is killed and reported.
@@ -33,9 +29,7 @@ pub fn join<R: Portable>(mut p: Process<R>) -> Result<multiproc::Result<R>, Fail
 
 /// Open descriptors of this process.
 pub fn fd_count() -> usize {
-    std::fs::read_dir("/proc/self/fd")
-        .map(|dir| dir.count())
-        .unwrap_or(0)
+    std::fs::read_dir("/proc/self/fd").map(|dir| dir.count()).unwrap_or(0)
 }
 
 /// Pids of this process's children that are zombies (ended but not reaped).

@@ -13,47 +13,24 @@ use crate::Scenario;
 use crate::common::{add, ensure, explode, join, quit};
 
 pub const SCENARIOS: &[Scenario] = &[
-    (
-        "panic_is_reported_with_location_and_backtrace",
-        panic_is_reported,
-    ),
+    ("panic_is_reported_with_location_and_backtrace", panic_is_reported),
     ("exit_code_is_reported", exit_code_is_reported),
-    (
-        "exit_zero_without_result_is_an_error",
-        exit_zero_without_result,
-    ),
-    (
-        "death_before_handshake_is_a_start_failure",
-        death_before_handshake,
-    ),
+    ("exit_zero_without_result_is_an_error", exit_zero_without_result),
+    ("death_before_handshake_is_a_start_failure", death_before_handshake),
     ("undecodable_result_is_a_decode_error", undecodable_result),
-    (
-        "unknown_start_method_lists_the_valid_ones",
-        unknown_start_method,
-    ),
-    (
-        "fork_refused_when_multithreaded",
-        fork_refused_when_multithreaded,
-    ),
+    ("unknown_start_method_lists_the_valid_ones", unknown_start_method),
+    ("fork_refused_when_multithreaded", fork_refused_when_multithreaded),
 ];
 
 fn panic_is_reported(ctx: &Context) -> Result<(), Failed> {
     let err = join(ctx.process(explode, "kaboom".to_string()).start()?)?.expect_err("panicked");
     ensure(err.kind() == ErrorKind::Panicked, || format!("{err:?}"))?;
     let panic = err.panic().ok_or("no panic details")?;
-    ensure(panic.message == "kaboom", || {
-        format!("message {:?}", panic.message)
-    })?;
+    ensure(panic.message == "kaboom", || format!("message {:?}", panic.message))?;
     let location = panic.location.as_deref().unwrap_or("");
-    ensure(location.contains("common.rs"), || {
-        format!("location {location}")
-    })?;
-    ensure(panic.backtrace.contains("explode"), || {
-        format!("backtrace {}", panic.backtrace)
-    })?;
-    ensure(err.exit_status() == Some(ExitStatus::Exited(1)), || {
-        format!("{err:?}")
-    })?;
+    ensure(location.contains("common.rs"), || format!("location {location}"))?;
+    ensure(panic.backtrace.contains("explode"), || format!("backtrace {}", panic.backtrace))?;
+    ensure(err.exit_status() == Some(ExitStatus::Exited(1)), || format!("{err:?}"))?;
     ensure(err.is_child_failure(), || "not a child failure".into())?;
     ensure(err.to_string().contains("kaboom"), || err.to_string())
 }
@@ -65,21 +42,16 @@ fn exit_code_is_reported(ctx: &Context) -> Result<(), Failed> {
         Ok(other) => return Err(format!("expected an error, got {:?}", other.is_some()).into()),
     };
     ensure(err.kind() == ErrorKind::ChildExited, || format!("{err:?}"))?;
-    ensure(
-        err.child_failure() == Some(&ChildFailure::Exited(ExitStatus::Exited(7))),
-        || format!("{err:?}"),
-    )?;
-    ensure(p.exitcode() == Some(7), || {
-        format!("exitcode {:?}", p.exitcode())
-    })
+    ensure(err.child_failure() == Some(&ChildFailure::Exited(ExitStatus::Exited(7))), || {
+        format!("{err:?}")
+    })?;
+    ensure(p.exitcode() == Some(7), || format!("exitcode {:?}", p.exitcode()))
 }
 
 fn exit_zero_without_result(ctx: &Context) -> Result<(), Failed> {
     let err = join(ctx.process(quit, 0).start()?)?.expect_err("no result");
     ensure(err.kind() == ErrorKind::ChildExited, || format!("{err:?}"))?;
-    ensure(err.exit_status() == Some(ExitStatus::Exited(0)), || {
-        format!("{err:?}")
-    })
+    ensure(err.exit_status() == Some(ExitStatus::Exited(0)), || format!("{err:?}"))
 }
 
 /// A start method that hands the child a channel it cannot use (`/dev/null` instead of a
@@ -96,10 +68,7 @@ impl StartMethod for BrokenChannel {
     }
     fn start(&self, request: StartRequest<'_>) -> multiproc::Result<Box<dyn ChildHandle>> {
         let null = OwnedFd::from(std::fs::File::open("/dev/null").expect("/dev/null"));
-        self.0.start(StartRequest {
-            channel: null,
-            ..request
-        })
+        self.0.start(StartRequest { channel: null, ..request })
     }
 }
 
@@ -107,12 +76,8 @@ fn death_before_handshake(ctx: &Context) -> Result<(), Failed> {
     let broken = Context::with_method(Arc::new(BrokenChannel(Arc::clone(ctx.method()))));
     let err = join(broken.process(add, (1, 1)).start()?)?.expect_err("no handshake");
     ensure(err.kind() == ErrorKind::StartFailed, || format!("{err:?}"))?;
-    ensure(err.to_string().contains("before the handshake"), || {
-        err.to_string()
-    })?;
-    ensure(err.exit_status().is_some_and(|s| !s.success()), || {
-        format!("{err:?}")
-    })
+    ensure(err.to_string().contains("before the handshake"), || err.to_string())?;
+    ensure(err.exit_status().is_some_and(|s| !s.success()), || format!("{err:?}"))
 }
 
 /// Serializes any byte, but deserializes only zero: stands for a parent and child that
@@ -137,22 +102,16 @@ fn picky(value: u8) -> Picky {
 fn undecodable_result(ctx: &Context) -> Result<(), Failed> {
     let err = join(ctx.process(picky, 9).start()?)?.expect_err("undecodable");
     ensure(err.kind() == ErrorKind::Decode, || format!("{err:?}"))?;
-    ensure(err.to_string().contains("picky refuses 9"), || {
-        err.to_string()
-    })?;
+    ensure(err.to_string().contains("picky refuses 9"), || err.to_string())?;
     let ok = join(ctx.process(picky, 0).start()?)??;
     ensure(ok.0 == 0, || "picky 0".into())
 }
 
 fn unknown_start_method(_ctx: &Context) -> Result<(), Failed> {
     let err = Context::new("vfork").expect_err("no such method");
-    ensure(err.kind() == ErrorKind::UnknownStartMethod, || {
-        format!("{err:?}")
-    })?;
+    ensure(err.kind() == ErrorKind::UnknownStartMethod, || format!("{err:?}"))?;
     for name in multiproc::all_start_methods() {
-        ensure(err.to_string().contains(name), || {
-            format!("{err} does not list {name}")
-        })?;
+        ensure(err.to_string().contains(name), || format!("{err} does not list {name}"))?;
     }
     Ok(())
 }

@@ -25,12 +25,7 @@ fn main() {
     // multi-threaded process, and the fd and zombie accounting of one test must not see the
     // children of another.
     args.test_threads = Some(1);
-    let scenarios = [
-        lifecycle::SCENARIOS,
-        failures::SCENARIOS,
-        protocol::SCENARIOS,
-    ]
-    .concat();
+    let scenarios = [lifecycle::SCENARIOS, failures::SCENARIOS, protocol::SCENARIOS].concat();
     let trials = scenarios
         .into_iter()
         .map(|(name, body)| {

@@ -16,13 +16,13 @@ use crate::common::{DEADLINE, ensure};
 pub const SCENARIOS: &[Scenario] = &[
     ("child_refuses_unknown_task", child_refuses_unknown_task),
     ("child_refuses_another_build", child_refuses_another_build),
-    (
-        "child_refuses_a_corrupt_start_frame",
-        child_refuses_a_corrupt_start_frame,
-    ),
+    ("child_refuses_a_corrupt_start_frame", child_refuses_a_corrupt_start_frame),
 ];
 
-fn start_raw(ctx: &Context) -> Result<Option<(Channel, Box<dyn ChildHandle>)>, Failed> {
+/// The parent's end of a hand-driven child and its handle.
+type RawChild = (Channel, Box<dyn ChildHandle>);
+
+fn start_raw(ctx: &Context) -> Result<Option<RawChild>, Failed> {
     if ctx.method().moves_arguments() {
         return Ok(None);
     }
@@ -55,15 +55,11 @@ fn expect_failure(
     let deadline = Some(Instant::now() + DEADLINE);
     let hello = parent.recv(deadline, None)?;
     let (hello, _) = wire::decode::<ToParent>(&hello)?;
-    ensure(matches!(hello, ToParent::Hello { .. }), || {
-        format!("first frame {hello:?}")
-    })?;
+    ensure(matches!(hello, ToParent::Hello { .. }), || format!("first frame {hello:?}"))?;
     let reply = parent.recv(deadline, None)?;
     let (reply, _) = wire::decode::<ToParent>(&reply)?;
     let status = handle.wait_deadline(deadline)?;
-    ensure(status == Some(ExitStatus::Exited(1)), || {
-        format!("status {status:?}")
-    })?;
+    ensure(status == Some(ExitStatus::Exited(1)), || format!("status {status:?}"))?;
     match reply {
         ToParent::Failed { reason, message } if reason == expected => Ok(message),
         other => Err(format!("expected {expected:?}, got {other:?}").into()),

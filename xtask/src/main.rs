@@ -1,1 +1,164 @@
-fn main() {}
+//! `cargo xtask`: the project's automation, so that CI and a developer run the same commands.
+//!
+//! - `test-all-methods`: the workspace's unit tests, then the integration suite once per start
+//!   method, with a method × passed/failed table; non-zero exit if anything failed.
+//! - `ci`: fmt, clippy `-D warnings`, test-all-methods, docs with warnings denied, every example
+//!   with a timeout, and the benchmark in quick mode (which checks that it runs, not its times).
+//! - `bench [--quick]`: the start-up benchmark, with ratios against raw syscalls.
+
+use std::path::PathBuf;
+use std::process::{Command, ExitCode, Stdio};
+use std::time::{Duration, Instant};
+
+/// The start methods the integration suite runs under.
+const METHODS: &[&str] = &["fork", "spawn"];
+
+/// How long one example may run in CI.
+const EXAMPLE_TIMEOUT: Duration = Duration::from_secs(300);
+
+fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let result = match args.first().map(String::as_str) {
+        Some("test-all-methods") => test_all_methods(),
+        Some("ci") => ci(),
+        Some("bench") => bench(args.iter().any(|a| a == "--quick")),
+        _ => {
+            eprintln!("usage: cargo xtask <test-all-methods | ci | bench [--quick]>");
+            return ExitCode::from(2);
+        }
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(message) => {
+            eprintln!("xtask: {message}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).parent().expect("workspace root").to_path_buf()
+}
+
+fn cargo() -> Command {
+    let mut cmd = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+    cmd.current_dir(root());
+    cmd
+}
+
+fn run(mut cmd: Command, what: &str) -> Result<(), String> {
+    eprintln!("xtask: {what}");
+    let status = cmd.status().map_err(|e| format!("{what}: {e}"))?;
+    if status.success() { Ok(()) } else { Err(format!("{what} failed: {status}")) }
+}
+
+/// Runs a test command, echoing its output, and returns (passed, failed) from libtest's
+/// closing lines.
+fn run_counting(mut cmd: Command, what: &str) -> Result<(usize, usize, bool), String> {
+    eprintln!("xtask: {what}");
+    let output = cmd.stderr(Stdio::inherit()).output().map_err(|e| format!("{what}: {e}"))?;
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    print!("{stdout}");
+    let (mut passed, mut failed) = (0, 0);
+    for line in stdout.lines().filter(|l| l.starts_with("test result:")) {
+        passed += count_before(line, " passed");
+        failed += count_before(line, " failed");
+    }
+    Ok((passed, failed, output.status.success()))
+}
+
+fn count_before(line: &str, label: &str) -> usize {
+    line.find(label)
+        .and_then(|end| line[..end].rsplit([' ', '.']).next()?.parse().ok())
+        .unwrap_or(0)
+}
+
+fn test_all_methods() -> Result<(), String> {
+    let mut rows = Vec::new();
+    let mut unit = cargo();
+    unit.args(["test", "--workspace", "--exclude", "multiproc-tests"]);
+    rows.push(("unit + doc", run_counting(unit, "unit tests of every crate")?));
+    for method in METHODS {
+        let mut suite = cargo();
+        suite.args(["test", "-p", "multiproc-tests", "--test", "suite"]);
+        suite.env("MULTIPROC_START_METHOD", method);
+        rows.push((method, run_counting(suite, &format!("integration suite under {method}"))?));
+    }
+    println!();
+    println!("| start method | passed | failed | status |");
+    println!("|--------------|-------:|-------:|--------|");
+    let mut all_ok = true;
+    let (mut total_passed, mut total_failed) = (0, 0);
+    for (name, (passed, failed, ok)) in &rows {
+        let ok = *ok && *failed == 0 && *passed > 0;
+        all_ok &= ok;
+        total_passed += passed;
+        total_failed += failed;
+        println!(
+            "| {name:<12} | {passed:>6} | {failed:>6} | {} |",
+            if ok { "ok" } else { "FAILED" }
+        );
+    }
+    println!();
+    println!("all methods: {total_passed} passed, {total_failed} failed");
+    if all_ok { Ok(()) } else { Err("some start method failed".into()) }
+}
+
+fn ci() -> Result<(), String> {
+    let mut fmt = cargo();
+    fmt.args(["fmt", "--all", "--check"]);
+    run(fmt, "cargo fmt --check")?;
+    let mut clippy = cargo();
+    clippy.args(["clippy", "--workspace", "--all-targets", "--", "-D", "warnings"]);
+    run(clippy, "cargo clippy -D warnings")?;
+    test_all_methods()?;
+    let mut doc = cargo();
+    doc.args(["doc", "--workspace", "--no-deps"]).env("RUSTDOCFLAGS", "-D warnings");
+    run(doc, "cargo doc with warnings denied")?;
+    run_examples()?;
+    bench(true)
+}
+
+fn run_examples() -> Result<(), String> {
+    let mut build = cargo();
+    build.args(["build", "--release", "-p", "multiproc-examples", "--examples"]);
+    run(build, "build the examples")?;
+    let mut names: Vec<String> = std::fs::read_dir(root().join("examples"))
+        .map_err(|e| format!("examples/: {e}"))?
+        .filter_map(|entry| {
+            let name = entry.ok()?.file_name().into_string().ok()?;
+            name.strip_suffix(".rs").map(str::to_owned)
+        })
+        .collect();
+    names.sort();
+    for name in names {
+        let binary = root().join("target/release/examples").join(&name);
+        eprintln!("xtask: example {name}");
+        let mut child = Command::new(&binary).spawn().map_err(|e| format!("{name}: {e}"))?;
+        let started = Instant::now();
+        let status = loop {
+            if let Some(status) = child.try_wait().map_err(|e| format!("{name}: {e}"))? {
+                break status;
+            }
+            if started.elapsed() > EXAMPLE_TIMEOUT {
+                let _ = child.kill();
+                let _ = child.wait();
+                return Err(format!("example {name} ran longer than {EXAMPLE_TIMEOUT:?}"));
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        };
+        if !status.success() {
+            return Err(format!("example {name} failed: {status}"));
+        }
+    }
+    Ok(())
+}
+
+fn bench(quick: bool) -> Result<(), String> {
+    let mut cmd = cargo();
+    cmd.args(["bench", "-p", "multiproc-tests", "--bench", "startup", "--"]);
+    if quick {
+        cmd.arg("--quick");
+    }
+    run(cmd, if quick { "benchmark (quick)" } else { "benchmark" })
+}

@@ -74,26 +74,14 @@ impl fmt::Display for FrameError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             FrameError::Disconnected => write!(f, "peer closed the channel"),
-            FrameError::Truncated {
-                received,
-                expected: Some(expected),
-            } => {
+            FrameError::Truncated { received, expected: Some(expected) } => {
                 write!(f, "truncated frame: {received} of {expected} bytes arrived")
             }
-            FrameError::Truncated {
-                received,
-                expected: None,
-            } => {
-                write!(
-                    f,
-                    "truncated frame: {received} bytes of a {HEADER_LEN}-byte header"
-                )
+            FrameError::Truncated { received, expected: None } => {
+                write!(f, "truncated frame: {received} bytes of a {HEADER_LEN}-byte header")
             }
             FrameError::TooLarge(len) => {
-                write!(
-                    f,
-                    "frame length {len} exceeds the limit of {MAX_FRAME_LEN} bytes"
-                )
+                write!(f, "frame length {len} exceeds the limit of {MAX_FRAME_LEN} bytes")
             }
             FrameError::MissingFds { claimed, arrived } => {
                 write!(f, "frame claims {claimed} fds but {arrived} arrived")
@@ -268,10 +256,7 @@ impl Channel {
         deadline: Option<Instant>,
         abort: Option<BorrowedFd<'_>>,
     ) -> Result<(), FrameError> {
-        let mut set = [
-            PollFd::new(self.sock.as_fd(), events),
-            PollFd::new(self.sock.as_fd(), 0),
-        ];
+        let mut set = [PollFd::new(self.sock.as_fd(), events), PollFd::new(self.sock.as_fd(), 0)];
         let count = match abort {
             Some(fd) => {
                 set[1] = PollFd::new(fd, POLLIN);
@@ -301,13 +286,9 @@ impl Channel {
                 let grow = need.min(partial.body.len().max(BODY_GROWTH));
                 sys::recv_into_vec(fd, &mut partial.body, grow, &mut self.scratch_fds, true)?
             }
-            _ => sys::recv_into_vec(
-                fd,
-                &mut self.pending,
-                READ_CHUNK,
-                &mut self.scratch_fds,
-                true,
-            )?,
+            _ => {
+                sys::recv_into_vec(fd, &mut self.pending, READ_CHUNK, &mut self.scratch_fds, true)?
+            }
         };
         self.fds.extend(self.scratch_fds.drain(..));
         Ok(n)
@@ -341,16 +322,10 @@ impl Channel {
         let partial = self.partial.take().expect("set above");
         let claimed = partial.nfds as usize;
         if self.fds.len() < claimed {
-            return Err(FrameError::MissingFds {
-                claimed: partial.nfds,
-                arrived: self.fds.len(),
-            });
+            return Err(FrameError::MissingFds { claimed: partial.nfds, arrived: self.fds.len() });
         }
         let fds = self.fds.drain(..claimed).collect();
-        Ok(Some(Frame {
-            body: partial.body,
-            fds,
-        }))
+        Ok(Some(Frame { body: partial.body, fds }))
     }
 
     fn eof_error(&self) -> FrameError {
@@ -360,10 +335,7 @@ impl Channel {
                 expected: Some((HEADER_LEN + partial.len) as u64),
             },
             None if self.pending.is_empty() => FrameError::Disconnected,
-            None => FrameError::Truncated {
-                received: self.pending.len() as u64,
-                expected: None,
-            },
+            None => FrameError::Truncated { received: self.pending.len() as u64, expected: None },
         }
     }
 }
@@ -410,10 +382,7 @@ mod tests {
         assert_eq!(b.recv(soon(), None).unwrap().body, b"world");
         assert_eq!(b.recv(soon(), None).unwrap().body, b"");
         drop(a);
-        assert!(matches!(
-            b.recv(soon(), None),
-            Err(FrameError::Disconnected)
-        ));
+        assert!(matches!(b.recv(soon(), None), Err(FrameError::Disconnected)));
     }
 
     #[test]
@@ -480,10 +449,7 @@ mod tests {
         drop(raw);
         assert!(matches!(
             chan.recv(soon(), None),
-            Err(FrameError::Truncated {
-                received: 3,
-                expected: None
-            })
+            Err(FrameError::Truncated { received: 3, expected: None })
         ));
     }
 
@@ -497,10 +463,7 @@ mod tests {
         raw.write_all(b"hi").unwrap();
         assert!(matches!(
             chan.recv(soon(), None),
-            Err(FrameError::MissingFds {
-                claimed: 3,
-                arrived: 0
-            })
+            Err(FrameError::MissingFds { claimed: 3, arrived: 0 })
         ));
     }
 
@@ -512,10 +475,7 @@ mod tests {
 
         let (abort_tx, abort_rx) = UnixStream::pair().unwrap();
         (&abort_tx).write_all(b"!").unwrap();
-        assert!(matches!(
-            b.recv(soon(), Some(abort_rx.as_fd())),
-            Err(FrameError::Aborted)
-        ));
+        assert!(matches!(b.recv(soon(), Some(abort_rx.as_fd())), Err(FrameError::Aborted)));
         assert!(abort_rx.as_raw_fd() >= 0);
     }
 
@@ -523,10 +483,7 @@ mod tests {
     fn send_to_a_closed_peer_is_disconnected() {
         let (a, b) = Channel::pair().unwrap();
         drop(b);
-        assert!(matches!(
-            a.send(&[b"x"], &[], soon(), None),
-            Err(FrameError::Disconnected)
-        ));
+        assert!(matches!(a.send(&[b"x"], &[], soon(), None), Err(FrameError::Disconnected)));
     }
 
     proptest::proptest! {

@@ -33,10 +33,7 @@ const WATCH_INTERVAL: Duration = Duration::from_millis(200);
 // linkme's `#[link_section]` trips the unsafe_code lint; no unsafe operation is involved.
 #[allow(unsafe_code)]
 #[linkme::distributed_slice(crate::role::ROLES)]
-static CHILD_ROLE: Role = Role {
-    name: "child",
-    main: serve_inherited,
-};
+static CHILD_ROLE: Role = Role { name: "child", main: serve_inherited };
 
 fn serve_inherited(socket: OwnedFd) -> ! {
     serve(Channel::from_fd(socket))
@@ -65,19 +62,13 @@ pub fn serve(mut channel: Channel) -> ! {
         // The parent went away before telling us what to do: nothing to report, nobody to
         // report it to.
         Err(FrameError::Disconnected) => sys::exit_immediately(EXIT_FAILED),
-        Err(e) => finish(
-            &channel,
-            Outcome::Failed(FailReason::Protocol, format!("{e}")),
-        ),
+        Err(e) => finish(&channel, Outcome::Failed(FailReason::Protocol, format!("{e}"))),
     };
     let (start, args) = match wire::decode::<Start>(&frame) {
         Ok(decoded) => decoded,
         Err(e) => finish(
             &channel,
-            Outcome::Failed(
-                FailReason::Protocol,
-                format!("start frame did not decode: {e}"),
-            ),
+            Outcome::Failed(FailReason::Protocol, format!("start frame did not decode: {e}")),
         ),
     };
     if let Some(failure) = check_handshake(&start) {
@@ -126,10 +117,7 @@ fn check_handshake(start: &Start) -> Option<Outcome> {
     if start.version != PROTOCOL_VERSION {
         return Some(Outcome::Failed(
             FailReason::VersionMismatch,
-            format!(
-                "protocol version {}, expected {PROTOCOL_VERSION}",
-                start.version
-            ),
+            format!("protocol version {}, expected {PROTOCOL_VERSION}", start.version),
         ));
     }
     if start.fingerprint != fingerprint() {
@@ -195,17 +183,15 @@ fn watch_parent(channel: &Channel) {
         return;
     };
     let parent = sys::parent_pid();
-    let _ = thread::Builder::new()
-        .name("multiproc-parent-watch".into())
-        .spawn(move || {
-            loop {
-                let mut set = [PollFd::new(socket.as_fd(), POLLRDHUP)];
-                let _ = sys::poll(&mut set, Some(Instant::now() + WATCH_INTERVAL));
-                if set[0].ready(POLLRDHUP) || sys::parent_pid() != parent {
-                    sys::exit_immediately(EXIT_ORPHANED);
-                }
+    let _ = thread::Builder::new().name("multiproc-parent-watch".into()).spawn(move || {
+        loop {
+            let mut set = [PollFd::new(socket.as_fd(), POLLRDHUP)];
+            let _ = sys::poll(&mut set, Some(Instant::now() + WATCH_INTERVAL));
+            if set[0].ready(POLLRDHUP) || sys::parent_pid() != parent {
+                sys::exit_immediately(EXIT_ORPHANED);
             }
-        });
+        }
+    });
 }
 
 fn run_guarded(start: &Start, call: impl FnOnce() -> Result<Vec<u8>, CallError>) -> Outcome {
@@ -237,11 +223,9 @@ fn finish(channel: &Channel, outcome: Outcome) -> ! {
     let (message, payload, code) = match outcome {
         Outcome::Returned(bytes) => (ToParent::Returned, bytes, EXIT_OK),
         Outcome::Panicked(panic) => (ToParent::Panicked(panic), Vec::new(), EXIT_FAILED),
-        Outcome::Failed(reason, message) => (
-            ToParent::Failed { reason, message },
-            Vec::new(),
-            EXIT_FAILED,
-        ),
+        Outcome::Failed(reason, message) => {
+            (ToParent::Failed { reason, message }, Vec::new(), EXIT_FAILED)
+        }
     };
     // A parent that is gone cannot be told; the exit code still says what happened.
     let _ = wire::send(channel, &message, &payload, &[], None, None);

@@ -64,10 +64,7 @@ pub fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, CodecError> {
         };
     }
     tiers!(12, 16, 20, 24, 28, 32, 36, 40, 44);
-    Err(CodecError(format!(
-        "cannot decode {} bytes: larger than any frame",
-        bytes.len()
-    )))
+    Err(CodecError(format!("cannot decode {} bytes: larger than any frame", bytes.len())))
 }
 
 fn finish<T>(
@@ -81,10 +78,7 @@ fn finish<T>(
             std::any::type_name::<T>(),
             len - used
         ))),
-        Err(e) => Err(CodecError(format!(
-            "cannot decode {}: {e}",
-            std::any::type_name::<T>()
-        ))),
+        Err(e) => Err(CodecError(format!("cannot decode {}: {e}", std::any::type_name::<T>()))),
     }
 }
 
@@ -97,10 +91,7 @@ mod tests {
     fn round_trips() {
         let value = (7u64, String::from("seven"), vec![1u8, 2, 3], Some(-1i32));
         let bytes = encode(&value).unwrap();
-        assert_eq!(
-            decode::<(u64, String, Vec<u8>, Option<i32>)>(&bytes).unwrap(),
-            value
-        );
+        assert_eq!(decode::<(u64, String, Vec<u8>, Option<i32>)>(&bytes).unwrap(), value);
     }
 
     #[test]

@@ -113,10 +113,9 @@ impl Error {
     ) -> Self {
         let (kind, message) = match &failure {
             ChildFailure::Panicked(panic) => (ErrorKind::Panicked, format!("{label} {panic}")),
-            ChildFailure::Exited(status) => (
-                ErrorKind::ChildExited,
-                format!("{label} ended without a result: {status}"),
-            ),
+            ChildFailure::Exited(status) => {
+                (ErrorKind::ChildExited, format!("{label} ended without a result: {status}"))
+            }
         };
         let mut error = Self::new(kind, message);
         error.inner.exit_status = status.or(match failure {
@@ -180,9 +179,7 @@ impl fmt::Display for Error {
 impl fmt::Debug for Error {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let mut debug = f.debug_struct("Error");
-        debug
-            .field("kind", &self.inner.kind)
-            .field("message", &self.inner.message);
+        debug.field("kind", &self.inner.kind).field("message", &self.inner.message);
         if let Some(status) = &self.inner.exit_status {
             debug.field("exit_status", status);
         }
@@ -198,10 +195,7 @@ impl fmt::Debug for Error {
 
 impl StdError for Error {
     fn source(&self) -> Option<&(dyn StdError + 'static)> {
-        self.inner
-            .source
-            .as_deref()
-            .map(|s| s as &(dyn StdError + 'static))
+        self.inner.source.as_deref().map(|s| s as &(dyn StdError + 'static))
     }
 }
 
@@ -224,16 +218,10 @@ mod tests {
         assert_eq!(error.kind(), ErrorKind::Panicked);
         assert!(error.is_child_failure());
         assert_eq!(error.exit_status(), Some(ExitStatus::Exited(1)));
-        assert_eq!(
-            error.to_string(),
-            "process 12 (adder) panicked at src/lib.rs:3:5: boom"
-        );
+        assert_eq!(error.to_string(), "process 12 (adder) panicked at src/lib.rs:3:5: boom");
 
-        let killed = Error::child(
-            "process 13",
-            ChildFailure::Exited(ExitStatus::Signaled(9)),
-            None,
-        );
+        let killed =
+            Error::child("process 13", ChildFailure::Exited(ExitStatus::Signaled(9)), None);
         assert_eq!(killed.kind(), ErrorKind::ChildExited);
         assert_eq!(killed.exit_status().map(ExitStatus::exitcode), Some(-9));
 

@@ -32,8 +32,5 @@ pub(crate) fn adopt(level: Option<&str>) {
 }
 
 fn install(level: Level) {
-    let _ = tracing_subscriber::fmt()
-        .with_max_level(level)
-        .with_writer(std::io::stderr)
-        .try_init();
+    let _ = tracing_subscriber::fmt().with_max_level(level).with_writer(std::io::stderr).try_init();
 }

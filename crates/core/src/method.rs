@@ -108,11 +108,7 @@ impl DirectChild {
     /// Opening the pidfd before the child is reaped is race-free: the pid cannot be reused
     /// while the child is a zombie of ours.
     pub fn new(pid: u32) -> io::Result<Self> {
-        Ok(DirectChild {
-            pid,
-            pidfd: sys::pidfd_open(pid)?,
-            status: None,
-        })
+        Ok(DirectChild { pid, pidfd: sys::pidfd_open(pid)?, status: None })
     }
 }
 

@@ -34,13 +34,7 @@ pub struct ProcessBuilder<A, R> {
 impl<A: Portable, R: Portable> ProcessBuilder<A, R> {
     /// A builder that will run `task(args)` in a child started by `method`.
     pub fn new(method: Arc<dyn StartMethod>, task: Task<A, R>, args: A) -> Self {
-        ProcessBuilder {
-            method,
-            task,
-            args,
-            name: None,
-            daemon: false,
-        }
+        ProcessBuilder { method, task, args, name: None, daemon: false }
     }
 
     /// Names the process (Python's `name=`); the default is `Process-N`.
@@ -82,39 +76,24 @@ impl<A: Portable, R: Portable> ProcessBuilder<A, R> {
             let args = self.args;
             let settings = start.clone();
             let main = Box::new(move |channel: Channel| -> Infallible {
-                child::run_moved(channel, settings, move || {
-                    registry::encode_result(&func(args))
-                })
+                child::run_moved(channel, settings, move || registry::encode_result(&func(args)))
             });
             (Payload::Moved(main), None)
         } else {
             let bytes = codec::encode(&self.args).map_err(|e| {
-                Error::new(
-                    ErrorKind::Encode,
-                    format!("arguments of task `{}`: {e}", start.task),
-                )
+                Error::new(ErrorKind::Encode, format!("arguments of task `{}`: {e}", start.task))
             })?;
             (Payload::Sent, Some(bytes))
         };
 
-        let request = StartRequest {
-            channel: child_end.into_fd(),
-            parent_end: parent_end.as_fd(),
-            payload,
-        };
+        let request =
+            StartRequest { channel: child_end.into_fd(), parent_end: parent_end.as_fd(), payload };
         let child = self.method.start(request)?;
         let pid = child.pid();
         tracing::debug!(pid, name = %name, method = method_name, task = %start.task, "process started");
 
         if let Some(args) = sent_args {
-            let sent = wire::send(
-                &parent_end,
-                &start,
-                &args,
-                &[],
-                None,
-                Some(child.sentinel()),
-            );
+            let sent = wire::send(&parent_end, &start, &args, &[], None, Some(child.sentinel()));
             match sent {
                 // A child that died before reading its task is reported by `join`, which knows
                 // how it ended.
@@ -264,19 +243,17 @@ impl<R: Portable> Process<R> {
         }
     }
 
+    /// Whether we signalled the child and a signal is what ended it.
+    fn ended_by_our_signal(&self) -> bool {
+        self.signalled && self.status.is_some_and(|s| s.signal().is_some())
+    }
+
     fn handle(&self) -> &dyn ChildHandle {
-        self.child
-            .as_deref()
-            .expect("the child handle lives until drop")
+        self.child.as_deref().expect("the child handle lives until drop")
     }
 
     fn label(&self) -> String {
-        format!(
-            "process {} ({}, {})",
-            self.handle().pid(),
-            self.name,
-            self.method
-        )
+        format!("process {} ({}, {})", self.handle().pid(), self.name, self.method)
     }
 
     /// Non-blocking: reads what the child sent so far and reaps it if it ended.
@@ -292,13 +269,9 @@ impl<R: Portable> Process<R> {
             self.pump();
             if self.status.is_none() {
                 let label = self.label();
-                let child = self
-                    .child
-                    .as_mut()
-                    .expect("the child handle lives until drop");
-                self.status = child
-                    .try_wait()
-                    .map_err(|e| Error::io(format!("waitid on {label}"), e))?;
+                let child = self.child.as_mut().expect("the child handle lives until drop");
+                self.status =
+                    child.try_wait().map_err(|e| Error::io(format!("waitid on {label}"), e))?;
                 if let Some(status) = self.status {
                     tracing::debug!(pid = child.pid(), name = %self.name, %status, "process exited");
                     // Whatever the child wrote before it ended is in the socket now.
@@ -354,14 +327,7 @@ impl<R: Portable> Process<R> {
             }
         };
         match message {
-            (
-                ToParent::Hello {
-                    version,
-                    fingerprint: theirs,
-                    ..
-                },
-                _,
-            ) if !self.hello => {
+            (ToParent::Hello { version, fingerprint: theirs, .. }, _) if !self.hello => {
                 self.hello = true;
                 if version != PROTOCOL_VERSION || theirs != fingerprint() {
                     self.broken = Some(Error::new(
@@ -430,21 +396,15 @@ impl<R: Portable> Process<R> {
             )
             .with_exit_status(status)),
             // A child we signalled ourselves ended as asked, even if it had not said hello yet.
-            None if !self.hello
-                && !(self.signalled && status.is_some_and(|s| s.signal().is_some())) =>
-            {
-                Err(Error::new(
-                    ErrorKind::StartFailed,
-                    format!("{label} ended before the handshake: {status_text}"),
-                )
-                .with_exit_status(status))
-            }
+            None if !self.hello && !self.ended_by_our_signal() => Err(Error::new(
+                ErrorKind::StartFailed,
+                format!("{label} ended before the handshake: {status_text}"),
+            )
+            .with_exit_status(status)),
             None => match status {
-                Some(status) => Err(Error::child(
-                    label,
-                    ChildFailure::Exited(status),
-                    Some(status),
-                )),
+                Some(status) => {
+                    Err(Error::child(label, ChildFailure::Exited(status), Some(status)))
+                }
                 None => Err(Error::new(
                     ErrorKind::Protocol,
                     format!("{label} closed its channel without a result"),

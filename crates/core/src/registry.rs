@@ -113,18 +113,9 @@ mod tests {
     }
 
     static ENTRIES: [TaskEntry; 3] = [
-        TaskEntry {
-            name: "m::double",
-            run: |b| run_encoded(double, b),
-        },
-        TaskEntry {
-            name: "m::twice",
-            run: |b| run_encoded(double, b),
-        },
-        TaskEntry {
-            name: "m::twice",
-            run: |b| run_encoded(double, b),
-        },
+        TaskEntry { name: "m::double", run: |b| run_encoded(double, b) },
+        TaskEntry { name: "m::twice", run: |b| run_encoded(double, b) },
+        TaskEntry { name: "m::twice", run: |b| run_encoded(double, b) },
     ];
 
     #[test]

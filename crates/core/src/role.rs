@@ -57,12 +57,8 @@ pub fn take_role() {
         eprintln!("multiproc: cannot take role from {ROLE_ENV}={value:?}: {why}");
         sys::exit_immediately(EXIT_BOOTSTRAP_FAILED)
     };
-    let Some((name, fd)) = value.split_once(':') else {
-        fail("expected <role>:<fd>".into())
-    };
-    let Ok(fd) = fd.parse::<i32>() else {
-        fail(format!("`{fd}` is not an fd number"))
-    };
+    let Some((name, fd)) = value.split_once(':') else { fail("expected <role>:<fd>".into()) };
+    let Ok(fd) = fd.parse::<i32>() else { fail(format!("`{fd}` is not an fd number")) };
     let Some(role) = ROLES.iter().find(|role| role.name == name) else {
         fail(format!("no role `{name}` is linked into this executable"))
     };

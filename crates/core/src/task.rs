@@ -27,11 +27,7 @@ impl<A, R> Task<A, R> {
     /// Used by `#[multiproc::task]`; not a stable API.
     #[doc(hidden)]
     pub const fn __new(name: &'static str, func: fn(A) -> R) -> Self {
-        Task {
-            name,
-            func,
-            _types: PhantomData,
-        }
+        Task { name, func, _types: PhantomData }
     }
 
     /// The registered name: `module::path::function`.

@@ -92,9 +92,7 @@ pub fn send<M: Serialize>(
     codec::encode_into(message, &mut head).map_err(SendError::Encode)?;
     let len = u32::try_from(head.len() - 4).expect("a control message is small");
     head[..4].copy_from_slice(&len.to_le_bytes());
-    channel
-        .send(&[&head, payload], fds, deadline, abort)
-        .map_err(SendError::Frame)
+    channel.send(&[&head, payload], fds, deadline, abort).map_err(SendError::Frame)
 }
 
 /// Splits a received frame into its message and payload.
@@ -160,15 +158,9 @@ mod tests {
 
     #[test]
     fn short_or_lying_message_header_is_an_error() {
-        let frame = Frame {
-            body: vec![1, 2],
-            fds: vec![],
-        };
+        let frame = Frame { body: vec![1, 2], fds: vec![] };
         assert!(decode::<ToParent>(&frame).is_err());
-        let frame = Frame {
-            body: vec![255, 255, 255, 255, 0],
-            fds: vec![],
-        };
+        let frame = Frame { body: vec![255, 255, 255, 255, 0], fds: vec![] };
         assert!(decode::<ToParent>(&frame).is_err());
     }
 }

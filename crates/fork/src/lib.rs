@@ -30,9 +30,7 @@ impl Fork {
     /// Forks even while other threads run; see [`MultithreadedForkPermit::new`] for what the
     /// caller promised by making the permit.
     pub fn with_permit(permit: MultithreadedForkPermit) -> Self {
-        Fork {
-            permit: Some(permit),
-        }
+        Fork { permit: Some(permit) }
     }
 }
 
@@ -47,10 +45,7 @@ impl StartMethod for Fork {
 
     fn start(&self, request: StartRequest<'_>) -> Result<Box<dyn ChildHandle>> {
         let Payload::Moved(main) = request.payload else {
-            return Err(Error::new(
-                ErrorKind::Io,
-                "the fork start method needs a moved payload",
-            ));
+            return Err(Error::new(ErrorKind::Io, "the fork start method needs a moved payload"));
         };
         let close_in_child = [request.parent_end];
         let forked = match self.permit {

@@ -38,10 +38,7 @@ pub fn task(attr: TokenStream, item: TokenStream) -> TokenStream {
 fn expand(function: ItemFn) -> syn::Result<proc_macro2::TokenStream> {
     let sig = &function.sig;
     if !sig.generics.params.is_empty() || sig.generics.where_clause.is_some() {
-        return Err(syn::Error::new_spanned(
-            &sig.generics,
-            "a task cannot be generic",
-        ));
+        return Err(syn::Error::new_spanned(&sig.generics, "a task cannot be generic"));
     }
     if let Some(asyncness) = &sig.asyncness {
         return Err(syn::Error::new_spanned(asyncness, "a task cannot be async"));

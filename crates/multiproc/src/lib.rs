@@ -89,9 +89,7 @@ impl Context {
     /// The permit is made with `unsafe`; read [`MultithreadedForkPermit::new`] for the promise
     /// that it stands for. Prefer `Context::new("forkserver")`.
     pub fn fork_with_permit(permit: MultithreadedForkPermit) -> Context {
-        Context {
-            method: Arc::new(multiproc_fork::Fork::with_permit(permit)),
-        }
+        Context { method: Arc::new(multiproc_fork::Fork::with_permit(permit)) }
     }
 
     /// A context around any implementation of the start-method seam.
@@ -133,9 +131,7 @@ impl Default for Context {
 
 impl fmt::Debug for Context {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Context")
-            .field("start_method", &self.start_method())
-            .finish()
+        f.debug_struct("Context").field("start_method", &self.start_method()).finish()
     }
 }
 

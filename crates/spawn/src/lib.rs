@@ -31,11 +31,8 @@ impl StartMethod for Spawn {
         let envp = child_environment(&role::role_env_value("child", SPAWN_CHANNEL_FD))
             .map_err(|e| Error::io("building the child environment", e))?;
         let pid = sys::spawn_self(&argv, &envp, request.channel.as_fd()).map_err(|e| {
-            Error::new(
-                ErrorKind::StartFailed,
-                format!("spawn failed: exec /proc/self/exe: {e}"),
-            )
-            .with_source(e)
+            Error::new(ErrorKind::StartFailed, format!("spawn failed: exec /proc/self/exe: {e}"))
+                .with_source(e)
         })?;
         drop(request.channel);
         let child = DirectChild::new(pid)
@@ -48,11 +45,7 @@ impl StartMethod for Spawn {
 /// program did to `std::env::args`).
 pub fn own_argv() -> std::io::Result<Vec<CString>> {
     let cmdline = std::fs::read("/proc/self/cmdline")?;
-    cmdline
-        .split(|&b| b == 0)
-        .filter(|arg| !arg.is_empty())
-        .map(|arg| sys::cstring(arg))
-        .collect()
+    cmdline.split(|&b| b == 0).filter(|arg| !arg.is_empty()).map(sys::cstring).collect()
 }
 
 /// The current environment with `MULTIPROC_ROLE` set to `role` (replacing any inherited one).

@@ -17,20 +17,12 @@ use crate::status::ExitStatus;
 
 /// Turns a `-1` return into the thread's `errno`.
 fn cvt(ret: c_int) -> io::Result<c_int> {
-    if ret == -1 {
-        Err(io::Error::last_os_error())
-    } else {
-        Ok(ret)
-    }
+    if ret == -1 { Err(io::Error::last_os_error()) } else { Ok(ret) }
 }
 
 /// Turns a `-1` return of a `ssize_t`/`long` call into the thread's `errno`.
 fn cvt_long(ret: isize) -> io::Result<usize> {
-    if ret < 0 {
-        Err(io::Error::last_os_error())
-    } else {
-        Ok(ret as usize)
-    }
+    if ret < 0 { Err(io::Error::last_os_error()) } else { Ok(ret as usize) }
 }
 
 /// The kernel's `SCM_MAX_FD`: the most descriptors one `sendmsg` may carry.
@@ -55,10 +47,7 @@ pub fn send_with_fds(
     if fds.len() > MAX_FDS_PER_MESSAGE {
         return Err(io::Error::new(
             io::ErrorKind::InvalidInput,
-            format!(
-                "{} fds in one message, at most {MAX_FDS_PER_MESSAGE}",
-                fds.len()
-            ),
+            format!("{} fds in one message, at most {MAX_FDS_PER_MESSAGE}", fds.len()),
         ));
     }
     let mut cmsg = CmsgBuffer([0; 1088]);
@@ -120,10 +109,7 @@ fn recvmsg_raw(
     nonblocking: bool,
 ) -> io::Result<usize> {
     let mut cmsg = CmsgBuffer([0; 1088]);
-    let mut iov = libc::iovec {
-        iov_base: dest.cast(),
-        iov_len: len,
-    };
+    let mut iov = libc::iovec { iov_base: dest.cast(), iov_len: len };
     // SAFETY: msghdr is plain old data; all-zero is a valid empty header.
     let mut msg: libc::msghdr = unsafe { mem::zeroed() };
     msg.msg_iov = &mut iov;
@@ -134,8 +120,8 @@ fn recvmsg_raw(
     if nonblocking {
         flags |= libc::MSG_DONTWAIT;
     }
-    // SAFETY: msg points at live, writable buffers of the advertised lengths.
     let n = super::retry_eintr(|| {
+        // SAFETY: msg points at live, writable buffers of the advertised lengths.
         cvt_long(unsafe { libc::recvmsg(sock.as_raw_fd(), &mut msg, flags) })
     })?;
     // SAFETY: after a successful recvmsg, the control buffer holds `msg_controllen` bytes of
@@ -157,9 +143,7 @@ fn recvmsg_raw(
         }
     }
     if msg.msg_flags & libc::MSG_CTRUNC != 0 {
-        return Err(io::Error::other(
-            "file descriptors were truncated in transit (MSG_CTRUNC)",
-        ));
+        return Err(io::Error::other("file descriptors were truncated in transit (MSG_CTRUNC)"));
     }
     Ok(n)
 }
@@ -190,7 +174,7 @@ pub const POLLIN: i16 = libc::POLLIN;
 /// Writable (`POLLOUT`).
 pub const POLLOUT: i16 = libc::POLLOUT;
 /// The peer shut down its writing side (`POLLRDHUP`).
-pub const POLLRDHUP: i16 = libc::POLLRDHUP as i16;
+pub const POLLRDHUP: i16 = libc::POLLRDHUP;
 /// Hang-up (`POLLHUP`), reported whether asked for or not.
 pub const POLLHUP: i16 = libc::POLLHUP;
 /// Error (`POLLERR`), reported whether asked for or not.
@@ -208,11 +192,7 @@ pub struct PollFd<'fd> {
 impl<'fd> PollFd<'fd> {
     /// Watches `fd` for `events` (a union of the `POLL*` constants of this module).
     pub fn new(fd: BorrowedFd<'fd>, events: i16) -> Self {
-        Self {
-            fd,
-            events,
-            revents: 0,
-        }
+        Self { fd, events, revents: 0 }
     }
 
     /// The events that were ready after the last [`poll`].
@@ -236,11 +216,7 @@ pub fn poll(fds: &mut [PollFd<'_>], deadline: Option<Instant>) -> io::Result<usi
         // SAFETY: PollFd is repr(C) with the layout of pollfd (BorrowedFd is a transparent
         // c_int), and the slice is valid for writes of its length.
         let ret = unsafe {
-            libc::poll(
-                fds.as_mut_ptr().cast::<libc::pollfd>(),
-                fds.len() as libc::nfds_t,
-                timeout,
-            )
+            libc::poll(fds.as_mut_ptr().cast::<libc::pollfd>(), fds.len() as libc::nfds_t, timeout)
         };
         match cvt(ret) {
             Ok(n) => return Ok(n as usize),
@@ -299,7 +275,7 @@ impl MultithreadedForkPermit {
 /// then copies locks that those threads may hold (the malloc lock is the classic) into a child
 /// that has no thread to release them.
 ///
-/// In the child, the descriptors in `close_in_child` are closed (see [`fork_raw`]).
+/// In the child, the descriptors in `close_in_child` are closed: they belong to the parent.
 pub fn fork_single_threaded(
     close_in_child: &[BorrowedFd<'_>],
 ) -> Result<Forked, (usize, io::Error)> {
@@ -405,12 +381,7 @@ pub fn pidfd_wait(pidfd: BorrowedFd<'_>, block: bool) -> io::Result<Option<ExitS
     super::retry_eintr(|| {
         // SAFETY: info points at a writable siginfo_t.
         cvt(unsafe {
-            libc::waitid(
-                P_PIDFD,
-                pidfd.as_raw_fd() as libc::id_t,
-                info.as_mut_ptr(),
-                options,
-            )
+            libc::waitid(P_PIDFD, pidfd.as_raw_fd() as libc::id_t, info.as_mut_ptr(), options)
         })
     })?;
     // SAFETY: zero-initialised, then possibly filled by the kernel: valid either way.
@@ -510,11 +481,7 @@ pub fn spawn_self(argv: &[CString], envp: &[CString], channel: BorrowedFd<'_>) -
 
 /// The posix_spawn family returns an errno value instead of setting `errno`.
 fn spawn_check(ret: c_int) -> io::Result<()> {
-    if ret == 0 {
-        Ok(())
-    } else {
-        Err(io::Error::from_raw_os_error(ret))
-    }
+    if ret == 0 { Ok(()) } else { Err(io::Error::from_raw_os_error(ret)) }
 }
 
 /// Takes ownership of an inherited descriptor named by number (a spawned child's fd 3).
@@ -528,9 +495,7 @@ pub fn adopt_inherited_socket(fd: RawFd) -> io::Result<OwnedFd> {
     // SAFETY: fstat succeeded, so the buffer is initialised.
     let stat = unsafe { stat.assume_init() };
     if stat.st_mode & libc::S_IFMT != libc::S_IFSOCK {
-        return Err(io::Error::other(format!(
-            "inherited fd {fd} is not a socket"
-        )));
+        return Err(io::Error::other(format!("inherited fd {fd} is not a socket")));
     }
     // SAFETY: F_SETFD on an open descriptor.
     cvt(unsafe { libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC) })?;
@@ -585,13 +550,8 @@ pub fn executable_fingerprint() -> io::Result<u64> {
     let meta = std::fs::metadata("/proc/self/exe")?;
     // FNV-1a over the four numbers: stable across processes, no dependency.
     let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
-    for word in [
-        meta.dev(),
-        meta.ino(),
-        meta.size(),
-        meta.mtime() as u64,
-        meta.mtime_nsec() as u64,
-    ] {
+    for word in [meta.dev(), meta.ino(), meta.size(), meta.mtime() as u64, meta.mtime_nsec() as u64]
+    {
         for byte in word.to_le_bytes() {
             hash ^= u64::from(byte);
             hash = hash.wrapping_mul(0x0100_0000_01b3);

@@ -1,0 +1,100 @@
+//! Start-up benchmark: start → join of a trivial task under each start method, beside the raw
+//! syscalls it is built on, measured in the same run. Prints median / min / max and ratios.
+//!
+//! `cargo xtask bench` (or `-- --quick` for a smoke run whose numbers mean nothing).
+
+use std::time::{Duration, Instant};
+
+use multiproc::{Context, task};
+use multiproc_core::sys::{self, Forked};
+use multiproc_core::{ChildHandle, DirectChild};
+
+/// The trivial task.
+#[task]
+fn noop() {}
+
+/// When set, `main` exits at once: the raw `posix_spawn` baseline runs this binary to `main`.
+const EXIT_AT_ONCE: &str = "MULTIPROC_BENCH_EXIT_AT_ONCE";
+
+struct Stats {
+    median: Duration,
+    min: Duration,
+    max: Duration,
+}
+
+fn measure(runs: usize, mut f: impl FnMut()) -> Stats {
+    for _ in 0..runs.div_ceil(10) {
+        f();
+    }
+    let mut times: Vec<Duration> = (0..runs)
+        .map(|_| {
+            let started = Instant::now();
+            f();
+            started.elapsed()
+        })
+        .collect();
+    times.sort();
+    Stats { median: times[times.len() / 2], min: times[0], max: times[times.len() - 1] }
+}
+
+fn raw_fork() {
+    match sys::fork_single_threaded(&[]) {
+        Ok(Forked::Child) => sys::exit_immediately(0),
+        Ok(Forked::Parent(pid)) => {
+            let mut child = DirectChild::new(pid).expect("pidfd");
+            child.wait_deadline(None).expect("wait");
+        }
+        Err((_, e)) => panic!("fork: {e}"),
+    }
+}
+
+fn raw_spawn() {
+    let argv = multiproc_spawn::own_argv().expect("argv");
+    let mut env: Vec<std::ffi::CString> = Vec::new();
+    env.push(std::ffi::CString::new(format!("{EXIT_AT_ONCE}=1")).unwrap());
+    let (_keep, theirs) = std::os::unix::net::UnixStream::pair().unwrap();
+    let pid = sys::spawn_self(&argv, &env, std::os::fd::AsFd::as_fd(&theirs)).expect("spawn");
+    let mut child = DirectChild::new(pid).expect("pidfd");
+    child.wait_deadline(None).expect("wait");
+}
+
+fn start_join(ctx: &Context) {
+    ctx.process(noop, ()).start().expect("start").join().expect("join");
+}
+
+fn main() {
+    if std::env::var_os(EXIT_AT_ONCE).is_some() {
+        return;
+    }
+    let quick = std::env::args().any(|a| a == "--quick");
+    let runs = if quick { 5 } else { 300 };
+    let row = |name: &str, s: &Stats, base: Option<&Stats>| {
+        let ratio = base.map_or(String::new(), |b| {
+            format!("{:.2}", s.median.as_secs_f64() / b.median.as_secs_f64())
+        });
+        println!(
+            "| {name:<34} | {:>9.1} | {:>9.1} | {:>9.1} | {ratio:>6} |",
+            s.median.as_secs_f64() * 1e6,
+            s.min.as_secs_f64() * 1e6,
+            s.max.as_secs_f64() * 1e6
+        );
+    };
+    println!(
+        "start → join of a trivial task, {runs} runs each (µs){}",
+        if quick { " — quick mode, numbers are not meaningful" } else { "" }
+    );
+    println!("| workload                           |    median |       min |       max |  ratio |");
+    println!("|------------------------------------|----------:|----------:|----------:|-------:|");
+    let fork_base = measure(runs, raw_fork);
+    row("raw fork + _exit + waitid", &fork_base, None);
+    let spawn_base = measure(runs, raw_spawn);
+    row("raw posix_spawn (exits in main)", &spawn_base, None);
+    let fork = Context::new("fork").unwrap();
+    row("multiproc fork ÷ raw fork", &measure(runs, || start_join(&fork)), Some(&fork_base));
+    let spawn = Context::new("spawn").unwrap();
+    row(
+        "multiproc spawn ÷ raw posix_spawn",
+        &measure(runs, || start_join(&spawn)),
+        Some(&spawn_base),
+    );
+}
