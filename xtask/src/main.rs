@@ -11,7 +11,7 @@ use std::process::{Command, ExitCode, Stdio};
 use std::time::{Duration, Instant};
 
 /// The start methods the integration suite runs under.
-const METHODS: &[&str] = &["fork", "spawn"];
+const METHODS: &[&str] = &["fork", "spawn", "forkserver"];
 
 /// How long one example may run in CI.
 const EXAMPLE_TIMEOUT: Duration = Duration::from_secs(300);

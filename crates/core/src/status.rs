@@ -9,6 +9,9 @@ pub enum ExitStatus {
     Exited(i32),
     /// The process was killed by this signal.
     Signaled(i32),
+    /// The process ended, but the process that reaped it (a forkserver that was itself
+    /// killed) could not say how. Its [`exitcode`](Self::exitcode) is 255.
+    Unknown,
 }
 
 impl ExitStatus {
@@ -17,6 +20,7 @@ impl ExitStatus {
         match self {
             ExitStatus::Exited(code) => code,
             ExitStatus::Signaled(signal) => -signal,
+            ExitStatus::Unknown => 255,
         }
     }
 
@@ -29,14 +33,14 @@ impl ExitStatus {
     pub fn code(self) -> Option<i32> {
         match self {
             ExitStatus::Exited(code) => Some(code),
-            ExitStatus::Signaled(_) => None,
+            ExitStatus::Signaled(_) | ExitStatus::Unknown => None,
         }
     }
 
     /// The signal that killed the process, if one did.
     pub fn signal(self) -> Option<i32> {
         match self {
-            ExitStatus::Exited(_) => None,
+            ExitStatus::Exited(_) | ExitStatus::Unknown => None,
             ExitStatus::Signaled(signal) => Some(signal),
         }
     }
@@ -47,6 +51,7 @@ impl fmt::Display for ExitStatus {
         match self {
             ExitStatus::Exited(code) => write!(f, "exit code {code}"),
             ExitStatus::Signaled(signal) => write!(f, "signal {signal} ({})", signal_name(*signal)),
+            ExitStatus::Unknown => write!(f, "unknown exit status (its reaper died)"),
         }
     }
 }

@@ -8,7 +8,7 @@
 //! fn add(a: u64, b: u64) -> u64 { a + b }
 //!
 //! fn main() -> Result<(), multiproc::Error> {
-//!     let ctx = Context::new("spawn")?;
+//!     let ctx = Context::new("forkserver")?;
 //!     let p = ctx.process(add, (2, 3)).name("adder").start()?;
 //!     assert_eq!(p.join()?, 5);
 //!     Ok(())
@@ -32,6 +32,7 @@ pub use multiproc_core::{
     ChildFailure, Error, ErrorKind, ExitStatus, MultithreadedForkPermit, Portable, Process,
     ProcessBuilder, RemotePanic, Result, StartMethod, Task, init,
 };
+pub use multiproc_forkserver::server_pid as forkserver_pid;
 pub use multiproc_macros::task;
 
 /// The environment variable that overrides the default start method (`fork`, `spawn` or
@@ -39,11 +40,11 @@ pub use multiproc_macros::task;
 pub const START_METHOD_ENV: &str = "MULTIPROC_START_METHOD";
 
 /// The start method [`Context::default`] uses when [`START_METHOD_ENV`] is not set.
-pub const DEFAULT_START_METHOD: &str = "spawn";
+pub const DEFAULT_START_METHOD: &str = "forkserver";
 
 /// The names of every start method available on this platform, the default first.
 pub fn all_start_methods() -> &'static [&'static str] {
-    &["spawn", "fork"]
+    &["forkserver", "spawn", "fork"]
 }
 
 /// A start method, chosen by name, that processes (and later pools and queues) are made from.
@@ -63,6 +64,7 @@ impl Context {
         let method: Arc<dyn StartMethod> = match name {
             "fork" => Arc::new(multiproc_fork::Fork::new()),
             "spawn" => Arc::new(multiproc_spawn::Spawn),
+            "forkserver" => Arc::new(multiproc_forkserver::Forkserver),
             _ => {
                 return Err(Error::new(
                     ErrorKind::UnknownStartMethod,

@@ -1,0 +1,53 @@
+//! The forkserver's wire protocol: requests on the control socket, replies on each request's
+//! own status socket.
+//!
+//! Per request, the client sends `Fork` on the shared control socket with two descriptors: the
+//! new child's channel and the write end of a fresh status socket. Everything about that child
+//! then travels on its status socket—`Forked` with the pid and a pidfd, later `Exited`—so the
+//! control socket carries no per-child state and many threads can wait on their own children
+//! without sharing a reader.
+
+use serde::{Deserialize, Serialize};
+
+/// The version both sides announce in `Hello`.
+pub const VERSION: u32 = 1;
+
+/// Client to server, on the control socket.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Request {
+    /// Fork a child. Descriptors: `[child channel, status socket]`.
+    Fork,
+}
+
+/// Server to client.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Reply {
+    /// On the control socket, once, when the server is ready.
+    Hello {
+        /// The server's [`VERSION`].
+        version: u32,
+        /// The server's executable fingerprint.
+        fingerprint: u64,
+    },
+    /// On the status socket: the child runs. Descriptors: `[pidfd]`.
+    Forked {
+        /// The child's pid.
+        pid: u32,
+    },
+    /// On the status socket: the fork failed.
+    ForkFailed {
+        /// The OS error, as text.
+        message: String,
+    },
+    /// On the status socket: the child ended and the server reaped it.
+    Exited(WireStatus),
+}
+
+/// An exit status on the wire.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum WireStatus {
+    /// Exited with this code.
+    Exited(i32),
+    /// Killed by this signal.
+    Signaled(i32),
+}

@@ -1,0 +1,124 @@
+//! The server: a single-threaded process, started by exec of the current binary in the
+//! `forkserver` role, that forks children on request.
+//!
+//! It never starts a thread, so every `fork` happens where no other thread can hold a lock.
+//! It ignores SIGINT (a Ctrl-C in the terminal is for the user's program; the server ends when
+//! that program goes away and its control socket reaches end-of-file), forks one child per
+//! `Fork` request, answers on the request's status socket with the pid and a pidfd, reaps each
+//! child through its pidfd and reports the exit status there.
+
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+
+use multiproc_core::channel::{Channel, Frame};
+use multiproc_core::role::Role;
+use multiproc_core::sys::{self, Forked, POLLIN, PollFd};
+use multiproc_core::{child, wire};
+
+use crate::protocol::{Reply, Request, VERSION, WireStatus};
+
+// linkme places the entry with `#[link_section]`, which trips the unsafe_code lint; no unsafe
+// operation is involved.
+#[allow(unsafe_code)]
+#[linkme::distributed_slice(multiproc_core::role::ROLES)]
+static SERVER_ROLE: Role = Role { name: "forkserver", main: serve };
+
+/// A child the server forked and has not reaped yet.
+struct Served {
+    pidfd: OwnedFd,
+    status: Channel,
+}
+
+fn serve(control: OwnedFd) -> ! {
+    sys::ignore_signal(libc::SIGINT);
+    let control = Channel::from_fd(control);
+    let hello = Reply::Hello { version: VERSION, fingerprint: child::fingerprint() };
+    if wire::send(&control, &hello, &[], &[], None, None).is_err() {
+        sys::exit_immediately(0);
+    }
+    let mut control = control;
+    let mut children: Vec<Served> = Vec::new();
+    loop {
+        let ready = {
+            let mut set: Vec<PollFd<'_>> = Vec::with_capacity(children.len() + 1);
+            set.push(PollFd::new(control.as_fd(), POLLIN));
+            set.extend(children.iter().map(|c| PollFd::new(c.pidfd.as_fd(), POLLIN)));
+            if sys::poll(&mut set, None).is_err() {
+                continue;
+            }
+            set.iter().map(|entry| entry.revents() != 0).collect::<Vec<bool>>()
+        };
+        if ready[0] {
+            loop {
+                match control.try_recv() {
+                    Ok(Some(frame)) => fork_one(frame, &control, &mut children),
+                    Ok(None) => break,
+                    // The program that started us is gone (or broke the protocol): end. The
+                    // children keep running; daemons among them notice and follow.
+                    Err(_) => sys::exit_immediately(0),
+                }
+            }
+        }
+        let mut index = 1;
+        children.retain(|served| {
+            let was_ready = ready.get(index).copied().unwrap_or(false);
+            index += 1;
+            !(was_ready && report_exit(served))
+        });
+    }
+}
+
+/// Reaps a child whose pidfd became readable and reports how it ended; true once reaped.
+fn report_exit(served: &Served) -> bool {
+    let status = match sys::pidfd_wait(served.pidfd.as_fd(), false) {
+        Ok(Some(multiproc_core::ExitStatus::Exited(code))) => WireStatus::Exited(code),
+        Ok(Some(multiproc_core::ExitStatus::Signaled(signal))) => WireStatus::Signaled(signal),
+        Ok(Some(_)) | Err(_) => WireStatus::Exited(255),
+        Ok(None) => return false,
+    };
+    let _ = wire::send(&served.status, &Reply::Exited(status), &[], &[], None, None);
+    true
+}
+
+fn fork_one(frame: Frame, control: &Channel, children: &mut Vec<Served>) {
+    let Ok((Request::Fork, _)) = wire::decode::<Request>(&frame) else { return };
+    let mut fds = frame.fds.into_iter();
+    let (Some(channel), Some(status), None) = (fds.next(), fds.next(), fds.next()) else {
+        return;
+    };
+    let status = Channel::from_fd(status);
+    let forked = {
+        // The child needs none of the server's descriptors: not the control socket, not its
+        // own status socket, not the other children's pidfds and status sockets.
+        let mut close: Vec<BorrowedFd<'_>> = vec![control.as_fd(), status.as_fd()];
+        for served in children.iter() {
+            close.push(served.pidfd.as_fd());
+            close.push(served.status.as_fd());
+        }
+        sys::fork_in_single_threaded_server(&close)
+    };
+    match forked {
+        Ok(Forked::Child) => {
+            sys::reset_signals();
+            child::serve(Channel::from_fd(channel))
+        }
+        Ok(Forked::Parent(pid)) => {
+            drop(channel);
+            match sys::pidfd_open(pid) {
+                Ok(pidfd) => {
+                    let reply = Reply::Forked { pid };
+                    let _ = wire::send(&status, &reply, &[], &[pidfd.as_fd()], None, None);
+                    children.push(Served { pidfd, status });
+                }
+                Err(e) => {
+                    let message = format!("pidfd_open({pid}) in the forkserver: {e}");
+                    let _ =
+                        wire::send(&status, &Reply::ForkFailed { message }, &[], &[], None, None);
+                }
+            }
+        }
+        Err(e) => {
+            let message = format!("fork in the forkserver: {e}");
+            let _ = wire::send(&status, &Reply::ForkFailed { message }, &[], &[], None, None);
+        }
+    }
+}
