@@ -8,6 +8,7 @@
 
 mod common;
 mod failures;
+mod forkserver;
 mod lifecycle;
 mod protocol;
 
@@ -25,7 +26,10 @@ fn main() {
     // multi-threaded process, and the fd and zombie accounting of one test must not see the
     // children of another.
     args.test_threads = Some(1);
-    let scenarios = [lifecycle::SCENARIOS, failures::SCENARIOS, protocol::SCENARIOS].concat();
+    let mut scenarios = [lifecycle::SCENARIOS, failures::SCENARIOS, protocol::SCENARIOS].concat();
+    if method == "forkserver" {
+        scenarios.extend_from_slice(forkserver::SCENARIOS);
+    }
     let trials = scenarios
         .into_iter()
         .map(|(name, body)| {
