@@ -97,4 +97,19 @@ fn main() {
         &measure(runs, || start_join(&spawn)),
         Some(&spawn_base),
     );
+    // Cold start: the first process of a fresh forkserver, which includes launching the server.
+    // Killing the server between runs makes each run cold.
+    let forkserver = Context::new("forkserver").unwrap();
+    let cold = measure(runs.min(50), || {
+        if let Some(pid) = multiproc::forkserver_pid() {
+            let pidfd = sys::pidfd_open(pid).expect("server pidfd");
+            sys::pidfd_send_signal(std::os::fd::AsFd::as_fd(&pidfd), libc::SIGKILL).expect("kill");
+            let mut set = [sys::PollFd::new(std::os::fd::AsFd::as_fd(&pidfd), sys::POLLIN)];
+            sys::poll(&mut set, None).expect("poll");
+        }
+        start_join(&forkserver)
+    });
+    row("forkserver cold start ÷ posix_spawn", &cold, Some(&spawn_base));
+    let warm = measure(runs, || start_join(&forkserver));
+    row("multiproc forkserver ÷ raw fork", &warm, Some(&fork_base));
 }
