@@ -129,12 +129,22 @@ impl ChildHandle for DirectChild {
     }
 
     fn signal(&self, signal: i32) -> io::Result<()> {
-        if self.status.is_some() {
-            return Ok(());
-        }
-        match sys::pidfd_send_signal(self.pidfd.as_fd(), signal) {
-            Err(e) if e.raw_os_error() == Some(libc::ESRCH) => Ok(()),
-            other => other,
-        }
+        signal_unless_ended(self.pidfd.as_fd(), self.status, signal)
+    }
+}
+
+/// Sends `signal` through `pidfd` unless the child is known to have ended (`status`); a child
+/// that ended in the meantime (`ESRCH`) is not an error either.
+pub fn signal_unless_ended(
+    pidfd: BorrowedFd<'_>,
+    status: Option<ExitStatus>,
+    signal: i32,
+) -> io::Result<()> {
+    if status.is_some() {
+        return Ok(());
+    }
+    match sys::pidfd_send_signal(pidfd, signal) {
+        Err(e) if e.raw_os_error() == Some(libc::ESRCH) => Ok(()),
+        other => other,
     }
 }

@@ -213,12 +213,6 @@ impl ChildHandle for ServedChild {
     }
 
     fn signal(&self, signal: i32) -> io::Result<()> {
-        if self.status.is_some() {
-            return Ok(());
-        }
-        match sys::pidfd_send_signal(self.pidfd.as_fd(), signal) {
-            Err(e) if e.raw_os_error() == Some(libc::ESRCH) => Ok(()),
-            other => other,
-        }
+        multiproc_core::method::signal_unless_ended(self.pidfd.as_fd(), self.status, signal)
     }
 }
