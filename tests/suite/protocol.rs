@@ -66,25 +66,34 @@ fn expect_failure(
     }
 }
 
-fn child_refuses_unknown_task(ctx: &Context) -> Result<(), Failed> {
+/// Sends `start` to a hand-driven child and returns the message of the failure it answers
+/// with (`None` for start methods that do not send the task).
+fn refused_start(
+    ctx: &Context,
+    start: &Start,
+    expected: FailReason,
+) -> Result<Option<String>, Failed> {
     let Some((parent, handle)) = start_raw(ctx)? else {
+        return Ok(None);
+    };
+    wire::send(&parent, start, &[], &[], None, Some(handle.sentinel()))
+        .map_err(|e| e.to_string())?;
+    expect_failure(parent, handle, expected).map(Some)
+}
+
+fn child_refuses_unknown_task(ctx: &Context) -> Result<(), Failed> {
+    let start = start_message("no::such::task", child::fingerprint());
+    let Some(message) = refused_start(ctx, &start, FailReason::UnknownTask)? else {
         return Ok(());
     };
-    let start = start_message("no::such::task", child::fingerprint());
-    wire::send(&parent, &start, &[], &[], None, Some(handle.sentinel()))
-        .map_err(|e| e.to_string())?;
-    let message = expect_failure(parent, handle, FailReason::UnknownTask)?;
     ensure(message.contains("no::such::task"), || message)
 }
 
 fn child_refuses_another_build(ctx: &Context) -> Result<(), Failed> {
-    let Some((parent, handle)) = start_raw(ctx)? else {
+    let start = start_message(crate::common::add.name(), child::fingerprint() ^ 1);
+    let Some(message) = refused_start(ctx, &start, FailReason::FingerprintMismatch)? else {
         return Ok(());
     };
-    let start = start_message(crate::common::add.name(), child::fingerprint() ^ 1);
-    wire::send(&parent, &start, &[], &[], None, Some(handle.sentinel()))
-        .map_err(|e| e.to_string())?;
-    let message = expect_failure(parent, handle, FailReason::FingerprintMismatch)?;
     ensure(message.contains("different builds"), || message)
 }
 
