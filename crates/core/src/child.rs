@@ -85,7 +85,7 @@ pub fn serve(mut channel: Channel) -> ! {
         }
     };
     prepare(&start, &channel);
-    let outcome = run_guarded(&start, || (entry.run)(args));
+    let outcome = run_guarded(&start, || (entry.run)(&(), args));
     finish(&channel, outcome)
 }
 
@@ -198,12 +198,27 @@ fn run_guarded(start: &Start, call: impl FnOnce() -> Result<Vec<u8>, CallError>)
     let span = tracing::debug_span!("child", pid = std::process::id(), name = %start.name);
     let _entered = span.enter();
     tracing::debug!(task = %start.task, "running task");
-    match panic::catch_unwind(AssertUnwindSafe(call)) {
+    match catch_panic(call) {
         Ok(Ok(bytes)) => Outcome::Returned(bytes),
-        Ok(Err(CallError::Args(e))) => Outcome::Failed(FailReason::ArgsUndecodable, e.to_string()),
-        Ok(Err(CallError::Result(e))) => {
-            Outcome::Failed(FailReason::ResultUnencodable, e.to_string())
-        }
+        Ok(Err(error)) => Outcome::Failed(call_failure(&error), error.to_string()),
+        Err(panic) => Outcome::Panicked(panic),
+    }
+}
+
+/// The wire's reason for a failed type-erased call.
+pub(crate) fn call_failure(error: &CallError) -> FailReason {
+    match error {
+        CallError::Args(_) => FailReason::ArgsUndecodable,
+        CallError::Result(_) => FailReason::ResultUnencodable,
+        CallError::State(_) => FailReason::Protocol,
+    }
+}
+
+/// Runs `f`, turning a panic into a [`RemotePanic`] with message, location and (when the
+/// child runtime's hook is installed on this thread) backtrace.
+pub fn catch_panic<T>(f: impl FnOnce() -> T) -> Result<T, RemotePanic> {
+    match panic::catch_unwind(AssertUnwindSafe(f)) {
+        Ok(value) => Ok(value),
         Err(payload) => {
             let recorded = LAST_PANIC.lock().ok().and_then(|mut slot| slot.take());
             let panic = recorded.unwrap_or_else(|| RemotePanic {
@@ -211,9 +226,10 @@ fn run_guarded(start: &Start, call: impl FnOnce() -> Result<Vec<u8>, CallError>)
                 location: None,
                 backtrace: String::new(),
             });
-            // Dropping a panic payload can itself panic; leak it instead, we exit next anyway.
+            // Dropping a panic payload can itself panic; leak it instead (it is small, and a
+            // payload is only made by a panic).
             std::mem::forget(payload);
-            Outcome::Panicked(panic)
+            Err(panic)
         }
     }
 }

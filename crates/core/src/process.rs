@@ -76,7 +76,9 @@ impl<A: Portable, R: Portable> ProcessBuilder<A, R> {
             let args = self.args;
             let settings = start.clone();
             let main = Box::new(move |channel: Channel| -> Infallible {
-                child::run_moved(channel, settings, move || registry::encode_result(&func(args)))
+                child::run_moved(channel, settings, move || {
+                    registry::encode_result(&func(&(), args))
+                })
             });
             (Payload::Moved(main), None)
         } else {

@@ -5,23 +5,39 @@
 //! (a spawned child looks tasks up from an `.init_array` constructor) and needs no
 //! registration code to run. A task travels between processes by name only; no integer from
 //! the wire is ever turned into a function pointer.
+//!
+//! Every task is stored as `fn(&S, A) -> R`, where `S` is the state it reads: `()` for an
+//! ordinary task, a pool initializer's value for a task declared `fn f(state: &S, ..)`. The
+//! runners take the state type-erased (`&dyn Any`) and check its type before the call, so a
+//! mismatch is an error, never a reinterpretation.
 
+use std::any::Any;
 use std::collections::HashMap;
 use std::sync::OnceLock;
 
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
+use crate::child::catch_panic;
 use crate::codec::{self, CodecError};
 use crate::error::{Error, ErrorKind};
+use crate::wire::ItemResult;
 
-/// One registered task: its stable name and a type-erased runner over encoded bytes.
+/// State built by an initializer (a pool worker's, the forkserver's preload), type-erased.
+pub type State = Box<dyn Any + Send>;
+
+/// One registered task: its stable name and type-erased runners over encoded bytes.
 #[derive(Debug)]
 pub struct TaskEntry {
     /// `module::path::function`.
     pub name: &'static str,
-    /// Decodes the arguments, runs the task and encodes its return value.
-    pub run: fn(&[u8]) -> Result<Vec<u8>, CallError>,
+    /// Decodes the arguments, runs the task once with `state`, and encodes its return value.
+    pub run: fn(&dyn Any, &[u8]) -> Result<Vec<u8>, CallError>,
+    /// Decodes a `Vec` of arguments, runs the task on each (a panic fails only its item) and
+    /// appends the encoded `Vec<ItemResult<R>>` to the output.
+    pub run_batch: fn(&dyn Any, &[u8], &mut Vec<u8>) -> Result<(), CallError>,
+    /// Decodes the arguments, runs the (stateless) task and keeps its return value as state.
+    pub make_state: fn(&[u8]) -> Result<State, CallError>,
 }
 
 /// Why a type-erased call could not complete (a panic is not one of these: it unwinds).
@@ -31,6 +47,29 @@ pub enum CallError {
     Args(CodecError),
     /// The return value could not be encoded.
     Result(CodecError),
+    /// The state at hand is not the type the task reads (a bug in the caller's wiring).
+    State(String),
+}
+
+impl std::fmt::Display for CallError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            CallError::Args(e) => write!(f, "arguments did not decode: {e}"),
+            CallError::Result(e) => write!(f, "return value could not be encoded: {e}"),
+            CallError::State(message) => f.write_str(message),
+        }
+    }
+}
+
+/// The state a task of state type `S` reads: `S` itself, or `()` for a stateless task, which
+/// runs anywhere.
+fn state_as<S: 'static>(state: &dyn Any) -> Result<&S, CallError> {
+    state.downcast_ref::<S>().or_else(|| (&() as &dyn Any).downcast_ref::<S>()).ok_or_else(|| {
+        CallError::State(format!(
+            "the task reads state of type {}, which this process does not hold",
+            std::any::type_name::<S>()
+        ))
+    })
 }
 
 /// The table itself, filled at link time.
@@ -40,12 +79,53 @@ pub enum CallError {
 pub static TASKS: [TaskEntry];
 
 /// Decodes `args`, calls `f`, and encodes what it returns: the body of every [`TaskEntry::run`].
-pub fn run_encoded<A: DeserializeOwned, R: Serialize>(
-    f: fn(A) -> R,
+pub fn run_encoded<S: 'static, A: DeserializeOwned, R: Serialize>(
+    f: fn(&S, A) -> R,
+    state: &dyn Any,
     args: &[u8],
 ) -> Result<Vec<u8>, CallError> {
+    let state = state_as::<S>(state)?;
     let args = codec::decode::<A>(args).map_err(CallError::Args)?;
-    encode_result(&f(args))
+    encode_result(&f(state, args))
+}
+
+/// The body of every [`TaskEntry::run_batch`]: one panic, or one value that cannot be encoded,
+/// fails its own item and no other.
+///
+/// The output is the encoding of a `Vec<ItemResult<R>>`, written item by item: bincode writes a
+/// sequence as its length followed by the elements, so the parent decodes it in one call.
+pub fn run_batch<S: 'static, A: DeserializeOwned, R: Serialize>(
+    f: fn(&S, A) -> R,
+    state: &dyn Any,
+    args: &[u8],
+    out: &mut Vec<u8>,
+) -> Result<(), CallError> {
+    let state = state_as::<S>(state)?;
+    let items = codec::decode::<Vec<A>>(args).map_err(CallError::Args)?;
+    codec::encode_into(&(items.len() as u64), out).map_err(CallError::Result)?;
+    for item in items {
+        let mark = out.len();
+        let written = match catch_panic(|| f(state, item)) {
+            Ok(value) => codec::encode_into(&ItemResult::Returned(&value), out),
+            Err(panic) => codec::encode_into(&ItemResult::<&R>::Panicked(panic), out),
+        };
+        if let Err(e) = written {
+            out.truncate(mark);
+            codec::encode_into(&ItemResult::<&R>::Unencodable(e.to_string()), out)
+                .map_err(CallError::Result)?;
+        }
+    }
+    Ok(())
+}
+
+/// The body of every [`TaskEntry::make_state`]: only a stateless task can build state.
+pub fn make_state<S: 'static, A: DeserializeOwned, R: Send + 'static>(
+    f: fn(&S, A) -> R,
+    args: &[u8],
+) -> Result<State, CallError> {
+    let state = state_as::<S>(&())?;
+    let args = codec::decode::<A>(args).map_err(CallError::Args)?;
+    Ok(Box::new(f(state, args)))
 }
 
 /// Encodes a task's return value for the trip back.
@@ -108,21 +188,31 @@ fn lookup_in(index: &HashMap<&'static str, Slot>, name: &str) -> Result<&'static
 mod tests {
     use super::*;
 
-    fn double(x: u32) -> u32 {
+    fn double(_: &(), x: u32) -> u32 {
         x * 2
     }
 
-    static ENTRIES: [TaskEntry; 3] = [
-        TaskEntry { name: "m::double", run: |b| run_encoded(double, b) },
-        TaskEntry { name: "m::twice", run: |b| run_encoded(double, b) },
-        TaskEntry { name: "m::twice", run: |b| run_encoded(double, b) },
-    ];
+    fn scaled(factor: &u32, x: u32) -> u32 {
+        assert!(x != 13, "unlucky");
+        factor * x
+    }
+
+    const fn entry(name: &'static str) -> TaskEntry {
+        TaskEntry {
+            name,
+            run: |s, b| run_encoded(double, s, b),
+            run_batch: |s, b, out| run_batch(double, s, b, out),
+            make_state: |b| make_state(double, b),
+        }
+    }
+
+    static ENTRIES: [TaskEntry; 3] = [entry("m::double"), entry("m::twice"), entry("m::twice")];
 
     #[test]
     fn finds_unique_names_and_reports_the_rest() {
         let index = build_index(&ENTRIES);
         let entry = lookup_in(&index, "m::double").unwrap();
-        let out = (entry.run)(&codec::encode(&21u32).unwrap()).unwrap();
+        let out = (entry.run)(&(), &codec::encode(&21u32).unwrap()).unwrap();
         assert_eq!(codec::decode::<u32>(&out).unwrap(), 42);
 
         let dup = lookup_in(&index, "m::twice").unwrap_err();
@@ -138,6 +228,37 @@ mod tests {
     fn undecodable_arguments_are_an_error() {
         let index = build_index(&ENTRIES);
         let entry = lookup_in(&index, "m::double").unwrap();
-        assert!(matches!((entry.run)(b"\xff\xff"), Err(CallError::Args(_))));
+        assert!(matches!((entry.run)(&(), b"\xff\xff"), Err(CallError::Args(_))));
+    }
+
+    #[test]
+    fn state_is_checked_and_stateless_tasks_run_anywhere() {
+        let args = codec::encode(&4u32).unwrap();
+        let out = run_encoded(scaled, &10u32, &args).unwrap();
+        assert_eq!(codec::decode::<u32>(&out).unwrap(), 40);
+        assert!(matches!(run_encoded(scaled, &(), &args), Err(CallError::State(_))));
+        assert!(matches!(run_encoded(scaled, &"text", &args), Err(CallError::State(_))));
+        // A stateless task ignores whatever state the worker holds.
+        let out = run_encoded(double, &10u32, &args).unwrap();
+        assert_eq!(codec::decode::<u32>(&out).unwrap(), 8);
+        // Only stateless tasks build state.
+        let state = make_state(double, &args).unwrap();
+        assert_eq!(state.downcast_ref::<u32>(), Some(&8));
+        assert!(matches!(make_state(scaled, &args), Err(CallError::State(_))));
+    }
+
+    #[test]
+    fn a_panic_in_a_batch_fails_only_its_item() {
+        let args = codec::encode(&vec![1u32, 13, 3]).unwrap();
+        let mut out = Vec::new();
+        run_batch(scaled, &2u32, &args, &mut out).unwrap();
+        let results = codec::decode::<Vec<ItemResult<u32>>>(&out).unwrap();
+        assert_eq!(results.len(), 3);
+        assert_eq!(results[0], ItemResult::Returned(2));
+        match &results[1] {
+            ItemResult::Panicked(panic) => assert_eq!(panic.message, "unlucky"),
+            other => panic!("expected a panic, got {other:?}"),
+        }
+        assert_eq!(results[2], ItemResult::Returned(6));
     }
 }

@@ -1,7 +1,6 @@
 //! The typed handle of a registered task, which `#[multiproc::task]` creates.
 
 use std::fmt;
-use std::marker::PhantomData;
 
 use serde::Serialize;
 use serde::de::DeserializeOwned;
@@ -12,22 +11,24 @@ pub trait Portable: Serialize + DeserializeOwned + Send + 'static {}
 
 impl<T: Serialize + DeserializeOwned + Send + 'static> Portable for T {}
 
-/// A task that takes `A` and returns `R`, registered under a stable name.
+/// A task that takes `A` and returns `R`, registered under a stable name; `S` is the state it
+/// reads by reference (`()` for an ordinary task).
 ///
 /// Values of this type are made by `#[multiproc::task]`; the function's name becomes a constant
 /// of this type, so `ctx.process(add, (2, 3))` checks the argument and return types at compile
-/// time.
-pub struct Task<A, R> {
+/// time. A function whose first parameter is a reference, `fn ones(cache: &Cache, i: u32)`,
+/// becomes a `Task<u32, usize, Cache>`: a pool whose initializer returns a `Cache` hands it to
+/// every call.
+pub struct Task<A, R, S = ()> {
     name: &'static str,
-    func: fn(A) -> R,
-    _types: PhantomData<fn(A) -> R>,
+    func: fn(&S, A) -> R,
 }
 
-impl<A, R> Task<A, R> {
+impl<A, R, S> Task<A, R, S> {
     /// Used by `#[multiproc::task]`; not a stable API.
     #[doc(hidden)]
-    pub const fn __new(name: &'static str, func: fn(A) -> R) -> Self {
-        Task { name, func, _types: PhantomData }
+    pub const fn __new(name: &'static str, func: fn(&S, A) -> R) -> Self {
+        Task { name, func }
     }
 
     /// The registered name: `module::path::function`.
@@ -35,26 +36,33 @@ impl<A, R> Task<A, R> {
         self.name
     }
 
-    /// Runs the task here, in the calling process.
-    pub fn call(&self, args: A) -> R {
-        (self.func)(args)
+    /// Runs the task here, in the calling process, with `state`.
+    pub fn call_with(&self, state: &S, args: A) -> R {
+        (self.func)(state, args)
     }
 
     /// The function itself, for start methods that run it in a forked copy of this process.
-    pub(crate) fn func(&self) -> fn(A) -> R {
+    pub(crate) fn func(&self) -> fn(&S, A) -> R {
         self.func
     }
 }
 
-impl<A, R> Clone for Task<A, R> {
+impl<A, R> Task<A, R> {
+    /// Runs the (stateless) task here, in the calling process.
+    pub fn call(&self, args: A) -> R {
+        (self.func)(&(), args)
+    }
+}
+
+impl<A, R, S> Clone for Task<A, R, S> {
     fn clone(&self) -> Self {
         *self
     }
 }
 
-impl<A, R> Copy for Task<A, R> {}
+impl<A, R, S> Copy for Task<A, R, S> {}
 
-impl<A, R> fmt::Debug for Task<A, R> {
+impl<A, R, S> fmt::Debug for Task<A, R, S> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_tuple("Task").field(&self.name).finish()
     }

@@ -79,6 +79,17 @@ pub enum FailReason {
     Protocol,
 }
 
+/// The outcome of one item of a pool batch; a batch's results travel as `Vec<ItemResult<R>>`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ItemResult<T> {
+    /// The task returned this value.
+    Returned(T),
+    /// The task panicked on this item.
+    Panicked(RemotePanic),
+    /// The task returned a value that could not be encoded.
+    Unencodable(String),
+}
+
 /// Sends `message` with `payload` and `fds` as one frame.
 pub fn send<M: Serialize>(
     channel: &Channel,

@@ -141,5 +141,5 @@ impl fmt::Debug for Context {
 #[doc(hidden)]
 pub mod __private {
     pub use multiproc_core::linkme;
-    pub use multiproc_core::registry::{TASKS, TaskEntry, run_encoded};
+    pub use multiproc_core::registry::{TASKS, TaskEntry, make_state, run_batch, run_encoded};
 }
