@@ -1,5 +1,8 @@
 //! Forkserver-only scenarios: busy threads in the caller, a killed server, no reachable
-//! address, and the server following its parent out.
+//! address, the server following its parent out, preload, and SIGINT.
+//!
+//! A forkserver's preload is set once per process, before its first start, so the preload
+//! scenarios run in a spawned process that has a forkserver of its own.
 
 use std::io::Read;
 use std::os::fd::AsFd;
@@ -19,6 +22,9 @@ pub const SCENARIOS: &[Scenario] = &[
     ("killed_server_is_replaced_and_its_children_report", killed_server),
     ("server_has_no_socket_address", no_socket_address),
     ("server_and_daemons_follow_a_killed_parent", follows_killed_parent),
+    ("preload_is_shared_by_every_child", preload_shared),
+    ("preload_panic_fails_every_start_without_relaunch", preload_panic),
+    ("server_ignores_sigint_and_children_do_not", sigint),
 ];
 
 fn busy_threads(ctx: &Context) -> Result<(), Failed> {
@@ -172,4 +178,134 @@ fn follows_killed_parent(_ctx: &Context) -> Result<(), Failed> {
         }
     }
     Ok(())
+}
+
+/// The preload: a table with a known sum.
+#[task]
+fn build_table(n: u64) -> Vec<u64> {
+    (0..n).collect()
+}
+
+/// What a forkserver child sees of the preload: the table's sum and address.
+#[task]
+fn read_table() -> Option<(u64, u64)> {
+    multiproc::preloaded::<Vec<u64>>().map(|table| (table.iter().sum(), table.as_ptr() as u64))
+}
+
+/// What [`preload_in_own_process`] saw.
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
+struct PreloadReport {
+    children: Vec<Option<(u64, u64)>>,
+    in_parent: bool,
+    late_set: String,
+}
+
+/// Sets a preload, starts three forkserver children, and tries to set a preload again.
+#[task]
+fn preload_in_own_process(n: u64) -> Result<PreloadReport, String> {
+    let text = |e: multiproc::Error| format!("{:?}: {e}", e.kind());
+    multiproc::set_forkserver_preload(build_table, n).map_err(text)?;
+    let ctx = Context::new("forkserver").map_err(text)?;
+    let mut children = Vec::new();
+    for _ in 0..3 {
+        children.push(ctx.process(read_table, ()).start().and_then(|p| p.join()).map_err(text)?);
+    }
+    let late_set = match multiproc::set_forkserver_preload(build_table, 1) {
+        Ok(()) => "accepted".to_owned(),
+        Err(e) => text(e),
+    };
+    let in_parent = multiproc::preloaded::<Vec<u64>>().is_some();
+    Ok(PreloadReport { children, in_parent, late_set })
+}
+
+fn preload_shared(_ctx: &Context) -> Result<(), Failed> {
+    let n = 100_000u64;
+    let report = join(Context::new("spawn")?.process(preload_in_own_process, n).start()?)???;
+    let expected = n * (n - 1) / 2;
+    ensure(report.children.len() == 3, || format!("{report:?}"))?;
+    let addresses: Vec<u64> = report
+        .children
+        .iter()
+        .map(|seen| match seen {
+            Some((sum, address)) if *sum == expected => Ok(*address),
+            other => Err(format!("a child saw {other:?}, expected the sum {expected}")),
+        })
+        .collect::<Result<_, _>>()?;
+    // Forked from one server, every child finds the table at the server's address.
+    ensure(addresses.iter().all(|a| *a == addresses[0]), || format!("{addresses:?}"))?;
+    ensure(!report.in_parent, || "the user's program sees a preload".into())?;
+    ensure(report.late_set.starts_with("InvalidState"), || report.late_set.clone())
+}
+
+/// A preload that panics.
+#[task]
+fn broken_table(message: String) -> Vec<u64> {
+    panic!("{message}")
+}
+
+/// Sets a panicking preload and tries two starts; reports each error and the children left.
+#[task]
+fn preload_panic_in_own_process() -> Vec<String> {
+    multiproc::set_forkserver_preload(broken_table, "no table today".to_owned()).expect("set");
+    let ctx = Context::new("forkserver").expect("forkserver context");
+    let mut report = Vec::new();
+    for _ in 0..2 {
+        match ctx.process(add, (1, 2)).start() {
+            Ok(p) => report.push(format!("started {}: {:?}", p.pid(), p.join())),
+            Err(e) => report.push(format!(
+                "{:?}|{}|{}",
+                e.kind(),
+                e.panic().map(|p| p.message.as_str()).unwrap_or("no panic"),
+                e.panic().and_then(|p| p.location.clone()).unwrap_or_default()
+            )),
+        }
+    }
+    report.push(format!("server {:?}", multiproc::forkserver_pid()));
+    report.push(format!("children {:?}", living_children()));
+    report
+}
+
+/// Pids of this process's children that have not ended.
+fn living_children() -> Vec<u32> {
+    let me = std::process::id().to_string();
+    let Ok(dir) = std::fs::read_dir("/proc") else { return Vec::new() };
+    dir.filter_map(|entry| entry.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| {
+            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+            let mut fields = stat.rsplit_once(") ").map(|(_, rest)| rest).unwrap_or("").split(' ');
+            let state = fields.next();
+            fields.next() == Some(me.as_str()) && state != Some("Z")
+        })
+        .collect()
+}
+
+fn preload_panic(_ctx: &Context) -> Result<(), Failed> {
+    let report = join(Context::new("spawn")?.process(preload_panic_in_own_process, ()).start()?)??;
+    ensure(report.len() == 4, || format!("{report:?}"))?;
+    for attempt in &report[..2] {
+        ensure(attempt.starts_with("Panicked|no table today|"), || format!("{report:?}"))?;
+        ensure(attempt.contains("forkserver.rs"), || format!("no location: {report:?}"))?;
+    }
+    ensure(report[2] == "server None", || format!("{report:?}"))?;
+    ensure(report[3] == "children []", || format!("a server was left running: {report:?}"))
+}
+
+fn sigint(ctx: &Context) -> Result<(), Failed> {
+    join(ctx.process(add, (1, 1)).start()?)??;
+    let server = multiproc::forkserver_pid().ok_or("no forkserver")?;
+    let mut napping = ctx.process(nap, DEADLINE).start()?;
+    let server_fd = sys::pidfd_open(server)?;
+    sys::pidfd_send_signal(server_fd.as_fd(), libc::SIGINT)?;
+    napping.signal(libc::SIGINT)?;
+    let error = match join(napping)? {
+        Ok(()) => return Err("a child ignored SIGINT".into()),
+        Err(e) => e,
+    };
+    ensure(error.exit_status().and_then(|s| s.signal()) == Some(libc::SIGINT), || {
+        format!("child ended with {error}")
+    })?;
+    // The server took the same signal and still serves.
+    let sum = join(ctx.process(add, (2, 2)).start()?)??;
+    ensure(sum == 4, || "start after SIGINT".into())?;
+    ensure(multiproc::forkserver_pid() == Some(server), || "the server was replaced".into())
 }

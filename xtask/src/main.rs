@@ -4,7 +4,8 @@
 //!   method, with a method × passed/failed table; non-zero exit if anything failed.
 //! - `ci`: fmt, clippy `-D warnings`, test-all-methods, docs with warnings denied, every example
 //!   with a timeout, and the benchmark in quick mode (which checks that it runs, not its times).
-//! - `bench [--quick]`: the start-up benchmark, with ratios against raw syscalls.
+//! - `bench [--quick]`: the benchmarks (start-up with ratios against raw syscalls, forkserver
+//!   preload memory).
 
 use std::path::PathBuf;
 use std::process::{Command, ExitCode, Stdio};
@@ -154,11 +155,17 @@ fn run_examples() -> Result<(), String> {
     Ok(())
 }
 
+/// The benchmarks, in the order `cargo xtask bench` runs them.
+const BENCHES: &[&str] = &["startup", "preload"];
+
 fn bench(quick: bool) -> Result<(), String> {
-    let mut cmd = cargo();
-    cmd.args(["bench", "-p", "multiproc-tests", "--bench", "startup", "--"]);
-    if quick {
-        cmd.arg("--quick");
+    for name in BENCHES {
+        let mut cmd = cargo();
+        cmd.args(["bench", "-p", "multiproc-tests", "--bench", name, "--"]);
+        if quick {
+            cmd.arg("--quick");
+        }
+        run(cmd, &format!("benchmark {name}{}", if quick { " (quick)" } else { "" }))?;
     }
-    run(cmd, if quick { "benchmark (quick)" } else { "benchmark" })
+    Ok(())
 }

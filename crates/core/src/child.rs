@@ -147,8 +147,13 @@ fn prepare(start: &Start, channel: &Channel) {
 static TASK_THREAD: OnceLock<ThreadId> = OnceLock::new();
 static LAST_PANIC: Mutex<Option<RemotePanic>> = Mutex::new(None);
 
-fn install_panic_hook() {
-    let _ = TASK_THREAD.set(thread::current().id());
+/// Records the panics of the calling thread (message, location, backtrace) for
+/// [`catch_panic`]; the first call wins, later ones do nothing (a forked child inherits its
+/// server's hook).
+pub fn install_panic_hook() {
+    if TASK_THREAD.set(thread::current().id()).is_err() {
+        return;
+    }
     let previous = panic::take_hook();
     panic::set_hook(Box::new(move |info| {
         if TASK_THREAD.get() == Some(&thread::current().id()) {

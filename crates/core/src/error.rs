@@ -40,6 +40,13 @@ pub enum ErrorKind {
     Protocol,
     /// The result of this process was already taken by an earlier `join_timeout`.
     ResultTaken,
+    /// A pool task ran past its time limit; its worker was killed and replaced.
+    Timeout,
+    /// The work was cancelled before it ran: its pool was terminated or dropped.
+    Cancelled,
+    /// The call does not fit the object's state: a closed pool given work, a forkserver preload
+    /// set after the server started.
+    InvalidState,
     /// An operating-system call of our own machinery failed.
     Io,
 }

@@ -26,16 +26,22 @@ use crate::wire::ItemResult;
 /// State built by an initializer (a pool worker's, the forkserver's preload), type-erased.
 pub type State = Box<dyn Any + Send>;
 
+/// Runs a task once: `(state, encoded arguments)` → encoded return value.
+pub type RunFn = fn(&dyn Any, &[u8]) -> Result<Vec<u8>, CallError>;
+
+/// Runs a task over a batch: `(state, encoded Vec of arguments, output)`.
+pub type RunBatchFn = fn(&dyn Any, &[u8], &mut Vec<u8>) -> Result<(), CallError>;
+
 /// One registered task: its stable name and type-erased runners over encoded bytes.
 #[derive(Debug)]
 pub struct TaskEntry {
     /// `module::path::function`.
     pub name: &'static str,
     /// Decodes the arguments, runs the task once with `state`, and encodes its return value.
-    pub run: fn(&dyn Any, &[u8]) -> Result<Vec<u8>, CallError>,
+    pub run: RunFn,
     /// Decodes a `Vec` of arguments, runs the task on each (a panic fails only its item) and
     /// appends the encoded `Vec<ItemResult<R>>` to the output.
-    pub run_batch: fn(&dyn Any, &[u8], &mut Vec<u8>) -> Result<(), CallError>,
+    pub run_batch: RunBatchFn,
     /// Decodes the arguments, runs the (stateless) task and keeps its return value as state.
     pub make_state: fn(&[u8]) -> Result<State, CallError>,
 }

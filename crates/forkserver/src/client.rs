@@ -10,7 +10,8 @@ use multiproc_core::method::ChildHandle;
 use multiproc_core::role::role_env_value;
 use multiproc_core::sys::{self, POLLIN, PollFd, SPAWN_CHANNEL_FD};
 use multiproc_core::{
-    DirectChild, Error, ErrorKind, ExitStatus, Result, StartMethod, StartRequest, child, wire,
+    ChildFailure, DirectChild, Error, ErrorKind, ExitStatus, Portable, RemotePanic, Result,
+    StartMethod, StartRequest, Task, child, codec, registry, wire,
 };
 
 use crate::protocol::{Reply, Request, VERSION, WireStatus};
@@ -35,6 +36,67 @@ struct Server {
 
 static SERVER: Mutex<Option<Server>> = Mutex::new(None);
 
+/// The preload every new server runs, and how it failed, if it did.
+#[derive(Debug)]
+struct Preload {
+    task: &'static str,
+    args: Vec<u8>,
+    failure: Option<PreloadFailure>,
+}
+
+/// A failed preload, remembered so that every later start reports it instead of launching
+/// server after server.
+#[derive(Debug, Clone)]
+struct PreloadFailure {
+    panic: Option<RemotePanic>,
+    message: String,
+    status: Option<ExitStatus>,
+}
+
+impl PreloadFailure {
+    fn error(&self, task: &str) -> Error {
+        let label = format!("forkserver preload `{task}`");
+        match &self.panic {
+            Some(panic) => Error::child(label, ChildFailure::Panicked(panic.clone()), self.status),
+            None => Error::new(ErrorKind::StartFailed, format!("{label} failed: {}", self.message))
+                .with_exit_status(self.status),
+        }
+    }
+}
+
+/// Locked after [`SERVER`] where both are held.
+static PRELOAD: Mutex<Option<Preload>> = Mutex::new(None);
+
+/// Sets the task every forkserver of this process runs once, before its first fork (Python's
+/// `set_forkserver_preload`): build a large index or load a model there, and every child the
+/// server forks shares it copy-on-write; a child reads it with `multiproc::preloaded::<S>()`.
+///
+/// The arguments are encoded here. Must be called before this process's first forkserver
+/// start: a running server cannot be given new state, so then this fails with
+/// [`ErrorKind::InvalidState`]. If the task panics (or the server dies running it), the next
+/// forkserver start fails with that panic, and so does every later one until a new preload is
+/// set: the server is not relaunched in a loop.
+pub fn set_preload<A: Portable, S: Send + Sync + 'static>(task: Task<A, S>, args: A) -> Result<()> {
+    registry::lookup(task.name())?;
+    let args = codec::encode(&args).map_err(|e| {
+        Error::new(ErrorKind::Encode, format!("arguments of preload `{}`: {e}", task.name()))
+    })?;
+    let server = SERVER.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+    if let Some(running) = server.as_ref().filter(|s| s.owner == std::process::id()) {
+        return Err(Error::new(
+            ErrorKind::InvalidState,
+            format!(
+                "the forkserver is already running (pid {}); set its preload before the first \
+                 forkserver start",
+                running.process.pid()
+            ),
+        ));
+    }
+    let mut preload = PRELOAD.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+    *preload = Some(Preload { task: task.name(), args, failure: None });
+    Ok(())
+}
+
 /// The pid of this process's forkserver, if one is running.
 pub fn server_pid() -> Option<u32> {
     let guard = SERVER.lock().ok()?;
@@ -43,6 +105,11 @@ pub fn server_pid() -> Option<u32> {
 
 impl Server {
     fn launch() -> Result<Server> {
+        if let Some(Preload { task, failure: Some(failure), .. }) =
+            &*PRELOAD.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+        {
+            return Err(failure.error(task));
+        }
         let (ours, theirs) =
             Channel::pair().map_err(|e| Error::io("socketpair for the forkserver", e))?;
         let argv = multiproc_spawn::own_argv().map_err(|e| Error::io("reading argv", e))?;
@@ -78,8 +145,42 @@ impl Server {
                 ));
             }
         }
+        let mut server = Server { control, process, owner: std::process::id() };
+        server.preload()?;
         tracing::debug!(pid, "forkserver started");
-        Ok(Server { control, process, owner: std::process::id() })
+        Ok(server)
+    }
+
+    /// Has the new server run the preload, if one is set; a failure is remembered.
+    fn preload(&mut self) -> Result<()> {
+        let mut guard = PRELOAD.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        let Some(preload) = guard.as_mut() else { return Ok(()) };
+        let request = Request::Preload { task: preload.task.to_owned() };
+        let sentinel = Some(self.process.sentinel());
+        let reply = wire::send(&self.control, &request, &preload.args, &[], None, sentinel)
+            .map_err(|e| e.to_string())
+            .and_then(|()| {
+                self.control.recv(None, Some(self.process.sentinel())).map_err(|e| e.to_string())
+            });
+        let failure = match reply.as_ref().map(wire::decode::<Reply>) {
+            Ok(Ok((Reply::Preloaded, _))) => return Ok(()),
+            Ok(Ok((Reply::PreloadFailed { panic, message }, _))) => (panic, message),
+            Ok(other) => (None, format!("the server answered {other:?}")),
+            Err(e) => (None, format!("the server died: {e}")),
+        };
+        let status = self.stop();
+        let failure = PreloadFailure { panic: failure.0, message: failure.1, status };
+        let error = failure.error(preload.task);
+        preload.failure = Some(failure);
+        Err(error)
+    }
+
+    /// Ends the server (it exits by itself after a failed preload) and reaps it.
+    fn stop(&mut self) -> Option<ExitStatus> {
+        if !matches!(self.process.try_wait(), Ok(Some(_))) {
+            let _ = self.process.signal(libc::SIGKILL);
+        }
+        self.process.wait_deadline(None).ok().flatten()
     }
 
     /// Whether the server can take requests: ours (not a forked parent's) and still running.

@@ -14,4 +14,4 @@ mod client;
 pub mod protocol;
 mod server;
 
-pub use client::{Forkserver, server_pid};
+pub use client::{Forkserver, server_pid, set_preload};

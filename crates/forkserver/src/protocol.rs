@@ -7,14 +7,21 @@
 //! control socket carries no per-child state and many threads can wait on their own children
 //! without sharing a reader.
 
+use multiproc_core::RemotePanic;
 use serde::{Deserialize, Serialize};
 
 /// The version both sides announce in `Hello`.
-pub const VERSION: u32 = 1;
+pub const VERSION: u32 = 2;
 
 /// Client to server, on the control socket.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Request {
+    /// Run this registered task once and keep what it returns for every child: sent at most
+    /// once, right after `Hello`, before any `Fork`. The encoded arguments are the payload.
+    Preload {
+        /// The registered name of the task.
+        task: String,
+    },
     /// Fork a child. Descriptors: `[child channel, status socket]`.
     Fork,
 }
@@ -28,6 +35,15 @@ pub enum Reply {
         version: u32,
         /// The server's executable fingerprint.
         fingerprint: u64,
+    },
+    /// On the control socket: the preload task returned; the server takes `Fork` requests.
+    Preloaded,
+    /// On the control socket: the preload task failed; the server exits.
+    PreloadFailed {
+        /// The task's panic, if it panicked.
+        panic: Option<RemotePanic>,
+        /// What went wrong otherwise (unknown task, arguments that did not decode).
+        message: String,
     },
     /// On the status socket: the child runs. Descriptors: `[pidfd]`.
     Forked {

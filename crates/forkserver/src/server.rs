@@ -5,14 +5,16 @@
 //! It ignores SIGINT (a Ctrl-C in the terminal is for the user's program; the server ends when
 //! that program goes away and its control socket reaches end-of-file), forks one child per
 //! `Fork` request, answers on the request's status socket with the pid and a pidfd, reaps each
-//! child through its pidfd and reports the exit status there.
+//! child through its pidfd and reports the exit status there. Before its first fork it may run
+//! one preload task, whose value every child inherits copy-on-write.
 
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 
 use multiproc_core::channel::{Channel, Frame};
+use multiproc_core::registry;
 use multiproc_core::role::Role;
 use multiproc_core::sys::{self, Forked, POLLIN, PollFd};
-use multiproc_core::{child, wire};
+use multiproc_core::{child, preload, wire};
 
 use crate::protocol::{Reply, Request, VERSION, WireStatus};
 
@@ -50,7 +52,14 @@ fn serve(control: OwnedFd) -> ! {
         if ready[0] {
             loop {
                 match control.try_recv() {
-                    Ok(Some(frame)) => fork_one(frame, &control, &mut children),
+                    Ok(Some(frame)) => match wire::decode::<Request>(&frame) {
+                        Ok((Request::Preload { task }, args)) if children.is_empty() => {
+                            run_preload(&task, args, &control);
+                        }
+                        Ok((Request::Fork, _)) => fork_one(frame, &control, &mut children),
+                        // A malformed or out-of-order request is dropped, with its fds.
+                        _ => {}
+                    },
                     Ok(None) => break,
                     // The program that started us is gone (or broke the protocol): end. The
                     // children keep running; daemons among them notice and follow.
@@ -79,8 +88,33 @@ fn report_exit(served: &Served) -> bool {
     true
 }
 
+/// Runs the preload task and keeps its value for the children to come; on failure, reports it
+/// and exits, so that the client never forks from a server without its preload.
+fn run_preload(task: &str, args: &[u8], control: &Channel) {
+    child::install_panic_hook();
+    let outcome = registry::lookup(task).map_err(|e| (None, e.to_string())).and_then(|entry| {
+        match child::catch_panic(|| (entry.make_state)(args)) {
+            Ok(Ok(state)) => Ok(state),
+            Ok(Err(e)) => Err((None, e.to_string())),
+            Err(panic) => Err((Some(panic), String::from("the preload task panicked"))),
+        }
+    });
+    match outcome {
+        Ok(state) => {
+            preload::install(state);
+            if wire::send(control, &Reply::Preloaded, &[], &[], None, None).is_err() {
+                sys::exit_immediately(0);
+            }
+        }
+        Err((panic, message)) => {
+            let reply = Reply::PreloadFailed { panic, message };
+            let _ = wire::send(control, &reply, &[], &[], None, None);
+            sys::exit_immediately(1);
+        }
+    }
+}
+
 fn fork_one(frame: Frame, control: &Channel, children: &mut Vec<Served>) {
-    let Ok((Request::Fork, _)) = wire::decode::<Request>(&frame) else { return };
     let mut fds = frame.fds.into_iter();
     let (Some(channel), Some(status), None) = (fds.next(), fds.next(), fds.next()) else {
         return;

@@ -28,11 +28,13 @@ use std::fmt;
 use std::sync::Arc;
 
 pub use multiproc_core::log::log_to_stderr;
+pub use multiproc_core::preloaded;
 pub use multiproc_core::{
     ChildFailure, Error, ErrorKind, ExitStatus, MultithreadedForkPermit, Portable, Process,
     ProcessBuilder, RemotePanic, Result, StartMethod, Task, init,
 };
 pub use multiproc_forkserver::server_pid as forkserver_pid;
+pub use multiproc_forkserver::set_preload as set_forkserver_preload;
 pub use multiproc_macros::task;
 
 /// The environment variable that overrides the default start method (`fork`, `spawn` or

@@ -299,9 +299,27 @@ pub fn fork_with_permit(
 }
 
 /// `fork()`, for the single-threaded forkserver (its callers state why that is sound).
+///
+/// Every signal is blocked across the fork, and stays blocked in the child until it calls
+/// [`reset_signals`]: a signal sent to the child before it has given up the server's
+/// dispositions (the server ignores SIGINT) stays pending instead of being discarded, and is
+/// delivered with its default action once the child unblocks it.
 pub fn fork_in_single_threaded_server(close_in_child: &[BorrowedFd<'_>]) -> io::Result<Forked> {
     debug_assert_eq!(thread_count().ok(), Some(1));
-    fork_raw(close_in_child)
+    let mut all = MaybeUninit::<libc::sigset_t>::uninit();
+    let mut previous = MaybeUninit::<libc::sigset_t>::uninit();
+    // SAFETY: `all` is initialised by sigfillset before sigprocmask reads it; sigprocmask
+    // writes the old mask into `previous`, which is read only after that succeeded.
+    let blocked = unsafe {
+        libc::sigfillset(all.as_mut_ptr());
+        libc::sigprocmask(libc::SIG_BLOCK, all.as_ptr(), previous.as_mut_ptr()) == 0
+    };
+    let forked = fork_raw(close_in_child);
+    if blocked && !matches!(forked, Ok(Forked::Child)) {
+        // SAFETY: `previous` was filled by the successful sigprocmask above.
+        unsafe { libc::sigprocmask(libc::SIG_SETMASK, previous.as_ptr(), ptr::null_mut()) };
+    }
+    forked
 }
 
 /// `fork()`, then in the child `close()` each of `close_in_child`.
