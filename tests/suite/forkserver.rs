@@ -25,6 +25,7 @@ pub const SCENARIOS: &[Scenario] = &[
     ("preload_is_shared_by_every_child", preload_shared),
     ("preload_panic_fails_every_start_without_relaunch", preload_panic),
     ("server_ignores_sigint_and_children_do_not", sigint),
+    ("children_hold_only_stdio_and_their_channel", children_fds),
 ];
 
 fn busy_threads(ctx: &Context) -> Result<(), Failed> {
@@ -308,4 +309,57 @@ fn sigint(ctx: &Context) -> Result<(), Failed> {
     let sum = join(ctx.process(add, (2, 2)).start()?)??;
     ensure(sum == 4, || "start after SIGINT".into())?;
     ensure(multiproc::forkserver_pid() == Some(server), || "the server was replaced".into())
+}
+
+/// The descriptors open in this process above stderr (without the one that lists them).
+#[task]
+fn open_fds() -> Vec<String> {
+    let entries: Vec<_> = std::fs::read_dir("/proc/self/fd")
+        .map(|dir| dir.filter_map(|e| e.ok()).map(|e| e.path()).collect())
+        .unwrap_or_default();
+    entries
+        .iter()
+        .filter_map(|path| {
+            let number: i32 = path.file_name()?.to_str()?.parse().ok()?;
+            let target = std::fs::read_link(path).ok()?;
+            if number <= 2 {
+                return None;
+            }
+            // The directory being listed shows up as an fd of its own.
+            (!target.starts_with("/proc")).then(|| target.to_string_lossy().into_owned())
+        })
+        .collect()
+}
+
+fn children_fds(ctx: &Context) -> Result<(), Failed> {
+    // Eight threads start children at once, so that requests queue up in the server while it
+    // forks: a child must not inherit the descriptors of the requests behind its own.
+    let reports: Vec<Result<Vec<String>, String>> = std::thread::scope(|scope| {
+        let threads: Vec<_> = (0..8)
+            .map(|_| {
+                scope.spawn(|| {
+                    (0..10)
+                        .map(|_| {
+                            let p = ctx.process(open_fds, ()).start().map_err(|e| e.to_string())?;
+                            match join(p) {
+                                Ok(Ok(fds)) => Ok(fds),
+                                Ok(Err(e)) => Err(e.to_string()),
+                                Err(e) => Err(format!("{e:?}")),
+                            }
+                        })
+                        .collect::<Vec<_>>()
+                })
+            })
+            .collect();
+        threads.into_iter().flat_map(|t| t.join().unwrap_or_default()).collect()
+    });
+    ensure(reports.len() == 80, || format!("{} reports", reports.len()))?;
+    for report in reports {
+        let fds = report?;
+        // Beside stdio: the child's own channel, nothing else.
+        ensure(fds.len() == 1 && fds[0].starts_with("socket:"), || {
+            format!("a child holds {fds:?} beside stdio")
+        })?;
+    }
+    Ok(())
 }

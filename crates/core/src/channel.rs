@@ -244,6 +244,17 @@ impl Channel {
         self.sock.as_fd()
     }
 
+    /// Descriptors received for a frame that is not complete yet.
+    pub fn queued_fds(&self) -> impl Iterator<Item = BorrowedFd<'_>> {
+        self.fds.iter().map(AsFd::as_fd)
+    }
+
+    /// Closes our sending direction (`shutdown(SHUT_WR)`): the peer reads end-of-file after
+    /// the frames already sent, while we can still receive.
+    pub fn shutdown_write(&self) -> io::Result<()> {
+        self.sock.shutdown(std::net::Shutdown::Write)
+    }
+
     /// Whether the peer has closed its end (as far as reads so far have seen).
     pub fn is_closed(&self) -> bool {
         self.eof

@@ -50,21 +50,33 @@ fn serve(control: OwnedFd) -> ! {
             set.iter().map(|entry| entry.revents() != 0).collect::<Vec<bool>>()
         };
         if ready[0] {
-            loop {
+            // Take every complete request first, so that a child forked for one of them can
+            // close the descriptors that came with the others.
+            let mut frames = Vec::new();
+            let ended = loop {
                 match control.try_recv() {
-                    Ok(Some(frame)) => match wire::decode::<Request>(&frame) {
-                        Ok((Request::Preload { task }, args)) if children.is_empty() => {
-                            run_preload(&task, args, &control);
-                        }
-                        Ok((Request::Fork, _)) => fork_one(frame, &control, &mut children),
-                        // A malformed or out-of-order request is dropped, with its fds.
-                        _ => {}
-                    },
-                    Ok(None) => break,
-                    // The program that started us is gone (or broke the protocol): end. The
-                    // children keep running; daemons among them notice and follow.
-                    Err(_) => sys::exit_immediately(0),
+                    Ok(Some(frame)) => frames.push(frame),
+                    Ok(None) => break false,
+                    Err(_) => break true,
                 }
+            };
+            let mut frames = frames.into_iter();
+            while let Some(frame) = frames.next() {
+                match wire::decode::<Request>(&frame) {
+                    Ok((Request::Preload { task }, args)) if children.is_empty() => {
+                        run_preload(&task, args, &control);
+                    }
+                    Ok((Request::Fork, _)) => {
+                        fork_one(frame, &control, frames.as_slice(), &mut children);
+                    }
+                    // A malformed or out-of-order request is dropped, with its fds.
+                    _ => {}
+                }
+            }
+            if ended {
+                // The program that started us is gone (or broke the protocol): end. The
+                // children keep running; daemons among them notice and follow.
+                sys::exit_immediately(0);
             }
         }
         let mut index = 1;
@@ -114,7 +126,7 @@ fn run_preload(task: &str, args: &[u8], control: &Channel) {
     }
 }
 
-fn fork_one(frame: Frame, control: &Channel, children: &mut Vec<Served>) {
+fn fork_one(frame: Frame, control: &Channel, later: &[Frame], children: &mut Vec<Served>) {
     let mut fds = frame.fds.into_iter();
     let (Some(channel), Some(status), None) = (fds.next(), fds.next(), fds.next()) else {
         return;
@@ -122,8 +134,12 @@ fn fork_one(frame: Frame, control: &Channel, children: &mut Vec<Served>) {
     let status = Channel::from_fd(status);
     let forked = {
         // The child needs none of the server's descriptors: not the control socket, not its
-        // own status socket, not the other children's pidfds and status sockets.
+        // own status socket, not the other children's pidfds and status sockets, not the
+        // descriptors of requests still waiting (received, or queued inside the control
+        // channel for a frame not yet complete).
         let mut close: Vec<BorrowedFd<'_>> = vec![control.as_fd(), status.as_fd()];
+        close.extend(later.iter().flat_map(|frame| frame.fds.iter().map(AsFd::as_fd)));
+        close.extend(control.queued_fds());
         for served in children.iter() {
             close.push(served.pidfd.as_fd());
             close.push(served.status.as_fd());
