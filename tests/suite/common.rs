@@ -98,3 +98,79 @@ pub fn explode(message: String) -> u64 {
 pub fn quit(code: i32) {
     std::process::exit(code)
 }
+
+/// A Unix socket at a temporary path that a child connects to: the test learns from it that
+/// the child got somewhere, and decides when the child may go on.
+pub struct Gate {
+    listener: std::os::unix::net::UnixListener,
+    path: std::path::PathBuf,
+}
+
+impl Gate {
+    /// A gate at a fresh path named after `what`.
+    pub fn new(what: &str) -> std::io::Result<Gate> {
+        static COUNTER: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let n = COUNTER.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let path =
+            std::env::temp_dir().join(format!("multiproc-{what}-{}-{n}.sock", std::process::id()));
+        let _ = std::fs::remove_file(&path);
+        let listener = std::os::unix::net::UnixListener::bind(&path)?;
+        Ok(Gate { listener, path })
+    }
+
+    /// Where children connect.
+    pub fn path(&self) -> std::path::PathBuf {
+        self.path.clone()
+    }
+
+    /// The next child's connection, within the suite's deadline.
+    pub fn accept(&self) -> Result<std::os::unix::net::UnixStream, Failed> {
+        use std::os::fd::AsFd;
+        let mut set = [PollFd::new(self.listener.as_fd(), POLLIN)];
+        ensure(sys::poll(&mut set, Some(Instant::now() + DEADLINE))? == 1, || {
+            format!("nobody came to {} within {DEADLINE:?}", self.path.display())
+        })?;
+        let (stream, _) = self.listener.accept()?;
+        stream.set_read_timeout(Some(DEADLINE))?;
+        Ok(stream)
+    }
+}
+
+impl Drop for Gate {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+/// In a child: connects to the gate at `path`, sends this process's pid, and waits for one
+/// byte (or the gate closing) before it returns `value`.
+pub fn check_in(path: &std::path::Path, value: u64) -> u64 {
+    use std::io::{Read, Write};
+    let mut socket = std::os::unix::net::UnixStream::connect(path).expect("connect to gate");
+    socket.write_all(&std::process::id().to_le_bytes()).expect("check in");
+    let mut byte = [0u8; 1];
+    let _ = socket.read(&mut byte);
+    value
+}
+
+/// Reads the pid a child sent with [`check_in`].
+pub fn read_pid(stream: &mut std::os::unix::net::UnixStream) -> Result<u32, Failed> {
+    use std::io::Read;
+    let mut pid = [0u8; 4];
+    stream.read_exact(&mut pid)?;
+    Ok(u32::from_le_bytes(pid))
+}
+
+/// Pids of this process's children that have not ended.
+pub fn living_children() -> Vec<u32> {
+    let me = std::process::id().to_string();
+    let Ok(dir) = std::fs::read_dir("/proc") else { return Vec::new() };
+    dir.filter_map(|entry| entry.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| {
+            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+            let mut fields = stat.rsplit_once(") ").map(|(_, rest)| rest).unwrap_or("").split(' ');
+            let state = fields.next();
+            fields.next() == Some(me.as_str()) && state != Some("Z")
+        })
+        .collect()
+}

@@ -15,7 +15,9 @@ use multiproc::{Context, task};
 use multiproc_core::sys::{self, POLLIN, PollFd};
 
 use crate::Scenario;
-use crate::common::{DEADLINE, add, ensure, fd_count, join, nap, wait_gone, zombie_children};
+use crate::common::{
+    DEADLINE, add, ensure, fd_count, join, living_children, nap, wait_gone, zombie_children,
+};
 
 pub const SCENARIOS: &[Scenario] = &[
     ("starts_1000_times_beside_16_busy_threads", busy_threads),
@@ -264,20 +266,6 @@ fn preload_panic_in_own_process() -> Vec<String> {
     report.push(format!("server {:?}", multiproc::forkserver_pid()));
     report.push(format!("children {:?}", living_children()));
     report
-}
-
-/// Pids of this process's children that have not ended.
-fn living_children() -> Vec<u32> {
-    let me = std::process::id().to_string();
-    let Ok(dir) = std::fs::read_dir("/proc") else { return Vec::new() };
-    dir.filter_map(|entry| entry.ok()?.file_name().to_str()?.parse::<u32>().ok())
-        .filter(|pid| {
-            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-            let mut fields = stat.rsplit_once(") ").map(|(_, rest)| rest).unwrap_or("").split(' ');
-            let state = fields.next();
-            fields.next() == Some(me.as_str()) && state != Some("Z")
-        })
-        .collect()
 }
 
 fn preload_panic(_ctx: &Context) -> Result<(), Failed> {

@@ -10,6 +10,7 @@ mod common;
 mod failures;
 mod forkserver;
 mod lifecycle;
+mod pool;
 mod protocol;
 
 use libtest_mimic::{Arguments, Failed, Trial};
@@ -26,7 +27,8 @@ fn main() {
     // multi-threaded process, and the fd and zombie accounting of one test must not see the
     // children of another.
     args.test_threads = Some(1);
-    let mut scenarios = [lifecycle::SCENARIOS, failures::SCENARIOS, protocol::SCENARIOS].concat();
+    let mut scenarios =
+        [lifecycle::SCENARIOS, failures::SCENARIOS, protocol::SCENARIOS, pool::SCENARIOS].concat();
     if method == "forkserver" {
         scenarios.extend_from_slice(forkserver::SCENARIOS);
     }

@@ -43,6 +43,7 @@ fn start_message(task: &str, fingerprint: u64) -> Start {
         name: "raw".into(),
         daemon: false,
         log: None,
+        worker: None,
     }
 }
 

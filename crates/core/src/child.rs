@@ -15,10 +15,10 @@ use std::time::{Duration, Instant};
 
 use crate::channel::{Channel, FrameError};
 use crate::error::{ErrorKind, RemotePanic};
-use crate::registry::{self, CallError};
+use crate::registry::{self, CallError, State};
 use crate::role::Role;
 use crate::sys::{self, POLLRDHUP, PollFd};
-use crate::wire::{self, FailReason, PROTOCOL_VERSION, Start, ToParent};
+use crate::wire::{self, FailReason, PROTOCOL_VERSION, Start, ToParent, ToWorker};
 
 /// Exit code of a child whose task returned.
 pub const EXIT_OK: i32 = 0;
@@ -74,19 +74,101 @@ pub fn serve(mut channel: Channel) -> ! {
     if let Some(failure) = check_handshake(&start) {
         finish(&channel, failure);
     }
+    if let Some(setup) = &start.worker {
+        prepare(&start, &channel);
+        let initializer = setup.initializer.clone();
+        run_worker(channel, move || match initializer {
+            Some(name) => {
+                let entry =
+                    registry::lookup(&name).map_err(|e| (lookup_failure(&e), e.to_string()))?;
+                (entry.make_state)(args).map_err(|e| (call_failure(&e), e.to_string()))
+            }
+            None => Ok(Box::new(())),
+        })
+    }
     let entry = match registry::lookup(&start.task) {
         Ok(entry) => entry,
-        Err(e) => {
-            let reason = match e.kind() {
-                ErrorKind::DuplicateTask => FailReason::DuplicateTask,
-                _ => FailReason::UnknownTask,
-            };
-            finish(&channel, Outcome::Failed(reason, e.to_string()))
-        }
+        Err(e) => finish(&channel, Outcome::Failed(lookup_failure(&e), e.to_string())),
     };
     prepare(&start, &channel);
     let outcome = run_guarded(&start, || (entry.run)(&(), args));
     finish(&channel, outcome)
+}
+
+/// The wire's reason for a failed registry lookup.
+fn lookup_failure(error: &crate::Error) -> FailReason {
+    match error.kind() {
+        ErrorKind::DuplicateTask => FailReason::DuplicateTask,
+        _ => FailReason::UnknownTask,
+    }
+}
+
+/// Entry point of a forked pool worker whose initializer and arguments are already in memory
+/// (fork).
+pub fn run_worker_moved(
+    channel: Channel,
+    start: Start,
+    make_state: impl FnOnce() -> Result<State, CallError>,
+) -> ! {
+    if say_hello(&channel).is_err() {
+        sys::exit_immediately(EXIT_FAILED);
+    }
+    prepare(&start, &channel);
+    run_worker(channel, || make_state().map_err(|e| (call_failure(&e), e.to_string())))
+}
+
+/// The pool worker: builds its state (a panic there is reported like a task's, and ends the
+/// worker), says `Ready`, then runs batches until the parent closes the channel.
+///
+/// Within a batch a panic fails only its item ([`registry::run_batch`]), so a worker outlives
+/// the panics of the tasks it runs; it ends with `_exit(0)` at end-of-file, after flushing.
+fn run_worker(
+    mut channel: Channel,
+    make_state: impl FnOnce() -> Result<State, (FailReason, String)>,
+) -> ! {
+    let state = match catch_panic(make_state) {
+        Ok(Ok(state)) => state,
+        Ok(Err((reason, message))) => finish(&channel, Outcome::Failed(reason, message)),
+        Err(panic) => finish(&channel, Outcome::Panicked(panic)),
+    };
+    if wire::send(&channel, &ToParent::Ready, &[], &[], None, None).is_err() {
+        sys::exit_immediately(EXIT_FAILED);
+    }
+    let mut out = Vec::new();
+    loop {
+        let frame = match channel.recv(None, None) {
+            Ok(frame) => frame,
+            Err(FrameError::Disconnected) => {
+                let _ = std::io::stdout().flush();
+                let _ = std::io::stderr().flush();
+                sys::exit_immediately(EXIT_OK)
+            }
+            Err(_) => sys::exit_immediately(EXIT_FAILED),
+        };
+        let (ToWorker::Batch { id, task }, args) = match wire::decode::<ToWorker>(&frame) {
+            Ok(decoded) => decoded,
+            Err(e) => finish(
+                &channel,
+                Outcome::Failed(FailReason::Protocol, format!("batch frame did not decode: {e}")),
+            ),
+        };
+        out.clear();
+        let reply = match registry::lookup(&task) {
+            Ok(entry) => match (entry.run_batch)(&*state, args, &mut out) {
+                Ok(()) => ToParent::BatchDone { id },
+                Err(e) => {
+                    ToParent::BatchFailed { id, reason: call_failure(&e), message: e.to_string() }
+                }
+            },
+            Err(e) => {
+                ToParent::BatchFailed { id, reason: lookup_failure(&e), message: e.to_string() }
+            }
+        };
+        let payload: &[u8] = if matches!(reply, ToParent::BatchDone { .. }) { &out } else { &[] };
+        if wire::send(&channel, &reply, payload, &[], None, None).is_err() {
+            sys::exit_immediately(EXIT_FAILED);
+        }
+    }
 }
 
 /// Entry point of a forked child whose task and arguments are already in memory (fork).

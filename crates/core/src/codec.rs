@@ -2,9 +2,12 @@
 //!
 //! Every decode is bounded. bincode allocates a `String` or byte buffer of the length its prefix
 //! claims before reading it, so an unbounded decoder handed a length of 2^60 would try to
-//! allocate that much and abort. We decode with a byte limit chosen from the size of the input
-//! (the smallest of a few power-of-16 tiers that covers it), so a claim can never cost more than
-//! 16 times the bytes that actually arrived.
+//! allocate that much and abort. We decode with a byte limit chosen from the size of the input.
+//! bincode counts against the limit the in-memory size of every primitive it decodes, and a
+//! varint-encoded integer can grow 16-fold (one byte on the wire, a `u128` in memory), so an
+//! honest value never claims more than 16 times its encoded size. The limit is the smallest of a
+//! few power-of-16 tiers at or above 16 times the input: an honest value always fits, and a
+//! lying length can never cost more than 256 times the bytes that actually arrived.
 
 use std::fmt;
 
@@ -51,10 +54,12 @@ pub fn encode<T: Serialize + ?Sized>(value: &T) -> Result<Vec<u8>, CodecError> {
 
 /// Decodes a `T` that must fill `bytes` exactly.
 pub fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, CodecError> {
+    // The claims of an honest value stay within 16 times its encoding (see the module docs).
+    let claimable = bytes.len().saturating_mul(16);
     macro_rules! tiers {
         ($($shift:literal),*) => {
             $(
-                if bytes.len() <= 1usize << $shift {
+                if claimable <= 1usize << $shift {
                     return finish(bincode::serde::decode_from_slice(
                         bytes,
                         base().with_limit::<{ 1usize << $shift }>(),
@@ -63,7 +68,7 @@ pub fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, CodecError> {
             )*
         };
     }
-    tiers!(12, 16, 20, 24, 28, 32, 36, 40, 44);
+    tiers!(12, 16, 20, 24, 28, 32, 36, 40, 44, 48);
     Err(CodecError(format!("cannot decode {} bytes: larger than any frame", bytes.len())))
 }
 
@@ -92,6 +97,18 @@ mod tests {
         let value = (7u64, String::from("seven"), vec![1u8, 2, 3], Some(-1i32));
         let bytes = encode(&value).unwrap();
         assert_eq!(decode::<(u64, String, Vec<u8>, Option<i32>)>(&bytes).unwrap(), value);
+    }
+
+    #[test]
+    fn small_varints_that_grow_in_memory_decode() {
+        // One byte per element on the wire, 8 or 16 bytes each in memory: the limit must allow
+        // for that growth at every size, including just below a tier boundary.
+        for len in [10, 255, 4000, 4095, 4096, 70_000] {
+            let values: Vec<u64> = (0..len).map(|i| i % 100).collect();
+            assert_eq!(decode::<Vec<u64>>(&encode(&values).unwrap()).unwrap(), values);
+            let wide: Vec<u128> = (0..len).map(|i| (i % 100) as u128).collect();
+            assert_eq!(decode::<Vec<u128>>(&encode(&wide).unwrap()).unwrap(), wide);
+        }
     }
 
     #[test]

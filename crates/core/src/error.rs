@@ -133,6 +133,15 @@ impl Error {
         error
     }
 
+    /// A copy for each of several items that failed together (the lower-level cause is kept
+    /// as text in the message only).
+    pub(crate) fn duplicate(&self) -> Self {
+        let mut copy = Self::new(self.inner.kind, self.inner.message.clone());
+        copy.inner.failure = self.inner.failure.clone();
+        copy.inner.exit_status = self.inner.exit_status;
+        copy
+    }
+
     /// Attaches the lower-level cause.
     pub fn with_source(mut self, source: impl Into<Box<dyn StdError + Send + Sync>>) -> Self {
         self.inner.source = Some(source.into());

@@ -11,6 +11,7 @@ pub mod codec;
 pub mod error;
 pub mod log;
 pub mod method;
+pub mod pool;
 pub mod preload;
 pub mod process;
 pub mod registry;
@@ -22,6 +23,7 @@ pub mod wire;
 
 pub use error::{ChildFailure, Error, ErrorKind, RemotePanic, Result};
 pub use method::{ChildHandle, ChildMain, DirectChild, Payload, StartMethod, StartRequest};
+pub use pool::{AsyncResult, IMap, Pool, PoolBuilder};
 pub use preload::preloaded;
 pub use process::{Process, ProcessBuilder};
 pub use status::ExitStatus;

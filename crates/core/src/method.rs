@@ -74,6 +74,13 @@ pub trait ChildHandle: Send + fmt::Debug {
     /// A descriptor that becomes readable when the child has ended.
     fn sentinel(&self) -> BorrowedFd<'_>;
 
+    /// The child's pidfd: readable as soon as the process has ended, even before whoever
+    /// reaps it has reported its status (the forkserver's children). Stable for the handle's
+    /// life, unlike [`sentinel`](Self::sentinel), so it may be duplicated and watched.
+    fn pidfd(&self) -> BorrowedFd<'_> {
+        self.sentinel()
+    }
+
     /// The child's exit status if it has ended, reaping it; never blocks.
     fn try_wait(&mut self) -> io::Result<Option<ExitStatus>>;
 

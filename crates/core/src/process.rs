@@ -13,12 +13,12 @@ use crate::channel::{Channel, Frame, FrameError};
 use crate::child::{self, fingerprint};
 use crate::codec;
 use crate::error::{ChildFailure, Error, ErrorKind, RemotePanic, Result};
-use crate::method::{ChildHandle, Payload, StartMethod, StartRequest};
+use crate::method::{ChildHandle, ChildMain, Payload, StartMethod, StartRequest};
 use crate::registry;
 use crate::status::ExitStatus;
 use crate::sys::{self, POLLIN, PollFd};
 use crate::task::{Portable, Task};
-use crate::wire::{self, FailReason, PROTOCOL_VERSION, Start, ToParent};
+use crate::wire::{self, FailReason, PROTOCOL_VERSION, Start, ToParent, WorkerSetup};
 
 /// Configures a child process before it starts: `ctx.process(task, args).name("x").start()`.
 #[must_use = "a process does not start until `start()` is called"]
@@ -59,62 +59,27 @@ impl<A: Portable, R: Portable> ProcessBuilder<A, R> {
         reap_detached();
         registry::lookup(self.task.name())?;
         let name = self.name.unwrap_or_else(next_default_name);
-        let start = Start {
-            version: PROTOCOL_VERSION,
-            fingerprint: fingerprint(),
-            task: self.task.name().to_owned(),
-            name: name.clone(),
-            daemon: self.daemon,
-            log: crate::log::inherited_level(),
-        };
-        let method_name = self.method.name();
-        let (parent_end, child_end) =
-            Channel::pair().map_err(|e| Error::io(format!("socketpair for {name}"), e))?;
-
-        let (payload, sent_args) = if self.method.moves_arguments() {
+        let start = start_message(self.task.name(), &name, self.daemon, None);
+        let work = if self.method.moves_arguments() {
             let func = self.task.func();
             let args = self.args;
             let settings = start.clone();
-            let main = Box::new(move |channel: Channel| -> Infallible {
+            Work::Moved(Box::new(move |channel: Channel| -> Infallible {
                 child::run_moved(channel, settings, move || {
                     registry::encode_result(&func(&(), args))
                 })
-            });
-            (Payload::Moved(main), None)
+            }))
         } else {
-            let bytes = codec::encode(&self.args).map_err(|e| {
+            Work::Sent(codec::encode(&self.args).map_err(|e| {
                 Error::new(ErrorKind::Encode, format!("arguments of task `{}`: {e}", start.task))
-            })?;
-            (Payload::Sent, Some(bytes))
+            })?)
         };
-
-        let request =
-            StartRequest { channel: child_end.into_fd(), parent_end: parent_end.as_fd(), payload };
-        let child = self.method.start(request)?;
-        let pid = child.pid();
-        tracing::debug!(pid, name = %name, method = method_name, task = %start.task, "process started");
-
-        if let Some(args) = sent_args {
-            let sent = wire::send(&parent_end, &start, &args, &[], None, Some(child.sentinel()));
-            match sent {
-                // A child that died before reading its task is reported by `join`, which knows
-                // how it ended.
-                Ok(())
-                | Err(wire::SendError::Frame(FrameError::Disconnected | FrameError::Aborted)) => {}
-                Err(e) => {
-                    return Err(Error::new(
-                        ErrorKind::Io,
-                        format!("sending the task to process {pid} ({name}): {e}"),
-                    ));
-                }
-            }
-        }
-
+        let Launched { child, channel } = launch(&*self.method, &start, work)?;
         Ok(Process {
             child: Some(child),
-            channel: parent_end,
+            channel,
             name,
-            method: method_name,
+            method: self.method.name(),
             daemon: self.daemon,
             hello: false,
             reading: true,
@@ -126,6 +91,86 @@ impl<A: Portable, R: Portable> ProcessBuilder<A, R> {
             _result: PhantomData,
         })
     }
+}
+
+/// The `Start` message for a child called `name` that runs `task` (or, with `worker`, serves a
+/// pool).
+pub(crate) fn start_message(
+    task: &str,
+    name: &str,
+    daemon: bool,
+    worker: Option<WorkerSetup>,
+) -> Start {
+    Start {
+        version: PROTOCOL_VERSION,
+        fingerprint: fingerprint(),
+        task: task.to_owned(),
+        name: name.to_owned(),
+        daemon,
+        log: crate::log::inherited_level(),
+        worker,
+    }
+}
+
+/// How a new child gets its work.
+pub(crate) enum Work {
+    /// Encoded arguments, sent after the `Start` message (spawn, forkserver).
+    Sent(Vec<u8>),
+    /// The child's body, run in a forked copy of this process (fork).
+    Moved(ChildMain),
+}
+
+/// A started child: its handle and the parent's end of its channel.
+pub(crate) struct Launched {
+    pub(crate) child: Box<dyn ChildHandle>,
+    pub(crate) channel: Channel,
+}
+
+/// Starts a child with `method` and hands it `start` and its work.
+///
+/// A child that dies before it reads its work is not an error here: whoever waits for it
+/// learns how it ended.
+pub(crate) fn launch(method: &dyn StartMethod, start: &Start, work: Work) -> Result<Launched> {
+    let name = &start.name;
+    let (parent_end, child_end) =
+        Channel::pair().map_err(|e| Error::io(format!("socketpair for {name}"), e))?;
+    let (payload, sent_args) = match work {
+        Work::Moved(main) => (Payload::Moved(main), None),
+        Work::Sent(args) => (Payload::Sent, Some(args)),
+    };
+    let request =
+        StartRequest { channel: child_end.into_fd(), parent_end: parent_end.as_fd(), payload };
+    let child = method.start(request)?;
+    let pid = child.pid();
+    tracing::debug!(pid, name = %name, method = method.name(), task = %start.task, "process started");
+    if let Some(args) = sent_args {
+        let sent = wire::send(&parent_end, start, &args, &[], None, Some(child.sentinel()));
+        match sent {
+            Ok(())
+            | Err(wire::SendError::Frame(FrameError::Disconnected | FrameError::Aborted)) => {}
+            Err(e) => {
+                return Err(Error::new(
+                    ErrorKind::Io,
+                    format!("sending the task to process {pid} ({name}): {e}"),
+                ));
+            }
+        }
+    }
+    Ok(Launched { child, channel: parent_end })
+}
+
+/// The parent's side of the handshake: `None` if the child's `Hello` matches us.
+pub(crate) fn check_hello(label: &str, version: u32, theirs: u64) -> Option<Error> {
+    (version != PROTOCOL_VERSION || theirs != fingerprint()).then(|| {
+        Error::new(
+            ErrorKind::StartFailed,
+            format!(
+                "{label} handshake failed: protocol version {version}, expected \
+                 {PROTOCOL_VERSION}; executable {theirs:016x}, expected {:016x}",
+                fingerprint()
+            ),
+        )
+    })
 }
 
 fn next_default_name() -> String {
@@ -331,15 +376,8 @@ impl<R: Portable> Process<R> {
         match message {
             (ToParent::Hello { version, fingerprint: theirs, .. }, _) if !self.hello => {
                 self.hello = true;
-                if version != PROTOCOL_VERSION || theirs != fingerprint() {
-                    self.broken = Some(Error::new(
-                        ErrorKind::StartFailed,
-                        format!(
-                            "{label} handshake failed: protocol version {version}, expected \
-                             {PROTOCOL_VERSION}; executable {theirs:016x}, expected {:016x}",
-                            fingerprint()
-                        ),
-                    ));
+                if let Some(error) = check_hello(&label, version, theirs) {
+                    self.broken = Some(error);
                     self.reading = false;
                 }
             }
@@ -416,7 +454,8 @@ impl<R: Portable> Process<R> {
     }
 }
 
-fn fail_kind(reason: FailReason) -> ErrorKind {
+/// The error kind for a child's `Failed` reason.
+pub(crate) fn fail_kind(reason: FailReason) -> ErrorKind {
     match reason {
         FailReason::UnknownTask => ErrorKind::UnknownTask,
         FailReason::DuplicateTask => ErrorKind::DuplicateTask,

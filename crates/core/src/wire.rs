@@ -16,7 +16,7 @@ use crate::codec::{self, CodecError};
 use crate::error::RemotePanic;
 
 /// The protocol version both sides announce; a mismatch fails the handshake.
-pub const PROTOCOL_VERSION: u32 = 1;
+pub const PROTOCOL_VERSION: u32 = 2;
 
 /// Parent to child: what to run. The task's encoded arguments follow as the frame's payload.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -33,6 +33,29 @@ pub struct Start {
     pub daemon: bool,
     /// The parent's log level, which the child adopts (`None`: no logging).
     pub log: Option<String>,
+    /// Set for a pool worker: instead of one task, it builds its state and then serves
+    /// [`ToWorker`] batches until its channel closes.
+    pub worker: Option<WorkerSetup>,
+}
+
+/// How a pool worker starts.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WorkerSetup {
+    /// The registered name of the initializer whose return value is the worker's state; its
+    /// encoded arguments are the `Start` frame's payload. `None`: the state is `()`.
+    pub initializer: Option<String>,
+}
+
+/// Parent to pool worker, after the worker said [`ToParent::Ready`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ToWorker {
+    /// Run `task` on each item; the payload is the encoded `Vec` of arguments.
+    Batch {
+        /// The parent's number for this batch, echoed in the answer.
+        id: u64,
+        /// The registered name of the task.
+        task: String,
+    },
 }
 
 /// Child to parent.
@@ -49,6 +72,23 @@ pub enum ToParent {
     },
     /// The task returned; the encoded value is the payload.
     Returned,
+    /// A pool worker built its state and takes batches.
+    Ready,
+    /// A pool worker ran a batch; the payload is the encoded `Vec<ItemResult<R>>`.
+    BatchDone {
+        /// The batch's number.
+        id: u64,
+    },
+    /// A pool worker could not run a batch at all (unknown task, arguments that did not
+    /// decode); every item of it fails.
+    BatchFailed {
+        /// The batch's number.
+        id: u64,
+        /// What went wrong.
+        reason: FailReason,
+        /// A lowercase message for the parent's error.
+        message: String,
+    },
     /// The task panicked.
     Panicked(RemotePanic),
     /// The child refused or failed to run the task.
@@ -158,6 +198,7 @@ mod tests {
             name: "adder".into(),
             daemon: true,
             log: Some("debug".into()),
+            worker: Some(WorkerSetup { initializer: Some("m::init".into()) }),
         };
         let deadline = Some(Instant::now() + Duration::from_secs(5));
         send(&a, &start, b"ARGS", &[], deadline, None).unwrap();

@@ -95,6 +95,9 @@ fn expand(function: ItemFn) -> syn::Result<proc_macro2::TokenStream> {
         #(#attrs)*
         #[allow(non_upper_case_globals)]
         #vis const #name: ::multiproc::Task<#arg_type, #output, #state_type> = {
+            // The state is borrowed as exactly the type the initializer returned, so clippy's
+            // advice to take `&[T]` for `&Vec<T>` does not apply.
+            #[allow(clippy::ptr_arg)]
             fn __multiproc_body(#state_pattern: &#state_type, #arg_pattern: #arg_type) -> #output
                 #body
 

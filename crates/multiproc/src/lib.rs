@@ -30,8 +30,8 @@ use std::sync::Arc;
 pub use multiproc_core::log::log_to_stderr;
 pub use multiproc_core::preloaded;
 pub use multiproc_core::{
-    ChildFailure, Error, ErrorKind, ExitStatus, MultithreadedForkPermit, Portable, Process,
-    ProcessBuilder, RemotePanic, Result, StartMethod, Task, init,
+    AsyncResult, ChildFailure, Error, ErrorKind, ExitStatus, IMap, MultithreadedForkPermit, Pool,
+    PoolBuilder, Portable, Process, ProcessBuilder, RemotePanic, Result, StartMethod, Task, init,
 };
 pub use multiproc_forkserver::server_pid as forkserver_pid;
 pub use multiproc_forkserver::set_preload as set_forkserver_preload;
@@ -118,6 +118,12 @@ impl Context {
         args: A,
     ) -> ProcessBuilder<A, R> {
         ProcessBuilder::new(Arc::clone(&self.method), task, args)
+    }
+
+    /// A builder for a pool of worker processes started by this context's method:
+    /// `ctx.pool().processes(4).initializer(load, args).build()?`.
+    pub fn pool(&self) -> PoolBuilder {
+        PoolBuilder::new(Arc::clone(&self.method))
     }
 }
 

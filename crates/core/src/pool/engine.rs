@@ -1,0 +1,701 @@
+//! The pool's engine: its workers, the queue of batches, and the driving of both.
+//!
+//! There is no helper thread. Whichever caller waits on the pool (`get`, `map`, an `imap`
+//! iterator, `join`) drives it: one waiting thread at a time holds the driver's turn, polls
+//! every worker's channel and pidfd with the engine unlocked, then locks it to read results,
+//! replace dead workers and send queued batches, and wakes the other waiters, who check
+//! whether what they wait for has arrived. So under the fork start method the pool never
+//! makes the caller's process multi-threaded, and every replacement worker is forked by a
+//! thread of the user's own (and refused, like any fork, if the program has grown threads).
+//!
+//! A worker holds at most two batches: the one it runs and, when both are small, the next
+//! one, so that it never waits for a round trip between batches. A small second batch always
+//! fits in the socket buffer, so sending it never blocks on a worker that is busy; a large
+//! batch is sent only to an idle worker, which is reading.
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::convert::Infallible;
+use std::io::{Read, Write};
+use std::os::fd::{AsFd, OwnedFd};
+use std::os::unix::net::UnixStream;
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use crate::channel::{Channel, Frame, FrameError};
+use crate::child;
+use crate::error::{ChildFailure, Error, ErrorKind, Result};
+use crate::method::{ChildHandle, StartMethod};
+use crate::process::{Launched, Work, check_hello, fail_kind, launch, start_message};
+use crate::registry::{CallError, State};
+use crate::status::ExitStatus;
+use crate::sys::{self, POLLIN, PollFd};
+use crate::wire::{self, ToParent, ToWorker, WorkerSetup};
+
+/// A batch's number, unique within its pool.
+pub(crate) type BatchId = u64;
+
+/// What came back for a batch: the frame body and the offset of the encoded
+/// `Vec<ItemResult<R>>` in it, or the error that every item of the batch failed with.
+pub(crate) type BatchOutcome = Result<(Vec<u8>, usize)>;
+
+/// Builds a forked worker's state from the initializer arguments moved into it.
+pub(crate) type MoveInit = Arc<dyn Fn() -> std::result::Result<State, CallError> + Send + Sync>;
+
+/// Batches up to this size may queue behind a running one (they fit in a socket buffer).
+const PIPELINE_BYTES: usize = 64 * 1024;
+
+/// Batches a worker holds at most.
+const PIPELINE_DEPTH: usize = 2;
+
+/// A pool's initializer: its name, and its arguments encoded (spawn, forkserver) or moved
+/// (fork).
+pub(crate) struct Initializer {
+    pub(crate) task: &'static str,
+    pub(crate) args: InitArgs,
+}
+
+/// The initializer's arguments, as the start method wants them.
+pub(crate) enum InitArgs {
+    /// Sent in each worker's `Start` frame.
+    Encoded(Vec<u8>),
+    /// Taken out of the forked worker's own copy of memory.
+    Moved(MoveInit),
+}
+
+/// What a pool was built with.
+pub(crate) struct Config {
+    pub(crate) method: Arc<dyn StartMethod>,
+    pub(crate) processes: usize,
+    pub(crate) initializer: Option<Initializer>,
+    pub(crate) max_tasks_per_child: Option<u64>,
+    pub(crate) task_timeout: Option<Duration>,
+}
+
+/// A unit of work sent to one worker.
+pub(crate) struct Batch {
+    pub(crate) id: BatchId,
+    pub(crate) task: &'static str,
+    pub(crate) count: usize,
+    pub(crate) args: Vec<u8>,
+}
+
+/// One worker process, as the parent sees it.
+struct Worker {
+    id: u64,
+    label: String,
+    child: Box<dyn ChildHandle>,
+    channel: Channel,
+    /// Duplicates of the channel and the pidfd, which the driver polls with the engine
+    /// unlocked (a worker may be removed meanwhile; these stay open until the poll is done).
+    watch: [Arc<OwnedFd>; 2],
+    hello: bool,
+    ready: bool,
+    in_flight: VecDeque<Batch>,
+    /// When the first batch in flight started running.
+    head_started: Option<Instant>,
+    items_sent: u64,
+    /// Our sending side is shut: the worker exits once it has answered what it holds.
+    retiring: bool,
+    /// A send failed: the worker is gone or going; it gets nothing more.
+    unusable: bool,
+    eof: bool,
+    timed_out: bool,
+    /// Why the worker is being stopped, when it misbehaved or failed to initialize.
+    failure: Option<Error>,
+    status: Option<ExitStatus>,
+}
+
+impl Worker {
+    fn start(config: &Config, id: u64) -> Result<Worker> {
+        let name = format!("PoolWorker-{id}");
+        let setup = WorkerSetup { initializer: config.initializer.as_ref().map(|i| i.task.into()) };
+        let start = start_message("multiproc::pool::worker", &name, true, Some(setup));
+        let work = match config.initializer.as_ref().map(|i| &i.args) {
+            Some(InitArgs::Encoded(args)) => Work::Sent(args.clone()),
+            None if !config.method.moves_arguments() => Work::Sent(Vec::new()),
+            moved => {
+                let make: MoveInit = match moved {
+                    Some(InitArgs::Moved(make)) => Arc::clone(make),
+                    _ => Arc::new(|| Ok(Box::new(()) as State)),
+                };
+                let settings = start.clone();
+                Work::Moved(Box::new(move |channel: Channel| -> Infallible {
+                    child::run_worker_moved(channel, settings, || make())
+                }))
+            }
+        };
+        let Launched { child, channel } = launch(&*config.method, &start, work)?;
+        let label = format!("pool worker {} ({})", child.pid(), config.method.name());
+        let dup = |fd: std::os::fd::BorrowedFd<'_>| {
+            fd.try_clone_to_owned()
+                .map(Arc::new)
+                .map_err(|e| Error::io(format!("dup for {label}"), e))
+        };
+        let watch = [dup(channel.as_fd())?, dup(child.pidfd())?];
+        Ok(Worker {
+            id,
+            label,
+            child,
+            channel,
+            watch,
+            hello: false,
+            ready: false,
+            in_flight: VecDeque::new(),
+            head_started: None,
+            items_sent: 0,
+            retiring: false,
+            unusable: false,
+            eof: false,
+            timed_out: false,
+            failure: None,
+            status: None,
+        })
+    }
+
+    fn kill(&mut self, why: Error) {
+        self.failure.get_or_insert(why);
+        self.unusable = true;
+        let _ = self.child.signal(libc::SIGKILL);
+    }
+
+    /// Whether `batch` may be sent now, given `max_tasks` per worker.
+    fn accepts(&self, batch: &Batch, max_tasks: Option<u64>) -> bool {
+        if !self.ready || self.retiring || self.unusable {
+            return false;
+        }
+        if max_tasks.is_some_and(|max| self.items_sent + batch.count as u64 > max) {
+            return false;
+        }
+        match self.in_flight.len() {
+            0 => true,
+            n if n < PIPELINE_DEPTH => {
+                batch.args.len() <= PIPELINE_BYTES
+                    && self.in_flight.iter().all(|b| b.args.len() <= PIPELINE_BYTES)
+            }
+            _ => false,
+        }
+    }
+
+    /// Reads every frame that has arrived, without blocking.
+    fn pump(&mut self, results: &mut Results) {
+        while !self.eof {
+            match self.channel.try_recv() {
+                Ok(Some(frame)) => self.on_frame(frame, results),
+                Ok(None) => return,
+                Err(FrameError::Disconnected) => self.eof = true,
+                Err(e) => {
+                    let why = format!("{} sent a bad frame: {e}", self.label);
+                    self.eof = true;
+                    self.kill(Error::new(ErrorKind::Protocol, why));
+                }
+            }
+        }
+    }
+
+    fn on_frame(&mut self, frame: Frame, results: &mut Results) {
+        let (message, offset) = match wire::decode::<ToParent>(&frame) {
+            Ok((message, payload)) => (message, frame.body.len() - payload.len()),
+            Err(e) => {
+                let why = format!("{} sent a message that did not decode: {e}", self.label);
+                return self.kill(Error::new(ErrorKind::Protocol, why));
+            }
+        };
+        match message {
+            ToParent::Hello { version, fingerprint, .. } if !self.hello => {
+                self.hello = true;
+                if let Some(error) = check_hello(&self.label, version, fingerprint) {
+                    self.kill(error);
+                }
+            }
+            ToParent::Ready if self.hello && !self.ready => self.ready = true,
+            ToParent::BatchDone { id } if self.in_flight.front().is_some_and(|b| b.id == id) => {
+                self.finish_head(results, Ok((frame.body, offset)));
+            }
+            ToParent::BatchFailed { id, reason, message }
+                if self.in_flight.front().is_some_and(|b| b.id == id) =>
+            {
+                let task = self.in_flight.front().map_or("", |b| b.task);
+                let error = Error::new(
+                    fail_kind(reason),
+                    format!("pool task `{task}` could not run in {}: {message}", self.label),
+                );
+                self.finish_head(results, Err(error));
+            }
+            ToParent::Panicked(panic) if !self.ready => {
+                let label = format!("pool initializer in {}", self.label);
+                self.failure = Some(Error::child(label, ChildFailure::Panicked(panic), None));
+            }
+            ToParent::Failed { reason, message } if !self.ready => {
+                self.failure = Some(Error::new(
+                    fail_kind(reason),
+                    format!("{} could not initialize: {message}", self.label),
+                ));
+            }
+            other => {
+                let why = format!("{} sent {other:?} out of order", self.label);
+                self.kill(Error::new(ErrorKind::Protocol, why));
+            }
+        }
+    }
+
+    fn finish_head(&mut self, results: &mut Results, outcome: BatchOutcome) {
+        if let Some(batch) = self.in_flight.pop_front() {
+            results.finish(batch.id, outcome);
+        }
+        self.head_started = (!self.in_flight.is_empty()).then(Instant::now);
+    }
+
+    /// When the batch this worker runs must be done by, under `timeout` per item.
+    fn deadline(&self, timeout: Option<Duration>) -> Option<Instant> {
+        let (timeout, started, head) = (timeout?, self.head_started?, self.in_flight.front()?);
+        (!self.timed_out).then(|| started + timeout * head.count.max(1) as u32)
+    }
+}
+
+/// Finished batches, kept until their handle takes them.
+#[derive(Default)]
+struct Results {
+    done: HashMap<BatchId, BatchOutcome>,
+    /// Batches whose handle was dropped: their results are thrown away on arrival.
+    abandoned: HashSet<BatchId>,
+}
+
+impl Results {
+    fn finish(&mut self, id: BatchId, outcome: BatchOutcome) {
+        if !self.abandoned.remove(&id) {
+            self.done.insert(id, outcome);
+        }
+    }
+}
+
+/// The mutable state of a pool, behind one lock.
+pub(crate) struct Engine {
+    workers: Vec<Worker>,
+    pending: VecDeque<Batch>,
+    results: Results,
+    next_batch: BatchId,
+    next_worker: u64,
+    closed: bool,
+    terminated: bool,
+    /// Why no worker can be started any more (an initializer failed, a start was refused):
+    /// set once, so that a failing worker is never restarted in a loop.
+    broken: Option<Error>,
+    driving: bool,
+}
+
+impl Engine {
+    /// Whether batch `id` has finished (or failed).
+    pub(crate) fn is_done(&self, id: BatchId) -> bool {
+        self.results.done.contains_key(&id)
+    }
+
+    /// Takes the outcome of a finished batch.
+    pub(crate) fn take(&mut self, id: BatchId) -> Option<BatchOutcome> {
+        self.results.done.remove(&id)
+    }
+
+    fn start_worker(&mut self, config: &Config) -> Result<()> {
+        self.next_worker += 1;
+        let worker = Worker::start(config, self.next_worker)?;
+        tracing::debug!(worker = %worker.label, "pool worker started");
+        self.workers.push(worker);
+        Ok(())
+    }
+
+    /// Everything that can be done without blocking: read results, notice ended and
+    /// overdue workers, replace them, send queued batches, let idle workers go.
+    fn service(&mut self, config: &Config, exited: &[u64]) {
+        let now = Instant::now();
+        for worker in &mut self.workers {
+            worker.pump(&mut self.results);
+            if worker.deadline(config.task_timeout).is_some_and(|deadline| now >= deadline) {
+                worker.timed_out = true;
+                let _ = worker.child.signal(libc::SIGKILL);
+            }
+            if worker.status.is_none() && (worker.eof || exited.contains(&worker.id)) {
+                // The process has ended or is ending (its channel is closed): its status
+                // follows at once (or from the forkserver, which is reaping it).
+                worker.status = worker.child.wait_deadline(None).ok().flatten();
+                worker.pump(&mut self.results);
+                if worker.status.is_none() {
+                    worker.status = Some(ExitStatus::Unknown);
+                }
+            }
+        }
+        let (ended, alive): (Vec<Worker>, Vec<Worker>) =
+            std::mem::take(&mut self.workers).into_iter().partition(|w| w.status.is_some());
+        self.workers = alive;
+        for worker in ended {
+            self.bury(worker, config);
+        }
+        self.replenish(config);
+        self.dispatch(config);
+        self.retire_idle(config);
+        if self.workers.is_empty() {
+            self.fail_pending(|| None);
+        }
+    }
+
+    /// Accounts for a worker that ended: the batch it ran fails with how it ended, the batch
+    /// queued behind it (never started) goes back to the queue.
+    fn bury(&mut self, mut worker: Worker, config: &Config) {
+        let status = worker.status.unwrap_or(ExitStatus::Unknown);
+        tracing::debug!(worker = %worker.label, %status, "pool worker ended");
+        let mut held = std::mem::take(&mut worker.in_flight).into_iter();
+        if let Some(head) = held.next() {
+            let error = if self.terminated {
+                cancelled()
+            } else if worker.timed_out {
+                let limit = config.task_timeout.unwrap_or_default();
+                Error::new(
+                    ErrorKind::Timeout,
+                    format!(
+                        "pool task `{}` ran past its limit of {limit:?} per item in {}; the \
+                         worker was killed and replaced",
+                        head.task, worker.label
+                    ),
+                )
+                .with_exit_status(Some(status))
+            } else if let Some(failure) = worker.failure.take() {
+                failure.with_exit_status(Some(status))
+            } else {
+                Error::child(
+                    format!("pool task `{}` in {}", head.task, worker.label),
+                    ChildFailure::Exited(status),
+                    Some(status),
+                )
+            };
+            self.results.finish(head.id, Err(error));
+        }
+        for batch in held.rev() {
+            self.pending.push_front(batch);
+        }
+        if !worker.ready && !self.terminated && self.broken.is_none() {
+            let error = worker.failure.take().unwrap_or_else(|| {
+                Error::new(
+                    ErrorKind::StartFailed,
+                    format!("{} ended before it was ready: {status}", worker.label),
+                )
+            });
+            self.broken = Some(error.with_exit_status(Some(status)));
+        }
+    }
+
+    /// Starts workers until the pool has its size again, unless it is finishing or broken.
+    fn replenish(&mut self, config: &Config) {
+        if self.terminated || self.broken.is_some() || (self.closed && self.pending.is_empty()) {
+            return;
+        }
+        let serving = self.workers.iter().filter(|w| !w.retiring && !w.unusable).count();
+        for _ in serving..config.processes {
+            if let Err(error) = self.start_worker(config) {
+                self.broken = Some(error);
+                return;
+            }
+        }
+    }
+
+    /// Sends queued batches to workers that can take them, the least busy first.
+    fn dispatch(&mut self, config: &Config) {
+        while let Some(batch) = self.pending.front() {
+            let max = config.max_tasks_per_child;
+            let Some(worker) = self
+                .workers
+                .iter_mut()
+                .filter(|w| w.accepts(batch, max))
+                .min_by_key(|w| w.in_flight.len())
+            else {
+                return;
+            };
+            let batch = self.pending.pop_front().expect("front exists");
+            let message = ToWorker::Batch { id: batch.id, task: batch.task.to_owned() };
+            let sent = wire::send(
+                &worker.channel,
+                &message,
+                &batch.args,
+                &[],
+                None,
+                Some(worker.child.pidfd()),
+            );
+            match sent {
+                Ok(()) => {
+                    worker.items_sent += batch.count as u64;
+                    worker.head_started.get_or_insert_with(Instant::now);
+                    worker.in_flight.push_back(batch);
+                }
+                Err(e) => {
+                    // The worker is gone or going; the batch waits for another one.
+                    tracing::debug!(worker = %worker.label, error = %e, "pool send failed");
+                    worker.unusable = true;
+                    self.pending.push_front(batch);
+                }
+            }
+        }
+    }
+
+    /// Shuts the sending side of idle workers that have used up `max_tasks_per_child`, or
+    /// that a closed pool no longer needs; they exit after answering what they hold.
+    fn retire_idle(&mut self, config: &Config) {
+        let finished = self.closed && self.pending.is_empty();
+        let next = self.pending.front().map_or(0, |b| b.count as u64);
+        for worker in &mut self.workers {
+            if worker.retiring || !worker.ready || !worker.in_flight.is_empty() {
+                continue;
+            }
+            let spent = config.max_tasks_per_child.is_some_and(|max| {
+                worker.items_sent >= max || (next > 0 && worker.items_sent + next > max)
+            });
+            if spent || finished {
+                worker.retiring = true;
+                let _ = worker.channel.shutdown_write();
+            }
+        }
+    }
+
+    /// Fails every queued batch: with `error()`, or why the pool cannot run them.
+    fn fail_pending(&mut self, error: impl Fn() -> Option<Error>) {
+        while let Some(batch) = self.pending.pop_front() {
+            let why = error()
+                .or_else(|| self.broken.as_ref().map(Error::duplicate))
+                .unwrap_or_else(|| {
+                    Error::new(ErrorKind::Cancelled, "the pool has no worker left to run this task")
+                });
+            self.results.finish(batch.id, Err(why));
+        }
+    }
+
+    /// When the driver must wake up at the latest to kill an overdue worker.
+    fn next_deadline(&self, timeout: Option<Duration>) -> Option<Instant> {
+        self.workers.iter().filter_map(|w| w.deadline(timeout)).min()
+    }
+}
+
+fn cancelled() -> Error {
+    Error::new(ErrorKind::Cancelled, "the pool was terminated before this task finished")
+}
+
+/// A pool's engine with its lock, the condition its waiters sleep on, and the socket that
+/// wakes its driver.
+pub(crate) struct Shared {
+    pub(crate) config: Config,
+    engine: Mutex<Engine>,
+    changed: Condvar,
+    wake: [UnixStream; 2],
+}
+
+impl Shared {
+    /// Starts `config.processes` workers and waits until each has run its initializer.
+    pub(crate) fn start(config: Config) -> Result<Arc<Shared>> {
+        let wake = UnixStream::pair().map_err(|e| Error::io("socketpair for the pool", e))?;
+        for end in [&wake.0, &wake.1] {
+            end.set_nonblocking(true).map_err(|e| Error::io("pool wake socket", e))?;
+        }
+        let engine = Engine {
+            workers: Vec::new(),
+            pending: VecDeque::new(),
+            results: Results::default(),
+            next_batch: 0,
+            next_worker: 0,
+            closed: false,
+            terminated: false,
+            broken: None,
+            driving: false,
+        };
+        let shared = Arc::new(Shared {
+            config,
+            engine: Mutex::new(engine),
+            changed: Condvar::new(),
+            wake: [wake.0, wake.1],
+        });
+        let started = {
+            let mut engine = shared.lock();
+            (0..shared.config.processes).try_for_each(|_| engine.start_worker(&shared.config))
+        };
+        let outcome = started.and_then(|()| {
+            shared.drive_until(None, |e| e.broken.is_some() || e.workers.iter().all(|w| w.ready));
+            match shared.lock().broken.as_ref() {
+                Some(error) => Err(error.duplicate()),
+                None => Ok(()),
+            }
+        });
+        match outcome {
+            Ok(()) => Ok(shared),
+            Err(error) => {
+                shared.terminate();
+                Err(error)
+            }
+        }
+    }
+
+    pub(crate) fn lock(&self) -> MutexGuard<'_, Engine> {
+        self.engine.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Queues batches of `task`; each item of `batches` is `(item count, encoded Vec)`.
+    pub(crate) fn submit(
+        &self,
+        task: &'static str,
+        batches: Vec<(usize, Vec<u8>)>,
+    ) -> Result<Vec<BatchId>> {
+        let mut engine = self.lock();
+        if engine.closed {
+            return Err(Error::new(
+                ErrorKind::InvalidState,
+                if engine.terminated { "the pool was terminated" } else { "the pool is closed" },
+            ));
+        }
+        let mut ids = Vec::with_capacity(batches.len());
+        for (count, args) in batches {
+            engine.next_batch += 1;
+            let id = engine.next_batch;
+            engine.pending.push_back(Batch { id, task, count, args });
+            ids.push(id);
+        }
+        engine.dispatch(&self.config);
+        if engine.workers.is_empty() {
+            engine.fail_pending(|| None);
+        }
+        if engine.driving {
+            self.wake_driver();
+        }
+        Ok(ids)
+    }
+
+    /// Forgets batches whose handle went away: queued ones are dropped, running ones' results
+    /// are thrown away when they arrive.
+    pub(crate) fn abandon(&self, ids: impl IntoIterator<Item = BatchId>) {
+        let mut engine = self.lock();
+        for id in ids {
+            if engine.results.done.remove(&id).is_none() {
+                let queued = engine.pending.len();
+                engine.pending.retain(|b| b.id != id);
+                if engine.pending.len() == queued {
+                    engine.results.abandoned.insert(id);
+                }
+            }
+        }
+    }
+
+    /// Drives the pool until `done` holds, or `deadline` passes (then false).
+    pub(crate) fn drive_until(
+        &self,
+        deadline: Option<Instant>,
+        mut done: impl FnMut(&mut Engine) -> bool,
+    ) -> bool {
+        let mut engine = self.lock();
+        loop {
+            if done(&mut engine) {
+                return true;
+            }
+            let now = Instant::now();
+            if deadline.is_some_and(|d| now >= d) {
+                return false;
+            }
+            if engine.driving {
+                engine = match deadline {
+                    Some(d) => match self.changed.wait_timeout(engine, d - now) {
+                        Ok((guard, _)) => guard,
+                        Err(poisoned) => poisoned.into_inner().0,
+                    },
+                    None => self.changed.wait(engine).unwrap_or_else(|p| p.into_inner()),
+                };
+                continue;
+            }
+            engine.driving = true;
+            engine.service(&self.config, &[]);
+            if done(&mut engine) {
+                engine.driving = false;
+                self.changed.notify_all();
+                return true;
+            }
+            let watched: Vec<(u64, [Arc<OwnedFd>; 2])> =
+                engine.workers.iter().map(|w| (w.id, w.watch.clone())).collect();
+            let wake_at = match (deadline, engine.next_deadline(self.config.task_timeout)) {
+                (Some(a), Some(b)) => Some(a.min(b)),
+                (a, b) => a.or(b),
+            };
+            drop(engine);
+            let exited = self.poll(&watched, wake_at);
+            engine = self.lock();
+            engine.driving = false;
+            engine.service(&self.config, &exited);
+            self.changed.notify_all();
+        }
+    }
+
+    /// Polls the workers' channels and pidfds and the wake socket; returns the workers whose
+    /// process has ended.
+    fn poll(&self, watched: &[(u64, [Arc<OwnedFd>; 2])], deadline: Option<Instant>) -> Vec<u64> {
+        let mut set: Vec<PollFd<'_>> = Vec::with_capacity(watched.len() * 2 + 1);
+        set.push(PollFd::new(self.wake[1].as_fd(), POLLIN));
+        for (_, [channel, pidfd]) in watched {
+            set.push(PollFd::new(channel.as_fd(), POLLIN));
+            set.push(PollFd::new(pidfd.as_fd(), POLLIN));
+        }
+        let _ = sys::poll(&mut set, deadline);
+        if set[0].revents() != 0 {
+            let mut sink = [0u8; 64];
+            while matches!((&self.wake[1]).read(&mut sink), Ok(n) if n > 0) {}
+        }
+        watched
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| set[2 + 2 * i].revents() != 0)
+            .map(|(_, (id, _))| *id)
+            .collect()
+    }
+
+    fn wake_driver(&self) {
+        let _ = (&self.wake[0]).write(&[1]);
+    }
+
+    /// The pids of the current workers.
+    pub(crate) fn pids(&self) -> Vec<u32> {
+        self.lock().workers.iter().map(|w| w.child.pid()).collect()
+    }
+
+    /// Accepts no more work; queued work still runs.
+    pub(crate) fn close(&self) {
+        let mut engine = self.lock();
+        engine.closed = true;
+        engine.retire_idle(&self.config);
+        if engine.driving {
+            self.wake_driver();
+        }
+    }
+
+    /// Waits until every worker has exited; the pool must be closed or terminated.
+    pub(crate) fn join(&self) -> Result<()> {
+        if !self.lock().closed {
+            return Err(Error::new(
+                ErrorKind::InvalidState,
+                "join() on a running pool: call close() or terminate() first",
+            ));
+        }
+        self.drive_until(None, |e| e.workers.is_empty());
+        Ok(())
+    }
+
+    /// Fails all queued and running work as cancelled, kills every worker and reaps it.
+    pub(crate) fn terminate(&self) {
+        let mut engine = self.lock();
+        engine.closed = true;
+        engine.terminated = true;
+        engine.fail_pending(|| Some(cancelled()));
+        for worker in &mut engine.workers {
+            let _ = worker.child.signal(libc::SIGKILL);
+        }
+        let workers = std::mem::take(&mut engine.workers);
+        for mut worker in workers {
+            // Bounded: SIGKILL cannot be caught.
+            worker.status = worker.child.wait_deadline(None).ok().flatten();
+            engine.bury(worker, &self.config);
+        }
+        // Batches that were queued behind a killed worker's running one.
+        engine.fail_pending(|| Some(cancelled()));
+        self.changed.notify_all();
+        if engine.driving {
+            self.wake_driver();
+        }
+    }
+}

@@ -1,0 +1,615 @@
+//! `Pool`: a set of worker processes that run tasks over many items—`map`, `imap`,
+//! `apply_async`—with per-worker state built once by an initializer, and every failure
+//! reported on the item it belongs to.
+//!
+//! ```ignore
+//! #[task] fn load_cache(n: u32) -> Vec<String> { (0..n).map(|i| format!("{i:b}")).collect() }
+//! #[task] fn ones(cache: &Vec<String>, i: u32) -> usize { cache[i as usize].matches('1').count() }
+//!
+//! let pool = ctx.pool().processes(4).initializer(load_cache, 65_535).build()?;
+//! let counts: Vec<usize> = pool.map(ones, 0..65_535)?;        // cache built once per worker
+//! ```
+//!
+//! Items travel to workers in batches of `chunksize`; each batch is one frame each way. A panic
+//! fails only its item, and the worker keeps serving. A worker that dies (killed, out of
+//! memory, a crash in C code) fails the batch it was running, with its exit status; the batch
+//! queued behind it runs elsewhere, and a new worker takes its place. The engine behind this is
+//! in [`engine`]; there is no helper thread (see there why).
+
+mod engine;
+
+use std::collections::VecDeque;
+use std::fmt;
+use std::marker::PhantomData;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use engine::{BatchId, BatchOutcome, Config, InitArgs, Initializer, MoveInit, Shared};
+
+use crate::codec;
+use crate::error::{ChildFailure, Error, ErrorKind, Result};
+use crate::method::StartMethod;
+use crate::registry::{self, State};
+use crate::task::{Portable, Task};
+use crate::wire::ItemResult;
+
+/// Configures a pool before its workers start: `ctx.pool().processes(4).build()`.
+///
+/// `S` is the state each worker builds with its initializer and hands to every task by
+/// reference; `()` without an initializer.
+#[must_use = "a pool does not start until `build()` is called"]
+pub struct PoolBuilder<S = ()> {
+    method: Arc<dyn StartMethod>,
+    processes: Option<usize>,
+    initializer: Option<Initializer>,
+    max_tasks_per_child: Option<u64>,
+    chunksize: Option<usize>,
+    task_timeout: Option<Duration>,
+    /// An error found while configuring, reported by `build()`.
+    error: Option<Error>,
+    _state: PhantomData<fn() -> S>,
+}
+
+impl PoolBuilder<()> {
+    /// A builder for a pool whose workers are started by `method`.
+    pub fn new(method: Arc<dyn StartMethod>) -> Self {
+        PoolBuilder {
+            method,
+            processes: None,
+            initializer: None,
+            max_tasks_per_child: None,
+            chunksize: None,
+            task_timeout: None,
+            error: None,
+            _state: PhantomData,
+        }
+    }
+
+    /// Runs `task(args)` once in every worker (and every replacement) before its first task;
+    /// what it returns is the worker's state, handed by reference to every task the pool
+    /// runs (`fn t(state: &S, item: A)`), never sent again.
+    ///
+    /// The arguments are encoded once here and sent to each worker (spawn, forkserver), or
+    /// moved into each forked worker without being serialized (fork). If the initializer
+    /// panics, `build()` fails with that panic; if it panics in a replacement worker, the pool
+    /// stops replacing workers (no endless respawn loop) and finishes with those it has.
+    pub fn initializer<A: Portable, S: Send + 'static>(
+        self,
+        task: Task<A, S>,
+        args: A,
+    ) -> PoolBuilder<S> {
+        let args = if self.method.moves_arguments() {
+            // Each forked worker takes the arguments out of its own copy of this slot; the
+            // parent's copy is never touched.
+            let slot = Arc::new(Mutex::new(Some(args)));
+            let func = task.func();
+            let make: MoveInit = Arc::new(move || {
+                let args = slot.lock().unwrap_or_else(|p| p.into_inner()).take();
+                let args = args.ok_or_else(|| {
+                    registry::CallError::State("initializer arguments already used".into())
+                })?;
+                Ok(Box::new(func(&(), args)) as State)
+            });
+            Ok(InitArgs::Moved(make))
+        } else {
+            codec::encode(&args).map(InitArgs::Encoded).map_err(|e| {
+                Error::new(
+                    ErrorKind::Encode,
+                    format!("arguments of initializer `{}`: {e}", task.name()),
+                )
+            })
+        };
+        let (initializer, error) = match args {
+            Ok(args) => (Some(Initializer { task: task.name(), args }), self.error),
+            Err(error) => (None, Some(error)),
+        };
+        PoolBuilder {
+            method: self.method,
+            processes: self.processes,
+            initializer,
+            max_tasks_per_child: self.max_tasks_per_child,
+            chunksize: self.chunksize,
+            task_timeout: self.task_timeout,
+            error,
+            _state: PhantomData,
+        }
+    }
+}
+
+impl<S: 'static> PoolBuilder<S> {
+    /// The number of worker processes; the default is the machine's available parallelism.
+    pub fn processes(mut self, processes: usize) -> Self {
+        self.processes = Some(processes);
+        self
+    }
+
+    /// Replaces a worker after it has run this many items (Python's `maxtasksperchild`); by
+    /// default workers live as long as the pool.
+    pub fn max_tasks_per_child(mut self, max: u64) -> Self {
+        self.max_tasks_per_child = Some(max);
+        self
+    }
+
+    /// Items per batch. When unset, `map` picks about four batches per worker (as Python
+    /// does) and `imap` sends items one at a time.
+    pub fn chunksize(mut self, chunksize: usize) -> Self {
+        self.chunksize = Some(chunksize);
+        self
+    }
+
+    /// Kills a worker whose task runs longer than `timeout` per item, fails those items with
+    /// [`ErrorKind::Timeout`], and replaces the worker. The automatic chunk size becomes 1, so
+    /// that the limit applies to single items.
+    pub fn task_timeout(mut self, timeout: Duration) -> Self {
+        self.task_timeout = Some(timeout);
+        self
+    }
+
+    /// Starts the workers and waits until each has run its initializer.
+    ///
+    /// Fails with the initializer's panic ([`ErrorKind::Panicked`]), or when a worker cannot
+    /// be started (for the fork start method, when the calling process has other threads).
+    pub fn build(self) -> Result<Pool<S>> {
+        let processes = self
+            .processes
+            .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+        if processes == 0 {
+            return Err(Error::new(ErrorKind::InvalidState, "a pool needs at least one process"));
+        }
+        if self.chunksize == Some(0) || self.max_tasks_per_child == Some(0) {
+            return Err(Error::new(
+                ErrorKind::InvalidState,
+                "chunksize and max_tasks_per_child must be at least 1",
+            ));
+        }
+        if let Some(error) = self.error {
+            return Err(error);
+        }
+        let shared = Shared::start(Config {
+            method: self.method,
+            processes,
+            initializer: self.initializer,
+            max_tasks_per_child: self.max_tasks_per_child,
+            task_timeout: self.task_timeout,
+        })?;
+        Ok(Pool { shared, chunksize: self.chunksize, _state: PhantomData })
+    }
+}
+
+impl<S> fmt::Debug for PoolBuilder<S> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("PoolBuilder")
+            .field("start_method", &self.method.name())
+            .field("processes", &self.processes)
+            .field("initializer", &self.initializer.as_ref().map(|i| i.task))
+            .field("max_tasks_per_child", &self.max_tasks_per_child)
+            .field("chunksize", &self.chunksize)
+            .field("task_timeout", &self.task_timeout)
+            .finish()
+    }
+}
+
+/// A pool of worker processes whose state is an `S` (see [`PoolBuilder::initializer`]).
+///
+/// Usable from several threads at once (`&Pool` is enough). Work queued beyond what the
+/// workers hold moves on whenever some thread waits on the pool (`map`, `get`, an `imap`
+/// iterator, `join`): there is no helper thread. Dropping the pool terminates it, as leaving
+/// Python's `with Pool() as pool:` block does.
+pub struct Pool<S = ()> {
+    shared: Arc<Shared>,
+    chunksize: Option<usize>,
+    _state: PhantomData<fn() -> S>,
+}
+
+impl<S: 'static> Pool<S> {
+    /// Runs `task` on every item and returns the results in order.
+    ///
+    /// Every item runs, even after one has failed; then the error of the first failed item
+    /// (in item order) is returned. Use [`imap`](Self::imap) to see every item's own result.
+    pub fn map<A: Portable, R: Portable>(
+        &self,
+        task: Task<A, R, S>,
+        items: impl IntoIterator<Item = A>,
+    ) -> Result<Vec<R>> {
+        self.map_async(task, items)?.get()
+    }
+
+    /// Queues `task` on every item and returns at once; [`AsyncResult::get`] gives what
+    /// [`map`](Self::map) would have.
+    pub fn map_async<A: Portable, R: Portable>(
+        &self,
+        task: Task<A, R, S>,
+        items: impl IntoIterator<Item = A>,
+    ) -> Result<AsyncResult<Vec<R>>> {
+        let items: Vec<A> = items.into_iter().collect();
+        let chunksize = self.chunksize.unwrap_or_else(|| self.auto_chunksize(items.len()));
+        let chunks = encode_chunks(task.name(), &items, self.limit_chunk(chunksize))?;
+        let counts: Vec<usize> = chunks.iter().map(|(count, _)| *count).collect();
+        let ids = self.shared.submit(task.name(), chunks)?;
+        let name = task.name();
+        Ok(AsyncResult::new(&self.shared, ids, counts, move |outcomes, counts| {
+            let mut results = VecDeque::new();
+            let mut first = 0;
+            for (outcome, count) in outcomes.into_iter().zip(counts) {
+                decode_batch::<R>(outcome, *count, name, first, &mut results);
+                first += count;
+            }
+            results.into_iter().collect()
+        }))
+    }
+
+    /// Runs `task(args)` in a worker and waits for its result.
+    pub fn apply<A: Portable, R: Portable>(&self, task: Task<A, R, S>, args: A) -> Result<R> {
+        self.apply_async(task, args)?.get()
+    }
+
+    /// Queues `task(args)` and returns at once.
+    pub fn apply_async<A: Portable, R: Portable>(
+        &self,
+        task: Task<A, R, S>,
+        args: A,
+    ) -> Result<AsyncResult<R>> {
+        let chunks = encode_chunks(task.name(), std::slice::from_ref(&args), 1)?;
+        let ids = self.shared.submit(task.name(), chunks)?;
+        let name = task.name();
+        Ok(AsyncResult::new(&self.shared, ids, vec![1], move |outcomes, _| {
+            let mut results = VecDeque::new();
+            for outcome in outcomes {
+                decode_batch::<R>(outcome, 1, name, 0, &mut results);
+            }
+            results.pop_front().unwrap_or_else(|| {
+                Err(Error::new(ErrorKind::Protocol, format!("no result for pool task `{name}`")))
+            })
+        }))
+    }
+
+    /// Runs `task` on the items lazily, yielding each item's own result in order.
+    ///
+    /// The input is consumed as results are taken, with at most a few batches per worker in
+    /// flight, so an endless iterator works. Batches are `chunksize` items (default 1).
+    pub fn imap<A: Portable, R: Portable, I: IntoIterator<Item = A>>(
+        &self,
+        task: Task<A, R, S>,
+        items: I,
+    ) -> IMap<A, R, I::IntoIter> {
+        IMap::new(self, task, items.into_iter(), true)
+    }
+
+    /// Like [`imap`](Self::imap), but yields results as they finish, in any order.
+    pub fn imap_unordered<A: Portable, R: Portable, I: IntoIterator<Item = A>>(
+        &self,
+        task: Task<A, R, S>,
+        items: I,
+    ) -> IMap<A, R, I::IntoIter> {
+        IMap::new(self, task, items.into_iter(), false)
+    }
+
+    /// Accepts no more work; what is queued still runs, then the workers exit.
+    pub fn close(&self) {
+        self.shared.close();
+    }
+
+    /// Waits until every worker has exited; call [`close`](Self::close) (or
+    /// [`terminate`](Self::terminate)) first, or this fails with [`ErrorKind::InvalidState`].
+    pub fn join(&self) -> Result<()> {
+        self.shared.join()
+    }
+
+    /// Kills every worker at once: work that was queued or running fails with
+    /// [`ErrorKind::Cancelled`], and no process is left behind when this returns.
+    pub fn terminate(&self) {
+        self.shared.terminate();
+    }
+
+    /// The pids of the current workers.
+    pub fn pids(&self) -> Vec<u32> {
+        self.shared.pids()
+    }
+
+    /// The number of worker processes the pool keeps.
+    pub fn processes(&self) -> usize {
+        self.shared.config.processes
+    }
+
+    /// The start method of the workers.
+    pub fn start_method(&self) -> &'static str {
+        self.shared.config.method.name()
+    }
+
+    /// Python's rule: about four batches per worker.
+    fn auto_chunksize(&self, items: usize) -> usize {
+        if self.shared.config.task_timeout.is_some() {
+            return 1;
+        }
+        items.div_ceil(self.processes() * 4).max(1)
+    }
+
+    /// No batch may be larger than what a worker is allowed to run.
+    fn limit_chunk(&self, chunksize: usize) -> usize {
+        match self.shared.config.max_tasks_per_child {
+            Some(max) => chunksize.min(usize::try_from(max).unwrap_or(usize::MAX)),
+            None => chunksize,
+        }
+    }
+}
+
+impl<S> Drop for Pool<S> {
+    fn drop(&mut self) {
+        self.shared.terminate();
+    }
+}
+
+impl<S> fmt::Debug for Pool<S> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Pool")
+            .field("start_method", &self.shared.config.method.name())
+            .field("processes", &self.shared.config.processes)
+            .finish()
+    }
+}
+
+/// Encodes `items` in batches of `chunksize`: `(count, encoded Vec)`.
+fn encode_chunks<A: Portable>(
+    task: &str,
+    items: &[A],
+    chunksize: usize,
+) -> Result<Vec<(usize, Vec<u8>)>> {
+    items
+        .chunks(chunksize.max(1))
+        .map(|chunk| {
+            codec::encode(chunk).map(|bytes| (chunk.len(), bytes)).map_err(|e| {
+                Error::new(ErrorKind::Encode, format!("arguments of pool task `{task}`: {e}"))
+            })
+        })
+        .collect()
+}
+
+/// Turns one batch's outcome into `count` item results, appended to `out`.
+fn decode_batch<R: Portable>(
+    outcome: BatchOutcome,
+    count: usize,
+    task: &str,
+    first: usize,
+    out: &mut VecDeque<Result<R>>,
+) {
+    let items = match outcome {
+        Ok((body, offset)) => match codec::decode::<Vec<ItemResult<R>>>(&body[offset..]) {
+            Ok(items) if items.len() == count => items,
+            Ok(items) => {
+                let error = Error::new(
+                    ErrorKind::Protocol,
+                    format!("pool task `{task}`: {} results for a batch of {count}", items.len()),
+                );
+                out.extend((0..count).map(|_| Err(error.duplicate())));
+                return;
+            }
+            Err(e) => {
+                let error = Error::new(
+                    ErrorKind::Decode,
+                    format!("pool task `{task}` returned bytes that did not decode: {e}"),
+                );
+                out.extend((0..count).map(|_| Err(error.duplicate())));
+                return;
+            }
+        },
+        Err(error) => {
+            out.extend((0..count).map(|_| Err(error.duplicate())));
+            return;
+        }
+    };
+    out.extend(items.into_iter().enumerate().map(|(i, item)| match item {
+        ItemResult::Returned(value) => Ok(value),
+        ItemResult::Panicked(panic) => Err(Error::child(
+            format!("pool task `{task}` (item {})", first + i),
+            ChildFailure::Panicked(panic),
+            None,
+        )),
+        ItemResult::Unencodable(message) => Err(Error::new(
+            ErrorKind::Encode,
+            format!("pool task `{task}` (item {}) returned a value that could not be encoded: {message}", first + i),
+        )),
+    }));
+}
+
+/// Turns the outcomes of a call's batches into its result.
+type Finish<T> = Box<dyn FnOnce(Vec<BatchOutcome>, &[usize]) -> Result<T> + Send>;
+
+/// The pending result of [`Pool::apply_async`] or [`Pool::map_async`].
+///
+/// Dropping it before the result arrived cancels what has not started and discards the rest.
+pub struct AsyncResult<T> {
+    shared: Arc<Shared>,
+    ids: Vec<BatchId>,
+    counts: Vec<usize>,
+    finish: Option<Finish<T>>,
+}
+
+impl<T> AsyncResult<T> {
+    fn new(
+        shared: &Arc<Shared>,
+        ids: Vec<BatchId>,
+        counts: Vec<usize>,
+        finish: impl FnOnce(Vec<BatchOutcome>, &[usize]) -> Result<T> + Send + 'static,
+    ) -> Self {
+        AsyncResult { shared: Arc::clone(shared), ids, counts, finish: Some(Box::new(finish)) }
+    }
+
+    /// Waits for the result.
+    pub fn get(mut self) -> Result<T> {
+        self.wait_until(None);
+        self.take()
+    }
+
+    /// Waits at most `timeout`: `Ok(None)` if the result is not there by then.
+    ///
+    /// Once this has returned the result (or its error), a later call gives an
+    /// [`ErrorKind::ResultTaken`] error.
+    pub fn get_timeout(&mut self, timeout: Duration) -> Result<Option<T>> {
+        if self.finish.is_some() && !self.wait_until(Some(Instant::now() + timeout)) {
+            return Ok(None);
+        }
+        self.take().map(Some)
+    }
+
+    /// Whether the result has arrived (never blocks).
+    pub fn ready(&self) -> bool {
+        self.wait_until(Some(Instant::now()))
+    }
+
+    /// Waits until the result has arrived, without taking it.
+    pub fn wait(&self) {
+        self.wait_until(None);
+    }
+
+    /// Waits at most `timeout` for the result; true if it has arrived.
+    pub fn wait_timeout(&self, timeout: Duration) -> bool {
+        self.wait_until(Some(Instant::now() + timeout))
+    }
+
+    fn wait_until(&self, deadline: Option<Instant>) -> bool {
+        self.shared.drive_until(deadline, |engine| self.ids.iter().all(|id| engine.is_done(*id)))
+    }
+
+    fn take(&mut self) -> Result<T> {
+        let Some(finish) = self.finish.take() else {
+            return Err(Error::new(ErrorKind::ResultTaken, "this pool result was already taken"));
+        };
+        let outcomes: Vec<BatchOutcome> = {
+            let mut engine = self.shared.lock();
+            self.ids
+                .drain(..)
+                .map(|id| {
+                    engine.take(id).unwrap_or_else(|| {
+                        Err(Error::new(ErrorKind::Protocol, "a pool batch result went missing"))
+                    })
+                })
+                .collect()
+        };
+        finish(outcomes, &self.counts)
+    }
+}
+
+impl<T> Drop for AsyncResult<T> {
+    fn drop(&mut self) {
+        if !self.ids.is_empty() {
+            self.shared.abandon(self.ids.drain(..));
+        }
+    }
+}
+
+impl<T> fmt::Debug for AsyncResult<T> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("AsyncResult").field("batches", &self.ids.len()).finish()
+    }
+}
+
+/// The iterator of [`Pool::imap`] and [`Pool::imap_unordered`]: one `Result` per item.
+pub struct IMap<A, R, I> {
+    shared: Arc<Shared>,
+    task: &'static str,
+    input: Option<I>,
+    chunksize: usize,
+    /// Batches allowed in flight at once.
+    window: usize,
+    /// Submitted and not yet taken: `(batch, item count, index of its first item)`.
+    submitted: VecDeque<(BatchId, usize, usize)>,
+    next_index: usize,
+    ready: VecDeque<Result<R>>,
+    ordered: bool,
+    _args: PhantomData<fn(A)>,
+}
+
+impl<A: Portable, R: Portable, I: Iterator<Item = A>> IMap<A, R, I> {
+    fn new<S: 'static>(pool: &Pool<S>, task: Task<A, R, S>, input: I, ordered: bool) -> Self {
+        IMap {
+            shared: Arc::clone(&pool.shared),
+            task: task.name(),
+            input: Some(input),
+            chunksize: pool.limit_chunk(pool.chunksize.unwrap_or(1)),
+            window: 2 * pool.processes() + 1,
+            submitted: VecDeque::new(),
+            next_index: 0,
+            ready: VecDeque::new(),
+            ordered,
+            _args: PhantomData,
+        }
+    }
+
+    /// Takes items from the input and submits batches until the window is full.
+    fn fill(&mut self) {
+        while self.submitted.len() < self.window {
+            let Some(input) = self.input.as_mut() else { return };
+            let chunk: Vec<A> = input.by_ref().take(self.chunksize).collect();
+            if chunk.len() < self.chunksize {
+                self.input = None;
+            }
+            if chunk.is_empty() {
+                return;
+            }
+            let first = self.next_index;
+            self.next_index += chunk.len();
+            let submitted = encode_chunks(self.task, &chunk, chunk.len())
+                .and_then(|batches| self.shared.submit(self.task, batches));
+            match submitted {
+                Ok(ids) => {
+                    self.submitted.extend(ids.into_iter().map(|id| (id, chunk.len(), first)))
+                }
+                Err(error) => {
+                    self.ready.extend((0..chunk.len()).map(|_| Err(error.duplicate())));
+                    self.input = None;
+                    return;
+                }
+            }
+        }
+    }
+}
+
+impl<A: Portable, R: Portable, I: Iterator<Item = A>> Iterator for IMap<A, R, I> {
+    type Item = Result<R>;
+
+    fn next(&mut self) -> Option<Result<R>> {
+        loop {
+            if let Some(result) = self.ready.pop_front() {
+                return Some(result);
+            }
+            self.fill();
+            if self.submitted.is_empty() {
+                return self.ready.pop_front();
+            }
+            let submitted = &self.submitted;
+            let ordered = self.ordered;
+            let mut found = None;
+            self.shared.drive_until(None, |engine| {
+                found = if ordered {
+                    submitted.front().filter(|(id, _, _)| engine.is_done(*id)).map(|_| 0)
+                } else {
+                    submitted.iter().position(|(id, _, _)| engine.is_done(*id))
+                };
+                found.is_some()
+            });
+            let position = found.expect("drive_until returns once found");
+            let (id, count, first) = self.submitted.remove(position).expect("position exists");
+            let outcome = self.shared.lock().take(id).unwrap_or_else(|| {
+                Err(Error::new(ErrorKind::Protocol, "a pool batch result went missing"))
+            });
+            decode_batch(outcome, count, self.task, first, &mut self.ready);
+        }
+    }
+}
+
+impl<A, R, I> Drop for IMap<A, R, I> {
+    fn drop(&mut self) {
+        if !self.submitted.is_empty() {
+            self.shared.abandon(self.submitted.drain(..).map(|(id, _, _)| id));
+        }
+    }
+}
+
+impl<A, R, I> fmt::Debug for IMap<A, R, I> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("IMap")
+            .field("task", &self.task)
+            .field("in_flight", &self.submitted.len())
+            .finish()
+    }
+}

@@ -1,0 +1,451 @@
+//! Pool scenarios, under the start method being tested: results and state, laziness, async
+//! handles, every per-item failure, worker replacement, termination, and use from threads.
+
+use std::collections::{BTreeMap, HashSet};
+use std::io::Write;
+use std::os::fd::AsFd;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use libtest_mimic::Failed;
+use multiproc::{Context, ErrorKind, ExitStatus, Pool, task};
+use multiproc_core::sys;
+use serde::{Serialize, Serializer};
+
+use crate::Scenario;
+use crate::common::{
+    DEADLINE, Gate, add, check_in, ensure, fd_count, join, living_children, nap, read_pid,
+    wait_gone, whoami, zombie_children,
+};
+
+pub const SCENARIOS: &[Scenario] = &[
+    ("pool_map_returns_results_in_order", map_in_order),
+    ("pool_initializer_state_is_built_once_per_worker", initializer_state),
+    ("pool_imap_consumes_an_endless_input_lazily", imap_lazy),
+    ("pool_imap_unordered_yields_every_result", imap_unordered),
+    ("pool_apply_async_get_timeout_ready_wait", apply_async),
+    ("pool_panic_fails_only_its_item", panic_per_item),
+    ("pool_killed_worker_fails_its_item_and_is_replaced", killed_worker),
+    ("pool_unencodable_result_fails_its_item", unencodable_item),
+    ("pool_initializer_panic_fails_build", initializer_panic),
+    ("pool_terminate_with_10000_outstanding_tasks", terminate_outstanding),
+    ("pool_task_timeout_kills_and_replaces_the_worker", task_timeout),
+    ("pool_max_tasks_per_child_replaces_workers", max_tasks),
+    ("pool_used_from_four_threads_at_once", from_threads),
+    ("pool_close_and_join", close_and_join),
+];
+
+/// Squares a number.
+#[task]
+fn square(x: u64) -> u64 {
+    x * x
+}
+
+/// Starts one process first, so that a forkserver (and its descriptors) exists before fds are
+/// counted.
+fn warm_up(ctx: &Context) -> Result<(), Failed> {
+    join(ctx.process(add, (0, 0)).start()?)??;
+    Ok(())
+}
+
+/// Our children other than the forkserver.
+fn children_besides_server() -> Vec<u32> {
+    let server = multiproc::forkserver_pid();
+    living_children().into_iter().filter(|pid| Some(*pid) != server).collect()
+}
+
+/// Runs `body` with a pool and checks that the pool left no descriptor, zombie or process.
+fn with_pool<S: 'static>(
+    ctx: &Context,
+    build: impl FnOnce() -> multiproc::Result<Pool<S>>,
+    body: impl FnOnce(&Pool<S>) -> Result<(), Failed>,
+) -> Result<(), Failed> {
+    warm_up(ctx)?;
+    let fds = fd_count();
+    let pool = build()?;
+    let pids = pool.pids();
+    let outcome = body(&pool);
+    drop(pool);
+    outcome?;
+    for pid in pids {
+        ensure(wait_gone(pid, DEADLINE).is_some(), || format!("worker {pid} outlived its pool"))?;
+    }
+    ensure(zombie_children().is_empty(), || format!("zombies: {:?}", zombie_children()))?;
+    let after = fd_count();
+    ensure(after == fds, || format!("fds before the pool {fds}, after {after}"))
+}
+
+fn map_in_order(ctx: &Context) -> Result<(), Failed> {
+    with_pool(
+        ctx,
+        || ctx.pool().processes(2).build(),
+        |pool| {
+            ensure(pool.start_method() == ctx.start_method(), || "start method".into())?;
+            ensure(pool.pids().len() == 2, || format!("pids {:?}", pool.pids()))?;
+            let squares = pool.map(square, 0..10_000u64)?;
+            let expected: Vec<u64> = (0..10_000u64).map(|x| x * x).collect();
+            ensure(squares == expected, || "map results out of order or wrong".into())?;
+            ensure(pool.map(square, Vec::new())?.is_empty(), || "empty map".into())
+        },
+    )
+}
+
+/// The popcount cache of the issue: built once per worker.
+#[task]
+fn load_cache(n: u32) -> (u32, Vec<String>) {
+    (std::process::id(), (0..n).map(|i| format!("{i:b}")).collect())
+}
+
+/// Counts the ones of `i` from the cache; also says which process built the cache it used.
+#[task]
+fn ones(cache: &(u32, Vec<String>), i: u32) -> (usize, u32, u32) {
+    (cache.1[i as usize].matches('1').count(), cache.0, std::process::id())
+}
+
+fn initializer_state(ctx: &Context) -> Result<(), Failed> {
+    with_pool(
+        ctx,
+        || ctx.pool().processes(3).initializer(load_cache, 4096).build(),
+        |pool| {
+            let counts = pool.map(ones, 0..4096u32)?;
+            for (i, (count, built_by, ran_in)) in counts.iter().enumerate() {
+                ensure(*count == i.count_ones() as usize, || format!("popcount of {i}: {count}"))?;
+                ensure(built_by == ran_in, || format!("item {i} used another worker's cache"))?;
+            }
+            let workers: HashSet<u32> = counts.iter().map(|(_, _, pid)| *pid).collect();
+            let pool_pids: HashSet<u32> = pool.pids().into_iter().collect();
+            ensure(workers.is_subset(&pool_pids), || format!("{workers:?} vs {pool_pids:?}"))
+        },
+    )
+}
+
+fn imap_lazy(ctx: &Context) -> Result<(), Failed> {
+    with_pool(
+        ctx,
+        || ctx.pool().processes(2).build(),
+        |pool| {
+            let produced = AtomicUsize::new(0);
+            let endless = (0u64..).inspect(|_| {
+                produced.fetch_add(1, Ordering::Relaxed);
+            });
+            let first: Vec<u64> =
+                pool.imap(square, endless).take(100).collect::<multiproc::Result<_>>()?;
+            ensure(first == (0..100u64).map(|x| x * x).collect::<Vec<_>>(), || {
+                "imap results".into()
+            })?;
+            // Chunks of one, at most 2 × processes + 1 in flight beyond what was taken.
+            let produced = produced.load(Ordering::Relaxed);
+            ensure(produced <= 100 + 2 * 2 + 1 + 1, || {
+                format!("imap took {produced} items from the input to yield 100")
+            })
+        },
+    )
+}
+
+fn imap_unordered(ctx: &Context) -> Result<(), Failed> {
+    with_pool(
+        ctx,
+        || ctx.pool().processes(3).chunksize(7).build(),
+        |pool| {
+            let mut got: Vec<u64> =
+                pool.imap_unordered(square, 0..1000u64).collect::<multiproc::Result<_>>()?;
+            got.sort_unstable();
+            ensure(got == (0..1000u64).map(|x| x * x).collect::<Vec<_>>(), || {
+                "imap_unordered lost or changed results".into()
+            })
+        },
+    )
+}
+
+/// Checks in at the gate, waits for the test's word, then returns `value`.
+#[task]
+fn gated(path: PathBuf, value: u64) -> u64 {
+    check_in(&path, value)
+}
+
+fn apply_async(ctx: &Context) -> Result<(), Failed> {
+    with_pool(
+        ctx,
+        || ctx.pool().processes(2).build(),
+        |pool| {
+            ensure(pool.apply(add, (20, 22))? == 42, || "apply".into())?;
+            let gate = Gate::new("apply")?;
+            let mut pending = pool.apply_async(gated, (gate.path(), 7))?;
+            let mut stream = gate.accept()?;
+            let pid = read_pid(&mut stream)?;
+            ensure(pool.pids().contains(&pid), || format!("ran in {pid}, not a worker"))?;
+            // The task is provably still running: it waits for us.
+            ensure(!pending.ready(), || "ready before the task could finish".into())?;
+            ensure(pending.get_timeout(Duration::from_millis(20))?.is_none(), || {
+                "get_timeout returned a value the task had not produced".into()
+            })?;
+            stream.write_all(b"!")?;
+            ensure(pending.wait_timeout(DEADLINE), || "wait_timeout".into())?;
+            ensure(pending.ready(), || "not ready after wait".into())?;
+            let value = pending.get_timeout(DEADLINE)?;
+            ensure(value == Some(7), || format!("got {value:?}"))?;
+            let again = pending.get_timeout(DEADLINE).expect_err("taken");
+            ensure(again.kind() == ErrorKind::ResultTaken, || format!("{again:?}"))?;
+            let sums = pool.map_async(add, (0..100u64).map(|i| (i, i)))?;
+            sums.wait();
+            ensure(sums.get()? == (0..100u64).map(|i| 2 * i).collect::<Vec<_>>(), || {
+                "map_async".into()
+            })
+        },
+    )
+}
+
+/// Panics on 13, squares the rest.
+#[task]
+fn unlucky(x: u64) -> u64 {
+    if x == 13 {
+        panic!("thirteen");
+    }
+    x * x
+}
+
+fn panic_per_item(ctx: &Context) -> Result<(), Failed> {
+    with_pool(
+        ctx,
+        || ctx.pool().processes(2).build(),
+        |pool| {
+            let before: HashSet<u32> = pool.pids().into_iter().collect();
+            let error = pool.map(unlucky, 0..50u64).expect_err("item 13 panics");
+            ensure(error.kind() == ErrorKind::Panicked, || format!("{error:?}"))?;
+            let panic = error.panic().ok_or("no panic details")?;
+            ensure(panic.message == "thirteen", || format!("{panic:?}"))?;
+            ensure(panic.location.as_deref().is_some_and(|l| l.contains("pool.rs")), || {
+                format!("location {:?}", panic.location)
+            })?;
+            ensure(error.to_string().contains("item 13"), || error.to_string())?;
+            let each: Vec<multiproc::Result<u64>> = pool.imap(unlucky, 0..50u64).collect();
+            for (i, result) in each.iter().enumerate() {
+                match result {
+                    Ok(value) => ensure(i != 13 && *value == (i * i) as u64, || format!("{i}"))?,
+                    Err(e) => ensure(i == 13 && e.kind() == ErrorKind::Panicked, || {
+                        format!("item {i}: {e}")
+                    })?,
+                }
+            }
+            let after: HashSet<u32> = pool.pids().into_iter().collect();
+            ensure(before == after, || "a panic replaced a worker".into())
+        },
+    )
+}
+
+fn killed_worker(ctx: &Context) -> Result<(), Failed> {
+    with_pool(
+        ctx,
+        || ctx.pool().processes(2).build(),
+        |pool| {
+            let gate = Gate::new("kill")?;
+            let doomed = pool.apply_async(gated, (gate.path(), 1))?;
+            let mut stream = gate.accept()?;
+            let victim = read_pid(&mut stream)?;
+            let others = pool.map_async(square, 0..200u64)?;
+            let pidfd = sys::pidfd_open(victim)?;
+            sys::pidfd_send_signal(pidfd.as_fd(), libc::SIGKILL)?;
+            let error = doomed.get().expect_err("its worker was killed");
+            ensure(error.kind() == ErrorKind::ChildExited, || format!("{error:?}"))?;
+            ensure(error.exit_status() == Some(ExitStatus::Signaled(libc::SIGKILL)), || {
+                format!("status {:?}", error.exit_status())
+            })?;
+            ensure(others.get()? == (0..200u64).map(|x| x * x).collect::<Vec<_>>(), || {
+                "other items".into()
+            })?;
+            let pids = pool.pids();
+            ensure(pids.len() == 2 && !pids.contains(&victim), || {
+                format!("workers {pids:?} after {victim} was killed")
+            })?;
+            ensure(pool.apply(add, (1, 1))? == 2, || "pool after replacement".into())
+        },
+    )
+}
+
+/// Serializes only even numbers.
+#[derive(Debug, serde::Deserialize)]
+pub struct EvenOnly(u64);
+
+impl Serialize for EvenOnly {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        if self.0.is_multiple_of(2) {
+            serializer.serialize_u64(self.0)
+        } else {
+            Err(serde::ser::Error::custom(format!("{} is odd", self.0)))
+        }
+    }
+}
+
+#[task]
+fn even_only(x: u64) -> EvenOnly {
+    EvenOnly(x)
+}
+
+fn unencodable_item(ctx: &Context) -> Result<(), Failed> {
+    with_pool(
+        ctx,
+        || ctx.pool().processes(1).chunksize(10).build(),
+        |pool| {
+            let results: Vec<_> = pool.imap(even_only, 0..10u64).collect();
+            for (i, result) in results.iter().enumerate() {
+                match result {
+                    Ok(EvenOnly(v)) => ensure(i % 2 == 0 && *v == i as u64, || format!("{i}"))?,
+                    Err(e) => ensure(
+                        i % 2 == 1
+                            && e.kind() == ErrorKind::Encode
+                            && e.to_string().contains(&format!("{i} is odd")),
+                        || format!("item {i}: {e}"),
+                    )?,
+                }
+            }
+            Ok(())
+        },
+    )
+}
+
+/// An initializer that panics.
+#[task]
+fn broken_init(message: String) -> Vec<u8> {
+    panic!("{message}")
+}
+
+/// Reads the state of a pool that never gets built.
+#[task]
+fn first_byte(state: &Vec<u8>, _: ()) -> u8 {
+    state[0]
+}
+
+fn initializer_panic(ctx: &Context) -> Result<(), Failed> {
+    warm_up(ctx)?;
+    let fds = fd_count();
+    let built = ctx.pool().processes(3).initializer(broken_init, "no cache".to_owned()).build();
+    let error = match built {
+        Ok(pool) => return Err(format!("built {pool:?}: {:?}", pool.apply(first_byte, ())).into()),
+        Err(error) => error,
+    };
+    ensure(error.kind() == ErrorKind::Panicked, || format!("{error:?}"))?;
+    ensure(error.panic().is_some_and(|p| p.message == "no cache"), || format!("{error:?}"))?;
+    ensure(error.to_string().contains("initializer"), || error.to_string())?;
+    let left = children_besides_server();
+    ensure(left.is_empty(), || format!("left {left:?}"))?;
+    ensure(zombie_children().is_empty(), || "zombies".into())?;
+    ensure(fd_count() == fds, || "fds".into())
+}
+
+fn terminate_outstanding(ctx: &Context) -> Result<(), Failed> {
+    with_pool(
+        ctx,
+        || ctx.pool().processes(2).build(),
+        |pool| {
+            let pids = pool.pids();
+            let outstanding: Vec<_> = (0..10_000)
+                .map(|_| pool.apply_async(nap, DEADLINE * 10))
+                .collect::<multiproc::Result<_>>()?;
+            let started = Instant::now();
+            pool.terminate();
+            eprintln!("terminate with 10,000 outstanding tasks took {:?}", started.elapsed());
+            for pid in &pids {
+                ensure(wait_gone(*pid, Duration::ZERO).is_some(), || {
+                    format!("worker {pid} still runs after terminate()")
+                })?;
+            }
+            ensure(pool.pids().is_empty(), || "workers listed after terminate".into())?;
+            for pending in outstanding {
+                let error = pending.get().expect_err("cancelled");
+                ensure(error.kind() == ErrorKind::Cancelled, || format!("{error:?}"))?;
+            }
+            let refused = pool.apply(add, (1, 1)).expect_err("terminated");
+            ensure(refused.kind() == ErrorKind::InvalidState, || format!("{refused:?}"))
+        },
+    )
+}
+
+fn task_timeout(ctx: &Context) -> Result<(), Failed> {
+    with_pool(
+        ctx,
+        || ctx.pool().processes(1).task_timeout(Duration::from_millis(300)).build(),
+        |pool| {
+            let before = pool.pids();
+            let error = pool.apply(nap, DEADLINE * 10).expect_err("over its limit");
+            ensure(error.kind() == ErrorKind::Timeout, || format!("{error:?}"))?;
+            ensure(error.exit_status() == Some(ExitStatus::Signaled(libc::SIGKILL)), || {
+                format!("{:?}", error.exit_status())
+            })?;
+            ensure(pool.apply(add, (2, 3))? == 5, || "after a timeout".into())?;
+            let after = pool.pids();
+            ensure(after.len() == 1 && after != before, || format!("{before:?} → {after:?}"))
+        },
+    )
+}
+
+fn max_tasks(ctx: &Context) -> Result<(), Failed> {
+    with_pool(
+        ctx,
+        || ctx.pool().processes(1).max_tasks_per_child(2).chunksize(1).build(),
+        |pool| {
+            let pids = pool.map(whoami, vec![(); 6])?;
+            let mut uses: BTreeMap<u32, usize> = BTreeMap::new();
+            for pid in &pids {
+                *uses.entry(*pid).or_default() += 1;
+            }
+            ensure(uses.len() == 3 && uses.values().all(|n| *n == 2), || {
+                format!("tasks per worker: {uses:?}")
+            })?;
+            let pids = pool.map(whoami, vec![(); 5])?;
+            ensure(pids.len() == 5, || "second map".into())?;
+            pool.close();
+            pool.join()?;
+            ensure(pool.pids().is_empty(), || "workers after join".into())
+        },
+    )
+}
+
+fn from_threads(ctx: &Context) -> Result<(), Failed> {
+    with_pool(
+        ctx,
+        || ctx.pool().processes(2).build(),
+        |pool| {
+            std::thread::scope(|scope| {
+                let threads: Vec<_> = (0..4u64)
+                    .map(|t| {
+                        scope.spawn(move || {
+                            let items = (t * 1000..(t + 1) * 1000).collect::<Vec<u64>>();
+                            let got = pool.map(square, items.clone());
+                            (items, got)
+                        })
+                    })
+                    .collect();
+                for thread in threads {
+                    let (items, got) = thread.join().map_err(|_| "thread panicked")?;
+                    let expected: Vec<u64> = items.iter().map(|x| x * x).collect();
+                    ensure(got? == expected, || "a thread got another's results".into())?;
+                }
+                Ok(())
+            })
+        },
+    )
+}
+
+fn close_and_join(ctx: &Context) -> Result<(), Failed> {
+    with_pool(
+        ctx,
+        || ctx.pool().processes(2).build(),
+        |pool| {
+            let early = pool.join().expect_err("join before close");
+            ensure(early.kind() == ErrorKind::InvalidState, || format!("{early:?}"))?;
+            let queued = pool.map_async(square, 0..100u64)?;
+            pool.close();
+            let refused = pool.apply(add, (1, 1)).expect_err("closed");
+            ensure(refused.kind() == ErrorKind::InvalidState, || format!("{refused:?}"))?;
+            // Work queued before close() still runs.
+            ensure(queued.get()?.len() == 100, || "queued work".into())?;
+            let pids = pool.pids();
+            pool.join()?;
+            for pid in pids {
+                ensure(wait_gone(pid, Duration::ZERO).is_some(), || format!("{pid} runs"))?;
+            }
+            ensure(pool.pids().is_empty(), || "workers after join".into())
+        },
+    )
+}
