@@ -3,8 +3,9 @@
 //!
 //! `cargo xtask bench` (or `-- --quick` for a smoke run whose numbers mean nothing).
 
-use std::time::{Duration, Instant};
+mod common;
 
+use common::{Stats, measure};
 use multiproc::{Context, task};
 use multiproc_core::sys::{self, Forked};
 use multiproc_core::{ChildHandle, DirectChild};
@@ -15,27 +16,6 @@ fn noop() {}
 
 /// When set, `main` exits at once: the raw `posix_spawn` baseline runs this binary to `main`.
 const EXIT_AT_ONCE: &str = "MULTIPROC_BENCH_EXIT_AT_ONCE";
-
-struct Stats {
-    median: Duration,
-    min: Duration,
-    max: Duration,
-}
-
-fn measure(runs: usize, mut f: impl FnMut()) -> Stats {
-    for _ in 0..runs.div_ceil(10) {
-        f();
-    }
-    let mut times: Vec<Duration> = (0..runs)
-        .map(|_| {
-            let started = Instant::now();
-            f();
-            started.elapsed()
-        })
-        .collect();
-    times.sort();
-    Stats { median: times[times.len() / 2], min: times[0], max: times[times.len() - 1] }
-}
 
 fn raw_fork() {
     match sys::fork_single_threaded(&[]) {
@@ -66,7 +46,7 @@ fn main() {
     if std::env::var_os(EXIT_AT_ONCE).is_some() {
         return;
     }
-    let quick = std::env::args().any(|a| a == "--quick");
+    let quick = common::quick();
     let runs = if quick { 5 } else { 300 };
     let row = |name: &str, s: &Stats, base: Option<&Stats>| {
         let ratio = base.map_or(String::new(), |b| {

@@ -3,9 +3,9 @@
 //! - `test-all-methods`: the workspace's unit tests, then the integration suite once per start
 //!   method, with a method × passed/failed table; non-zero exit if anything failed.
 //! - `ci`: fmt, clippy `-D warnings`, test-all-methods, docs with warnings denied, every example
-//!   with a timeout, and the benchmark in quick mode (which checks that it runs, not its times).
+//!   with a timeout, and the benchmarks in quick mode (which checks that they run, not their times).
 //! - `bench [--quick]`: the benchmarks (start-up with ratios against raw syscalls, forkserver
-//!   preload memory).
+//!   preload memory, pool against a raw socket ping-pong and Python's `multiprocessing.Pool`).
 
 use std::path::PathBuf;
 use std::process::{Command, ExitCode, Stdio};
@@ -156,7 +156,7 @@ fn run_examples() -> Result<(), String> {
 }
 
 /// The benchmarks, in the order `cargo xtask bench` runs them.
-const BENCHES: &[&str] = &["startup", "preload"];
+const BENCHES: &[&str] = &["startup", "preload", "pool"];
 
 fn bench(quick: bool) -> Result<(), String> {
     for name in BENCHES {

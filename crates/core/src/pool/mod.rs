@@ -14,7 +14,7 @@
 //! fails only its item, and the worker keeps serving. A worker that dies (killed, out of
 //! memory, a crash in C code) fails the batch it was running, with its exit status; the batch
 //! queued behind it runs elsewhere, and a new worker takes its place. The engine behind this is
-//! in [`engine`]; there is no helper thread (see there why).
+//! in `pool/engine.rs`; it has no helper thread (ARCHITECTURE.md says why).
 
 mod engine;
 
