@@ -9,6 +9,7 @@
 mod common;
 mod failures;
 mod forkserver;
+mod ipc;
 mod lifecycle;
 mod pool;
 mod protocol;
@@ -27,8 +28,14 @@ fn main() {
     // multi-threaded process, and the fd and zombie accounting of one test must not see the
     // children of another.
     args.test_threads = Some(1);
-    let mut scenarios =
-        [lifecycle::SCENARIOS, failures::SCENARIOS, protocol::SCENARIOS, pool::SCENARIOS].concat();
+    let mut scenarios = [
+        lifecycle::SCENARIOS,
+        failures::SCENARIOS,
+        protocol::SCENARIOS,
+        pool::SCENARIOS,
+        ipc::SCENARIOS,
+    ]
+    .concat();
     if method == "forkserver" {
         scenarios.extend_from_slice(forkserver::SCENARIOS);
     }

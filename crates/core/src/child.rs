@@ -7,13 +7,14 @@
 //! unwind through, the stack frames it copied from its parent.
 
 use std::io::Write;
-use std::os::fd::{AsFd, OwnedFd};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::panic::{self, AssertUnwindSafe};
 use std::sync::{Mutex, OnceLock};
 use std::thread::{self, ThreadId};
 use std::time::{Duration, Instant};
 
 use crate::channel::{Channel, FrameError};
+use crate::codec;
 use crate::error::{ErrorKind, RemotePanic};
 use crate::registry::{self, CallError, State};
 use crate::role::Role;
@@ -47,7 +48,8 @@ pub fn fingerprint() -> u64 {
 
 /// What the task did, ready to be sent.
 enum Outcome {
-    Returned(Vec<u8>),
+    /// The encoded value and the descriptors it holds.
+    Returned(Vec<u8>, Vec<OwnedFd>),
     Panicked(RemotePanic),
     Failed(FailReason, String),
 }
@@ -57,13 +59,14 @@ pub fn serve(mut channel: Channel) -> ! {
     if say_hello(&channel).is_err() {
         sys::exit_immediately(EXIT_FAILED);
     }
-    let frame = match channel.recv(None, None) {
+    let mut frame = match channel.recv(None, None) {
         Ok(frame) => frame,
         // The parent went away before telling us what to do: nothing to report, nobody to
         // report it to.
         Err(FrameError::Disconnected) => sys::exit_immediately(EXIT_FAILED),
         Err(e) => finish(&channel, Outcome::Failed(FailReason::Protocol, format!("{e}"))),
     };
+    let fds = std::mem::take(&mut frame.fds);
     let (start, args) = match wire::decode::<Start>(&frame) {
         Ok(decoded) => decoded,
         Err(e) => finish(
@@ -91,7 +94,7 @@ pub fn serve(mut channel: Channel) -> ! {
         Err(e) => finish(&channel, Outcome::Failed(lookup_failure(&e), e.to_string())),
     };
     prepare(&start, &channel);
-    let outcome = run_guarded(&start, || (entry.run)(&(), args));
+    let outcome = run_guarded(&start, || codec::with_fds(fds, || (entry.run)(&(), args)));
     finish(&channel, outcome)
 }
 
@@ -136,7 +139,7 @@ fn run_worker(
     }
     let mut out = Vec::new();
     loop {
-        let frame = match channel.recv(None, None) {
+        let mut frame = match channel.recv(None, None) {
             Ok(frame) => frame,
             Err(FrameError::Disconnected) => {
                 let _ = std::io::stdout().flush();
@@ -145,6 +148,7 @@ fn run_worker(
             }
             Err(_) => sys::exit_immediately(EXIT_FAILED),
         };
+        let fds = std::mem::take(&mut frame.fds);
         let (ToWorker::Batch { id, task }, args) = match wire::decode::<ToWorker>(&frame) {
             Ok(decoded) => decoded,
             Err(e) => finish(
@@ -153,19 +157,24 @@ fn run_worker(
             ),
         };
         out.clear();
-        let reply = match registry::lookup(&task) {
-            Ok(entry) => match (entry.run_batch)(&*state, args, &mut out) {
-                Ok(()) => ToParent::BatchDone { id },
-                Err(e) => {
-                    ToParent::BatchFailed { id, reason: call_failure(&e), message: e.to_string() }
+        let (reply, out_fds) = codec::collecting_fds(|| match registry::lookup(&task) {
+            Ok(entry) => {
+                match codec::with_fds(fds, || (entry.run_batch)(&*state, args, &mut out)) {
+                    Ok(()) => ToParent::BatchDone { id },
+                    Err(e) => ToParent::BatchFailed {
+                        id,
+                        reason: call_failure(&e),
+                        message: e.to_string(),
+                    },
                 }
-            },
+            }
             Err(e) => {
                 ToParent::BatchFailed { id, reason: lookup_failure(&e), message: e.to_string() }
             }
-        };
+        });
         let payload: &[u8] = if matches!(reply, ToParent::BatchDone { .. }) { &out } else { &[] };
-        if wire::send(&channel, &reply, payload, &[], None, None).is_err() {
+        let out_fds: Vec<BorrowedFd<'_>> = out_fds.iter().map(AsFd::as_fd).collect();
+        if wire::send(&channel, &reply, payload, &out_fds, None, None).is_err() {
             sys::exit_immediately(EXIT_FAILED);
         }
     }
@@ -285,10 +294,10 @@ fn run_guarded(start: &Start, call: impl FnOnce() -> Result<Vec<u8>, CallError>)
     let span = tracing::debug_span!("child", pid = std::process::id(), name = %start.name);
     let _entered = span.enter();
     tracing::debug!(task = %start.task, "running task");
-    match catch_panic(call) {
-        Ok(Ok(bytes)) => Outcome::Returned(bytes),
-        Ok(Err(error)) => Outcome::Failed(call_failure(&error), error.to_string()),
-        Err(panic) => Outcome::Panicked(panic),
+    match codec::collecting_fds(|| catch_panic(call)) {
+        (Ok(Ok(bytes)), fds) => Outcome::Returned(bytes, fds),
+        (Ok(Err(error)), _) => Outcome::Failed(call_failure(&error), error.to_string()),
+        (Err(panic), _) => Outcome::Panicked(panic),
     }
 }
 
@@ -323,15 +332,18 @@ pub fn catch_panic<T>(f: impl FnOnce() -> T) -> Result<T, RemotePanic> {
 
 /// Sends the outcome, flushes stdio and ends the process.
 fn finish(channel: &Channel, outcome: Outcome) -> ! {
-    let (message, payload, code) = match outcome {
-        Outcome::Returned(bytes) => (ToParent::Returned, bytes, EXIT_OK),
-        Outcome::Panicked(panic) => (ToParent::Panicked(panic), Vec::new(), EXIT_FAILED),
+    let (message, payload, fds, code) = match outcome {
+        Outcome::Returned(bytes, fds) => (ToParent::Returned, bytes, fds, EXIT_OK),
+        Outcome::Panicked(panic) => {
+            (ToParent::Panicked(panic), Vec::new(), Vec::new(), EXIT_FAILED)
+        }
         Outcome::Failed(reason, message) => {
-            (ToParent::Failed { reason, message }, Vec::new(), EXIT_FAILED)
+            (ToParent::Failed { reason, message }, Vec::new(), Vec::new(), EXIT_FAILED)
         }
     };
+    let fds: Vec<BorrowedFd<'_>> = fds.iter().map(AsFd::as_fd).collect();
     // A parent that is gone cannot be told; the exit code still says what happened.
-    let _ = wire::send(channel, &message, &payload, &[], None, None);
+    let _ = wire::send(channel, &message, &payload, &fds, None, None);
     let _ = std::io::stdout().flush();
     let _ = std::io::stderr().flush();
     sys::exit_immediately(code)

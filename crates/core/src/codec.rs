@@ -9,7 +9,9 @@
 //! few power-of-16 tiers at or above 16 times the input: an honest value always fits, and a
 //! lying length can never cost more than 256 times the bytes that actually arrived.
 
+use std::cell::RefCell;
 use std::fmt;
+use std::os::fd::{BorrowedFd, OwnedFd};
 
 use bincode::config;
 use serde::Serialize;
@@ -32,6 +34,80 @@ impl CodecError {
     pub fn new(message: impl Into<String>) -> Self {
         CodecError(message.into())
     }
+}
+
+thread_local! {
+    /// Descriptors collected while encoding inside [`collecting_fds`], in order.
+    static OUTGOING: RefCell<Option<Vec<OwnedFd>>> = const { RefCell::new(None) };
+    /// Descriptors that arrived with the bytes being decoded inside [`with_fds`]; each is
+    /// taken at most once.
+    static INCOMING: RefCell<Option<Vec<Option<OwnedFd>>>> = const { RefCell::new(None) };
+}
+
+/// Puts back the side table that was there before, even if the closure panicked.
+struct Restore<T: 'static> {
+    table: &'static std::thread::LocalKey<RefCell<Option<T>>>,
+    previous: Option<Option<T>>,
+}
+
+impl<T> Drop for Restore<T> {
+    fn drop(&mut self) {
+        let previous = self.previous.take().flatten();
+        self.table.with(|cell| cell.replace(previous));
+    }
+}
+
+/// Runs `f` (which encodes values) and returns, beside its result, the descriptors that the
+/// values it encoded hold: duplicates, to be sent with the bytes (SCM_RIGHTS) and closed after.
+///
+/// Outside such a call, encoding a value that holds a descriptor fails: there would be no way
+/// to send it.
+pub fn collecting_fds<R>(f: impl FnOnce() -> R) -> (R, Vec<OwnedFd>) {
+    let mut restore = Restore {
+        table: &OUTGOING,
+        previous: Some(OUTGOING.with(|c| c.replace(Some(Vec::new())))),
+    };
+    let result = f();
+    let fds = OUTGOING.with(|c| c.replace(restore.previous.take().flatten()));
+    (result, fds.unwrap_or_default())
+}
+
+/// Runs `f` (which decodes values) with `fds`, the descriptors that arrived with the bytes, at
+/// hand; a value that holds a descriptor takes it by index. Descriptors no value took are
+/// closed when `f` returns.
+pub fn with_fds<R>(fds: Vec<OwnedFd>, f: impl FnOnce() -> R) -> R {
+    let table = Some(fds.into_iter().map(Some).collect());
+    let _restore =
+        Restore { table: &INCOMING, previous: Some(INCOMING.with(|c| c.replace(table))) };
+    f()
+}
+
+/// Records a duplicate of `fd` for the message being encoded; returns its index.
+pub(crate) fn push_fd(fd: BorrowedFd<'_>) -> Result<u32, String> {
+    OUTGOING.with(|cell| {
+        let mut table = cell.borrow_mut();
+        let Some(fds) = table.as_mut() else {
+            return Err("a file descriptor cannot travel in this message".to_owned());
+        };
+        let copy = fd.try_clone_to_owned().map_err(|e| format!("dup of a passed fd: {e}"))?;
+        fds.push(copy);
+        u32::try_from(fds.len() - 1).map_err(|_| "too many file descriptors".to_owned())
+    })
+}
+
+/// Takes the descriptor at `index` among those that arrived with the bytes being decoded.
+pub(crate) fn take_fd(index: u32) -> Result<OwnedFd, String> {
+    INCOMING.with(|cell| {
+        let mut table = cell.borrow_mut();
+        let arrived = table.as_ref().map_or(0, Vec::len);
+        table
+            .as_mut()
+            .and_then(|fds| fds.get_mut(index as usize))
+            .and_then(Option::take)
+            .ok_or_else(|| {
+                format!("the bytes claim file descriptor #{index}, but {arrived} arrived with them (or it was taken twice)")
+            })
+    })
 }
 
 fn base() -> config::Configuration {

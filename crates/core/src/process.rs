@@ -3,7 +3,7 @@
 
 use std::convert::Infallible;
 use std::marker::PhantomData;
-use std::os::fd::BorrowedFd;
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::sync::Arc;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -70,9 +70,11 @@ impl<A: Portable, R: Portable> ProcessBuilder<A, R> {
                 })
             }))
         } else {
-            Work::Sent(codec::encode(&self.args).map_err(|e| {
+            let (bytes, fds) = codec::collecting_fds(|| codec::encode(&self.args));
+            let bytes = bytes.map_err(|e| {
                 Error::new(ErrorKind::Encode, format!("arguments of task `{}`: {e}", start.task))
-            })?)
+            })?;
+            Work::Sent(bytes, fds)
         };
         let Launched { child, channel } = launch(&*self.method, &start, work)?;
         Ok(Process {
@@ -114,8 +116,9 @@ pub(crate) fn start_message(
 
 /// How a new child gets its work.
 pub(crate) enum Work {
-    /// Encoded arguments, sent after the `Start` message (spawn, forkserver).
-    Sent(Vec<u8>),
+    /// Encoded arguments and the descriptors they hold, sent with the `Start` message (spawn,
+    /// forkserver).
+    Sent(Vec<u8>, Vec<OwnedFd>),
     /// The child's body, run in a forked copy of this process (fork).
     Moved(ChildMain),
 }
@@ -136,15 +139,16 @@ pub(crate) fn launch(method: &dyn StartMethod, start: &Start, work: Work) -> Res
         Channel::pair().map_err(|e| Error::io(format!("socketpair for {name}"), e))?;
     let (payload, sent_args) = match work {
         Work::Moved(main) => (Payload::Moved(main), None),
-        Work::Sent(args) => (Payload::Sent, Some(args)),
+        Work::Sent(args, fds) => (Payload::Sent, Some((args, fds))),
     };
     let request =
         StartRequest { channel: child_end.into_fd(), parent_end: parent_end.as_fd(), payload };
     let child = method.start(request)?;
     let pid = child.pid();
     tracing::debug!(pid, name = %name, method = method.name(), task = %start.task, "process started");
-    if let Some(args) = sent_args {
-        let sent = wire::send(&parent_end, start, &args, &[], None, Some(child.sentinel()));
+    if let Some((args, fds)) = sent_args {
+        let fds: Vec<BorrowedFd<'_>> = fds.iter().map(AsFd::as_fd).collect();
+        let sent = wire::send(&parent_end, start, &args, &fds, None, Some(child.sentinel()));
         match sent {
             Ok(())
             | Err(wire::SendError::Frame(FrameError::Disconnected | FrameError::Aborted)) => {}
@@ -181,8 +185,9 @@ fn next_default_name() -> String {
 /// What the child sent after its hello.
 #[derive(Debug)]
 enum Reply {
-    /// The encoded return value is `frame.body[offset..]`.
-    Returned(Vec<u8>, usize),
+    /// The encoded return value is `frame.body[offset..]`; the descriptors it holds came
+    /// with it.
+    Returned(Vec<u8>, usize, Vec<OwnedFd>),
     Panicked(RemotePanic),
     Failed(FailReason, String),
 }
@@ -382,7 +387,7 @@ impl<R: Portable> Process<R> {
                 }
             }
             (ToParent::Returned, offset) if self.hello => {
-                self.reply = Some(Reply::Returned(frame.body, offset));
+                self.reply = Some(Reply::Returned(frame.body, offset, frame.fds));
                 self.reading = false;
             }
             (ToParent::Panicked(panic), _) if self.hello => {
@@ -418,8 +423,8 @@ impl<R: Portable> Process<R> {
         }
         let status_text = status.map_or_else(|| "still running".to_owned(), |s| s.to_string());
         match self.reply.take() {
-            Some(Reply::Returned(body, offset)) => {
-                codec::decode::<R>(&body[offset..]).map_err(|e| {
+            Some(Reply::Returned(body, offset, fds)) => {
+                codec::with_fds(fds, || codec::decode::<R>(&body[offset..])).map_err(|e| {
                     Error::new(
                         ErrorKind::Decode,
                         format!("{label} returned bytes that did not decode: {e}"),

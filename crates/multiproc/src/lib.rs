@@ -28,10 +28,12 @@ use std::fmt;
 use std::sync::Arc;
 
 pub use multiproc_core::log::log_to_stderr;
+pub use multiproc_core::pipe::{RecvError, RecvTimeoutError, SendError, TryRecvError};
 pub use multiproc_core::preloaded;
 pub use multiproc_core::{
-    AsyncResult, ChildFailure, Error, ErrorKind, ExitStatus, IMap, MultithreadedForkPermit, Pool,
-    PoolBuilder, Portable, Process, ProcessBuilder, RemotePanic, Result, StartMethod, Task, init,
+    AsyncResult, ChildFailure, Connection, Error, ErrorKind, ExitStatus, Fd, IMap,
+    MultithreadedForkPermit, Pool, PoolBuilder, Portable, Process, ProcessBuilder, RemotePanic,
+    Result, StartMethod, Task, init,
 };
 pub use multiproc_forkserver::server_pid as forkserver_pid;
 pub use multiproc_forkserver::set_preload as set_forkserver_preload;
@@ -118,6 +120,12 @@ impl Context {
         args: A,
     ) -> ProcessBuilder<A, R> {
         ProcessBuilder::new(Arc::clone(&self.method), task, args)
+    }
+
+    /// A connected pair of duplex [`Connection`]s carrying `T` values (Python's `Pipe()`); either
+    /// end can be passed to a child as a task argument.
+    pub fn pipe<T>(&self) -> Result<(Connection<T>, Connection<T>)> {
+        multiproc_core::pipe()
     }
 
     /// A builder for a pool of worker processes started by this context's method:

@@ -34,12 +34,16 @@ use crate::wire::{self, ToParent, ToWorker, WorkerSetup};
 /// A batch's number, unique within its pool.
 pub(crate) type BatchId = u64;
 
-/// What came back for a batch: the frame body and the offset of the encoded
-/// `Vec<ItemResult<R>>` in it, or the error that every item of the batch failed with.
-pub(crate) type BatchOutcome = Result<(Vec<u8>, usize)>;
+/// What came back for a batch: the frame body, the offset of the encoded
+/// `Vec<ItemResult<R>>` in it and the descriptors the results hold, or the error that every
+/// item of the batch failed with.
+pub(crate) type BatchOutcome = Result<(Vec<u8>, usize, Vec<OwnedFd>)>;
 
 /// Builds a forked worker's state from the initializer arguments moved into it.
 pub(crate) type MoveInit = Arc<dyn Fn() -> std::result::Result<State, CallError> + Send + Sync>;
+
+/// A batch ready to queue: item count, encoded `Vec` of arguments, descriptors they hold.
+pub(crate) type Encoded = (usize, Vec<u8>, Vec<OwnedFd>);
 
 /// Batches up to this size may queue behind a running one (they fit in a socket buffer).
 const PIPELINE_BYTES: usize = 64 * 1024;
@@ -56,8 +60,8 @@ pub(crate) struct Initializer {
 
 /// The initializer's arguments, as the start method wants them.
 pub(crate) enum InitArgs {
-    /// Sent in each worker's `Start` frame.
-    Encoded(Vec<u8>),
+    /// Sent in each worker's `Start` frame, with the descriptors the arguments hold.
+    Encoded(Vec<u8>, Vec<OwnedFd>),
     /// Taken out of the forked worker's own copy of memory.
     Moved(MoveInit),
 }
@@ -77,6 +81,8 @@ pub(crate) struct Batch {
     pub(crate) task: &'static str,
     pub(crate) count: usize,
     pub(crate) args: Vec<u8>,
+    /// Descriptors the arguments hold.
+    pub(crate) fds: Vec<OwnedFd>,
 }
 
 /// One worker process, as the parent sees it.
@@ -111,8 +117,15 @@ impl Worker {
         let setup = WorkerSetup { initializer: config.initializer.as_ref().map(|i| i.task.into()) };
         let start = start_message("multiproc::pool::worker", &name, true, Some(setup));
         let work = match config.initializer.as_ref().map(|i| &i.args) {
-            Some(InitArgs::Encoded(args)) => Work::Sent(args.clone()),
-            None if !config.method.moves_arguments() => Work::Sent(Vec::new()),
+            Some(InitArgs::Encoded(args, fds)) => {
+                let fds = fds
+                    .iter()
+                    .map(|fd| fd.try_clone())
+                    .collect::<std::io::Result<_>>()
+                    .map_err(|e| Error::io("dup of an initializer argument's fd", e))?;
+                Work::Sent(args.clone(), fds)
+            }
+            None if !config.method.moves_arguments() => Work::Sent(Vec::new(), Vec::new()),
             moved => {
                 let make: MoveInit = match moved {
                     Some(InitArgs::Moved(make)) => Arc::clone(make),
@@ -209,7 +222,7 @@ impl Worker {
             }
             ToParent::Ready if self.hello && !self.ready => self.ready = true,
             ToParent::BatchDone { id } if self.in_flight.front().is_some_and(|b| b.id == id) => {
-                self.finish_head(results, Ok((frame.body, offset)));
+                self.finish_head(results, Ok((frame.body, offset, frame.fds)));
             }
             ToParent::BatchFailed { id, reason, message }
                 if self.in_flight.front().is_some_and(|b| b.id == id) =>
@@ -409,11 +422,12 @@ impl Engine {
             };
             let batch = self.pending.pop_front().expect("front exists");
             let message = ToWorker::Batch { id: batch.id, task: batch.task.to_owned() };
+            let fds: Vec<_> = batch.fds.iter().map(AsFd::as_fd).collect();
             let sent = wire::send(
                 &worker.channel,
                 &message,
                 &batch.args,
-                &[],
+                &fds,
                 None,
                 Some(worker.child.pidfd()),
             );
@@ -531,12 +545,9 @@ impl Shared {
         self.engine.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
-    /// Queues batches of `task`; each item of `batches` is `(item count, encoded Vec)`.
-    pub(crate) fn submit(
-        &self,
-        task: &'static str,
-        batches: Vec<(usize, Vec<u8>)>,
-    ) -> Result<Vec<BatchId>> {
+    /// Queues batches of `task`; each item of `batches` is `(item count, encoded Vec, the
+    /// descriptors it holds)`.
+    pub(crate) fn submit(&self, task: &'static str, batches: Vec<Encoded>) -> Result<Vec<BatchId>> {
         let mut engine = self.lock();
         if engine.closed {
             return Err(Error::new(
@@ -545,10 +556,10 @@ impl Shared {
             ));
         }
         let mut ids = Vec::with_capacity(batches.len());
-        for (count, args) in batches {
+        for (count, args, fds) in batches {
             engine.next_batch += 1;
             let id = engine.next_batch;
-            engine.pending.push_back(Batch { id, task, count, args });
+            engine.pending.push_back(Batch { id, task, count, args, fds });
             ids.push(id);
         }
         engine.dispatch(&self.config);

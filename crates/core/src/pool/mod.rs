@@ -24,7 +24,7 @@ use std::marker::PhantomData;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use engine::{BatchId, BatchOutcome, Config, InitArgs, Initializer, MoveInit, Shared};
+use engine::{BatchId, BatchOutcome, Config, Encoded, InitArgs, Initializer, MoveInit, Shared};
 
 use crate::codec;
 use crate::error::{ChildFailure, Error, ErrorKind, Result};
@@ -92,7 +92,8 @@ impl PoolBuilder<()> {
             });
             Ok(InitArgs::Moved(make))
         } else {
-            codec::encode(&args).map(InitArgs::Encoded).map_err(|e| {
+            let (bytes, fds) = codec::collecting_fds(|| codec::encode(&args));
+            bytes.map(|bytes| InitArgs::Encoded(bytes, fds)).map_err(|e| {
                 Error::new(
                     ErrorKind::Encode,
                     format!("arguments of initializer `{}`: {e}", task.name()),
@@ -224,7 +225,7 @@ impl<S: 'static> Pool<S> {
         let items: Vec<A> = items.into_iter().collect();
         let chunksize = self.chunksize.unwrap_or_else(|| self.auto_chunksize(items.len()));
         let chunks = encode_chunks(task.name(), &items, self.limit_chunk(chunksize))?;
-        let counts: Vec<usize> = chunks.iter().map(|(count, _)| *count).collect();
+        let counts: Vec<usize> = chunks.iter().map(|(count, _, _)| *count).collect();
         let ids = self.shared.submit(task.name(), chunks)?;
         let name = task.name();
         Ok(AsyncResult::new(&self.shared, ids, counts, move |outcomes, counts| {
@@ -348,16 +349,13 @@ impl<S> fmt::Debug for Pool<S> {
     }
 }
 
-/// Encodes `items` in batches of `chunksize`: `(count, encoded Vec)`.
-fn encode_chunks<A: Portable>(
-    task: &str,
-    items: &[A],
-    chunksize: usize,
-) -> Result<Vec<(usize, Vec<u8>)>> {
+/// Encodes `items` in batches of `chunksize`: `(count, encoded Vec, descriptors)`.
+fn encode_chunks<A: Portable>(task: &str, items: &[A], chunksize: usize) -> Result<Vec<Encoded>> {
     items
         .chunks(chunksize.max(1))
         .map(|chunk| {
-            codec::encode(chunk).map(|bytes| (chunk.len(), bytes)).map_err(|e| {
+            let (bytes, fds) = codec::collecting_fds(|| codec::encode(chunk));
+            bytes.map(|bytes| (chunk.len(), bytes, fds)).map_err(|e| {
                 Error::new(ErrorKind::Encode, format!("arguments of pool task `{task}`: {e}"))
             })
         })
@@ -373,7 +371,9 @@ fn decode_batch<R: Portable>(
     out: &mut VecDeque<Result<R>>,
 ) {
     let items = match outcome {
-        Ok((body, offset)) => match codec::decode::<Vec<ItemResult<R>>>(&body[offset..]) {
+        Ok((body, offset, fds)) => match codec::with_fds(fds, || {
+            codec::decode::<Vec<ItemResult<R>>>(&body[offset..])
+        }) {
             Ok(items) if items.len() == count => items,
             Ok(items) => {
                 let error = Error::new(

@@ -358,6 +358,15 @@ pub fn parent_pid() -> u32 {
     unsafe { libc::getppid() as u32 }
 }
 
+/// `fcntl(fd, F_DUPFD_CLOEXEC, min)`—a close-on-exec duplicate of `fd` numbered `min` or
+/// above.
+pub fn dup_at_least(fd: BorrowedFd<'_>, min: RawFd) -> io::Result<OwnedFd> {
+    // SAFETY: F_DUPFD_CLOEXEC reads no memory; `fd` is open for the borrow's lifetime.
+    let new = cvt(unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_DUPFD_CLOEXEC, min) })?;
+    // SAFETY: fcntl returned a new descriptor that nothing else owns.
+    Ok(unsafe { OwnedFd::from_raw_fd(new) })
+}
+
 /// `pidfd_open(pid, 0)`—a descriptor that names this process for as long as the descriptor
 /// lives, immune to pid reuse; it becomes readable when the process exits.
 pub fn pidfd_open(pid: u32) -> io::Result<OwnedFd> {

@@ -1,0 +1,176 @@
+//! Pipes and descriptors as values, under the start method being tested.
+
+use std::fs::File;
+use std::io::{Read, Seek, Write};
+use std::os::fd::{AsFd, AsRawFd};
+use std::os::unix::net::UnixStream;
+
+use libtest_mimic::Failed;
+use multiproc::{Connection, Context, Fd, RecvError, RecvTimeoutError, task};
+use multiproc_core::sys;
+
+use crate::Scenario;
+use crate::common::{DEADLINE, ensure, fd_count, join, zombie_children};
+
+pub const SCENARIOS: &[Scenario] = &[
+    ("pipe_child_sends_then_exits_and_nothing_is_lost", sends_then_exits),
+    ("pipe_carries_a_64_mib_message_both_ways", big_message),
+    ("pipe_peer_that_dies_is_disconnected_not_a_hang", peer_dies),
+    ("fd_passed_to_a_child_works_and_closes_with_its_owner", fd_to_child),
+    ("fd_returned_by_a_child_works", fd_from_child),
+    ("fd_in_pool_items", fd_in_pool),
+];
+
+/// Sends `0..n` on `conn`, then returns: the process exits right after its last send.
+#[task]
+fn send_numbers(conn: Connection<u64>, n: u64) {
+    for i in 0..n {
+        conn.send(&i).expect("send");
+    }
+}
+
+/// Receives everything until the sender is gone; fails the test on a timeout instead of
+/// hanging.
+fn drain(conn: &mut Connection<u64>) -> Result<Vec<u64>, Failed> {
+    let mut got = Vec::new();
+    loop {
+        match conn.recv_timeout(DEADLINE) {
+            Ok(value) => got.push(value),
+            Err(RecvTimeoutError::Disconnected) => return Ok(got),
+            Err(e) => return Err(format!("after {} messages: {e}", got.len()).into()),
+        }
+    }
+}
+
+fn sends_then_exits(ctx: &Context) -> Result<(), Failed> {
+    let fds = fd_count();
+    let (mut ours, theirs) = ctx.pipe::<u64>()?;
+    let child = ctx.process(send_numbers, (theirs, 10_000)).start()?;
+    let got = drain(&mut ours)?;
+    join(child)??;
+    ensure(got == (0..10_000).collect::<Vec<u64>>(), || {
+        format!(
+            "{} of 10000 messages, in order: {}",
+            got.len(),
+            got.windows(2).all(|w| w[0] < w[1])
+        )
+    })?;
+    drop(ours);
+    ensure(fd_count() == fds, || "fds".into())
+}
+
+/// Receives one message and sends it back reversed.
+#[task]
+fn echo_reversed(mut conn: Connection<Vec<u8>>) {
+    let mut message = conn.recv().expect("recv");
+    message.reverse();
+    conn.send(&message).expect("send");
+}
+
+fn big_message(ctx: &Context) -> Result<(), Failed> {
+    let (mut ours, theirs) = ctx.pipe::<Vec<u8>>()?;
+    let child = ctx.process(echo_reversed, theirs).start()?;
+    let message: Vec<u8> =
+        (0..64u32 << 20).map(|i| (i.wrapping_mul(2_654_435_761) >> 24) as u8).collect();
+    ours.send(&message)?;
+    let back = ours.recv_timeout(DEADLINE)?;
+    join(child)??;
+    ensure(back.len() == message.len(), || format!("{} bytes came back", back.len()))?;
+    ensure(back.iter().rev().eq(message.iter()), || "the message changed on the way".into())
+}
+
+/// Waits for a message that never comes, until killed.
+#[task]
+fn wait_forever(mut conn: Connection<u64>) -> u64 {
+    conn.recv().unwrap_or(0)
+}
+
+fn peer_dies(ctx: &Context) -> Result<(), Failed> {
+    let (mut ours, theirs) = ctx.pipe::<u64>()?;
+    let mut child = ctx.process(wait_forever, theirs).start()?;
+    child.kill()?;
+    let _ = join(child)?;
+    match ours.recv_timeout(DEADLINE) {
+        Err(RecvTimeoutError::Disconnected) => {}
+        other => return Err(format!("expected Disconnected, got {other:?}").into()),
+    }
+    match ours.recv() {
+        Err(RecvError::Disconnected) => Ok(()),
+        other => Err(format!("expected Disconnected again, got {other:?}").into()),
+    }
+}
+
+/// Writes its pid to the file it was handed and reports the fd number it got.
+#[task]
+fn write_pid(mut file: Fd<File>) -> i32 {
+    writeln!(file, "written by {}", std::process::id()).expect("write");
+    file.as_raw_fd()
+}
+
+fn temp_file(what: &str) -> Result<File, Failed> {
+    let path = std::env::temp_dir().join(format!("multiproc-{what}-{}", std::process::id()));
+    let file = File::options().read(true).write(true).create(true).truncate(true).open(&path)?;
+    std::fs::remove_file(&path)?;
+    Ok(file)
+}
+
+fn fd_to_child(ctx: &Context) -> Result<(), Failed> {
+    let fds = fd_count();
+    let file = temp_file("fd-to-child")?;
+    // A descriptor numbered above 256 travels like any other.
+    let high = sys::dup_at_least(file.as_fd(), 300)?;
+    ensure(high.as_raw_fd() >= 300, || format!("dup got {}", high.as_raw_fd()))?;
+    let high = Fd::new(File::from(high));
+    let child = ctx.process(write_pid, high).start()?;
+    let child_pid = child.pid();
+    let their_fd = join(child)??;
+    ensure(their_fd >= 0, || "child fd".into())?;
+    let mut file = file;
+    file.rewind()?;
+    let mut text = String::new();
+    file.read_to_string(&mut text)?;
+    ensure(text == format!("written by {child_pid}\n"), || format!("file holds {text:?}"))?;
+    drop(file);
+    ensure(fd_count() == fds, || format!("fds before {fds}, after {}", fd_count()))?;
+    ensure(zombie_children().is_empty(), || "zombies".into())
+}
+
+/// Makes a socket pair, writes a greeting into one end, and returns the other.
+#[task]
+fn make_socket(greeting: String) -> Fd<UnixStream> {
+    let (mut a, b) = UnixStream::pair().expect("socketpair");
+    a.write_all(greeting.as_bytes()).expect("write");
+    Fd::new(b)
+}
+
+fn fd_from_child(ctx: &Context) -> Result<(), Failed> {
+    let mut stream = join(ctx.process(make_socket, "hello from a child".to_owned()).start()?)??;
+    stream.set_read_timeout(Some(DEADLINE))?;
+    let mut text = String::new();
+    // The child (and with it the other end) is gone: read to end-of-file.
+    stream.read_to_string(&mut text)?;
+    ensure(text == "hello from a child", || format!("read {text:?}"))
+}
+
+/// Appends `line` to the file it was handed.
+#[task]
+fn append((mut file, line): (Fd<File>, String)) -> usize {
+    file.write_all(line.as_bytes()).expect("append");
+    line.len()
+}
+
+fn fd_in_pool(ctx: &Context) -> Result<(), Failed> {
+    let file = temp_file("fd-in-pool")?;
+    let pool = ctx.pool().processes(2).build()?;
+    let items = (0..20)
+        .map(|i| Ok((Fd::new(file.try_clone()?), format!("line {i}\n"))))
+        .collect::<std::io::Result<Vec<_>>>()?;
+    let written: usize = pool.map(append, items)?.into_iter().sum();
+    drop(pool);
+    let mut file = file;
+    file.rewind()?;
+    let mut text = String::new();
+    file.read_to_string(&mut text)?;
+    ensure(text.len() == written && text.lines().count() == 20, || format!("{text:?}"))?;
+    Ok(())
+}
