@@ -174,3 +174,10 @@ pub fn living_children() -> Vec<u32> {
         })
         .collect()
 }
+
+/// Starts one process first, so that a forkserver (and its descriptors) exists before a test
+/// counts descriptors.
+pub fn warm_up(ctx: &multiproc::Context) -> Result<(), Failed> {
+    join(ctx.process(add, (0, 0)).start()?)??;
+    Ok(())
+}

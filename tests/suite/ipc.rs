@@ -6,11 +6,13 @@ use std::os::fd::{AsFd, AsRawFd};
 use std::os::unix::net::UnixStream;
 
 use libtest_mimic::Failed;
-use multiproc::{Connection, Context, Fd, RecvError, RecvTimeoutError, task};
+use multiproc::{
+    Connection, Context, Fd, RecvError, RecvTimeoutError, SealedSlice, SharedSlice, task,
+};
 use multiproc_core::sys;
 
 use crate::Scenario;
-use crate::common::{DEADLINE, ensure, fd_count, join, zombie_children};
+use crate::common::{DEADLINE, ensure, fd_count, join, warm_up, zombie_children};
 
 pub const SCENARIOS: &[Scenario] = &[
     ("pipe_child_sends_then_exits_and_nothing_is_lost", sends_then_exits),
@@ -19,6 +21,8 @@ pub const SCENARIOS: &[Scenario] = &[
     ("fd_passed_to_a_child_works_and_closes_with_its_owner", fd_to_child),
     ("fd_returned_by_a_child_works", fd_from_child),
     ("fd_in_pool_items", fd_in_pool),
+    ("shared_memory_written_by_a_child_is_seen_by_the_parent", shared_written_by_child),
+    ("sealed_slice_is_read_by_pool_workers_in_place", sealed_in_pool),
 ];
 
 /// Sends `0..n` on `conn`, then returns: the process exits right after its last send.
@@ -43,6 +47,7 @@ fn drain(conn: &mut Connection<u64>) -> Result<Vec<u64>, Failed> {
 }
 
 fn sends_then_exits(ctx: &Context) -> Result<(), Failed> {
+    warm_up(ctx)?;
     let fds = fd_count();
     let (mut ours, theirs) = ctx.pipe::<u64>()?;
     let child = ctx.process(send_numbers, (theirs, 10_000)).start()?;
@@ -115,6 +120,7 @@ fn temp_file(what: &str) -> Result<File, Failed> {
 }
 
 fn fd_to_child(ctx: &Context) -> Result<(), Failed> {
+    warm_up(ctx)?;
     let fds = fd_count();
     let file = temp_file("fd-to-child")?;
     // A descriptor numbered above 256 travels like any other.
@@ -172,5 +178,54 @@ fn fd_in_pool(ctx: &Context) -> Result<(), Failed> {
     let mut text = String::new();
     file.read_to_string(&mut text)?;
     ensure(text.len() == written && text.lines().count() == 20, || format!("{text:?}"))?;
+    Ok(())
+}
+
+/// Writes `i * i` into every element of the shared slice.
+#[task]
+fn fill_squares(slice: SharedSlice<u64>) -> usize {
+    for i in 0..slice.len() {
+        slice.set(i, (i * i) as u64).expect("set");
+    }
+    slice.len()
+}
+
+fn shared_written_by_child(ctx: &Context) -> Result<(), Failed> {
+    warm_up(ctx)?;
+    let fds = fd_count();
+    let slice = SharedSlice::<u64>::new(100_000)?;
+    // The child gets the same memory (the descriptor travels; nothing is copied back).
+    let filled = join(ctx.process(fill_squares, slice.try_clone()?).start()?)??;
+    ensure(filled == slice.len(), || format!("child saw {filled} elements"))?;
+    let seen = slice.to_vec();
+    ensure(seen.iter().enumerate().all(|(i, v)| *v == (i * i) as u64), || {
+        "the parent does not see the child's writes".into()
+    })?;
+    drop(slice);
+    ensure(fd_count() == fds, || format!("fds before {fds}, after {}", fd_count()))
+}
+
+/// Sums `data[start..end]` and says where the data is mapped.
+#[task]
+fn sum_range(data: &SealedSlice<u32>, (start, end): (usize, usize)) -> (u64, u64) {
+    (data[start..end].iter().map(|x| u64::from(*x)).sum(), data.as_ptr() as u64)
+}
+
+/// The initializer: keeps the sealed slice it was handed.
+#[task]
+fn keep_slice(data: SealedSlice<u32>) -> SealedSlice<u32> {
+    data
+}
+
+fn sealed_in_pool(ctx: &Context) -> Result<(), Failed> {
+    let values: Vec<u32> = (0..1_000_000).collect();
+    let sealed = SealedSlice::from_slice(&values)?;
+    let pool = ctx.pool().processes(2).initializer(keep_slice, sealed).build()?;
+    let ranges: Vec<(usize, usize)> = (0..10).map(|i| (i * 100_000, (i + 1) * 100_000)).collect();
+    let sums = pool.map(sum_range, ranges.clone())?;
+    for ((start, end), (sum, _)) in ranges.iter().zip(&sums) {
+        let expected: u64 = (*start as u64..*end as u64).sum();
+        ensure(*sum == expected, || format!("sum of {start}..{end}: {sum}"))?;
+    }
     Ok(())
 }

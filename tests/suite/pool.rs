@@ -15,8 +15,8 @@ use serde::{Serialize, Serializer};
 
 use crate::Scenario;
 use crate::common::{
-    DEADLINE, Gate, add, check_in, ensure, fd_count, join, living_children, nap, read_pid,
-    wait_gone, whoami, zombie_children,
+    DEADLINE, Gate, add, check_in, ensure, fd_count, living_children, nap, read_pid, wait_gone,
+    warm_up, whoami, zombie_children,
 };
 
 pub const SCENARIOS: &[Scenario] = &[
@@ -40,13 +40,6 @@ pub const SCENARIOS: &[Scenario] = &[
 #[task]
 fn square(x: u64) -> u64 {
     x * x
-}
-
-/// Starts one process first, so that a forkserver (and its descriptors) exists before fds are
-/// counted.
-fn warm_up(ctx: &Context) -> Result<(), Failed> {
-    join(ctx.process(add, (0, 0)).start()?)??;
-    Ok(())
 }
 
 /// Our children other than the forkserver.

@@ -84,7 +84,8 @@ pub fn serve(mut channel: Channel) -> ! {
             Some(name) => {
                 let entry =
                     registry::lookup(&name).map_err(|e| (lookup_failure(&e), e.to_string()))?;
-                (entry.make_state)(args).map_err(|e| (call_failure(&e), e.to_string()))
+                codec::with_fds(fds, || (entry.make_state)(args))
+                    .map_err(|e| (call_failure(&e), e.to_string()))
             }
             None => Ok(Box::new(())),
         })

@@ -27,13 +27,14 @@
 use std::fmt;
 use std::sync::Arc;
 
+pub use bytemuck::{self, Pod, Zeroable};
 pub use multiproc_core::log::log_to_stderr;
 pub use multiproc_core::pipe::{RecvError, RecvTimeoutError, SendError, TryRecvError};
 pub use multiproc_core::preloaded;
 pub use multiproc_core::{
     AsyncResult, ChildFailure, Connection, Error, ErrorKind, ExitStatus, Fd, IMap,
     MultithreadedForkPermit, Pool, PoolBuilder, Portable, Process, ProcessBuilder, RemotePanic,
-    Result, StartMethod, Task, init,
+    Result, SealedMemory, SealedSlice, SharedMemory, SharedSlice, StartMethod, Task, init,
 };
 pub use multiproc_forkserver::server_pid as forkserver_pid;
 pub use multiproc_forkserver::set_preload as set_forkserver_preload;

@@ -610,3 +610,168 @@ extern "C" fn init_array_entry(
 pub fn cstring(value: impl Into<Vec<u8>>) -> io::Result<CString> {
     CString::new(value).map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))
 }
+
+/// `memfd_create(name, MFD_CLOEXEC | MFD_ALLOW_SEALING)` then `ftruncate(len)`: anonymous
+/// memory that lives as long as some process holds the descriptor or a mapping of it.
+pub fn memfd(name: &str, len: usize) -> io::Result<OwnedFd> {
+    let name = cstring(name)?;
+    // SAFETY: `name` is a valid NUL-terminated string for the duration of the call.
+    let fd = cvt(unsafe {
+        libc::memfd_create(name.as_ptr(), libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING)
+    })?;
+    // SAFETY: memfd_create returned a new descriptor that nothing else owns.
+    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+    let len = libc::off_t::try_from(len).map_err(|_| io::Error::other("memfd size overflow"))?;
+    // SAFETY: ftruncate reads no memory; `fd` is open.
+    cvt(unsafe { libc::ftruncate(fd.as_raw_fd(), len) })?;
+    Ok(fd)
+}
+
+/// The size of the file behind `fd` (`fstat`).
+pub fn file_size(fd: BorrowedFd<'_>) -> io::Result<u64> {
+    let file = std::mem::ManuallyDrop::new(
+        // SAFETY: the File is never dropped (ManuallyDrop), so it does not close the borrowed
+        // descriptor; it is only used for fstat while the borrow lasts.
+        unsafe { std::fs::File::from_raw_fd(fd.as_raw_fd()) },
+    );
+    Ok(file.metadata()?.len())
+}
+
+/// Seals `fd` against writing, shrinking and growing, and against further sealing
+/// (`F_ADD_SEALS`). Fails with `EBUSY` while a writable shared mapping of it exists.
+pub fn seal_read_only(fd: BorrowedFd<'_>) -> io::Result<()> {
+    let seals = libc::F_SEAL_WRITE | libc::F_SEAL_SHRINK | libc::F_SEAL_GROW | libc::F_SEAL_SEAL;
+    // SAFETY: F_ADD_SEALS reads no memory; `fd` is open.
+    cvt(unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_ADD_SEALS, seals) }).map(drop)
+}
+
+/// Whether `fd` is sealed so that its contents and size can never change again.
+pub fn is_sealed_read_only(fd: BorrowedFd<'_>) -> io::Result<bool> {
+    // SAFETY: F_GET_SEALS reads no memory; `fd` is open.
+    let seals = cvt(unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_GET_SEALS) })?;
+    let needed = libc::F_SEAL_WRITE | libc::F_SEAL_SHRINK | libc::F_SEAL_GROW;
+    Ok(seals & needed == needed)
+}
+
+/// A shared mapping of `len` bytes of a memory file, unmapped on drop.
+///
+/// A writable mapping may be written by other processes at any time, so it never hands out a
+/// reference into the memory: bytes are copied in and out ([`Mapping::read_at`],
+/// [`Mapping::write_at`]). Only a mapping of a sealed file ([`Mapping::sealed`]), whose bytes
+/// can never change again, lends a slice.
+#[derive(Debug)]
+pub struct Mapping {
+    ptr: std::ptr::NonNull<u8>,
+    len: usize,
+    sealed: bool,
+}
+
+// SAFETY: the mapping is plain memory owned by this value; every access either copies through
+// raw pointers (writable mappings) or reads memory no process can change (sealed ones).
+unsafe impl Send for Mapping {}
+// SAFETY: as above; `write_at` copies through a raw pointer with no reference alive into the
+// memory, and concurrent copies race only on the bytes' values, like writes from another
+// process.
+unsafe impl Sync for Mapping {}
+
+impl Mapping {
+    /// `mmap(len, PROT_READ | PROT_WRITE, MAP_SHARED, fd)`.
+    pub fn writable(fd: BorrowedFd<'_>, len: usize) -> io::Result<Mapping> {
+        Self::map(fd, len, libc::PROT_READ | libc::PROT_WRITE, false)
+    }
+
+    /// `mmap(len, PROT_READ, MAP_SHARED, fd)` of a file that must be sealed read-only (checked
+    /// here) and at least `len` bytes long.
+    pub fn sealed(fd: BorrowedFd<'_>, len: usize) -> io::Result<Mapping> {
+        if !is_sealed_read_only(fd)? {
+            return Err(io::Error::other("the memory is not sealed read-only"));
+        }
+        Self::map(fd, len, libc::PROT_READ, true)
+    }
+
+    fn map(fd: BorrowedFd<'_>, len: usize, prot: c_int, sealed: bool) -> io::Result<Mapping> {
+        let size = file_size(fd)?;
+        if (size as u128) < len as u128 {
+            return Err(io::Error::other(format!("memory of {size} bytes, expected {len}")));
+        }
+        if len == 0 {
+            return Ok(Mapping { ptr: std::ptr::NonNull::dangling(), len, sealed });
+        }
+        // SAFETY: a fresh mapping chosen by the kernel (addr NULL) cannot overlap memory Rust
+        // owns; the file is at least `len` bytes long (checked above), so every mapped page
+        // is backed.
+        let ptr =
+            unsafe { libc::mmap(ptr::null_mut(), len, prot, libc::MAP_SHARED, fd.as_raw_fd(), 0) };
+        if ptr == libc::MAP_FAILED {
+            return Err(io::Error::last_os_error());
+        }
+        let ptr = std::ptr::NonNull::new(ptr.cast::<u8>())
+            .ok_or_else(|| io::Error::other("mmap returned NULL"))?;
+        Ok(Mapping { ptr, len, sealed })
+    }
+
+    /// Mapped bytes.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Whether the mapping is empty.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Copies `out.len()` bytes from `offset` into `out`.
+    pub fn read_at(&self, offset: usize, out: &mut [u8]) -> io::Result<()> {
+        self.check(offset, out.len())?;
+        // SAFETY: the range is inside the mapping (checked above), and `out` is a distinct
+        // Rust buffer, so the regions do not overlap.
+        unsafe {
+            ptr::copy_nonoverlapping(self.ptr.as_ptr().add(offset), out.as_mut_ptr(), out.len())
+        };
+        Ok(())
+    }
+
+    /// Copies `data` into the mapping at `offset`; the mapping must be writable.
+    pub fn write_at(&self, offset: usize, data: &[u8]) -> io::Result<()> {
+        if self.sealed {
+            return Err(io::Error::other("the memory is sealed read-only"));
+        }
+        self.check(offset, data.len())?;
+        // SAFETY: the range is inside a writable mapping (checked above); no reference into
+        // the mapping exists (writable mappings never lend one), and `data` is a distinct Rust
+        // buffer.
+        unsafe {
+            ptr::copy_nonoverlapping(data.as_ptr(), self.ptr.as_ptr().add(offset), data.len())
+        };
+        Ok(())
+    }
+
+    /// The bytes of a sealed mapping; `None` for a writable one, whose bytes may change under
+    /// any reference.
+    pub fn as_slice(&self) -> Option<&[u8]> {
+        // SAFETY: a sealed mapping is read-only and its file can never be written again
+        // (F_SEAL_WRITE, verified when mapped), so the bytes are immutable for the life of the
+        // mapping, which `&self` outlives.
+        self.sealed.then(|| unsafe { std::slice::from_raw_parts(self.ptr.as_ptr(), self.len) })
+    }
+
+    fn check(&self, offset: usize, len: usize) -> io::Result<()> {
+        match offset.checked_add(len) {
+            Some(end) if end <= self.len => Ok(()),
+            _ => Err(io::Error::other(format!(
+                "range {offset}+{len} outside a mapping of {} bytes",
+                self.len
+            ))),
+        }
+    }
+}
+
+impl Drop for Mapping {
+    fn drop(&mut self) {
+        if self.len > 0 {
+            // SAFETY: ptr/len describe a mapping made by `map` and never unmapped before; no
+            // reference into it outlives `self` (slices borrow `self`).
+            unsafe { libc::munmap(self.ptr.as_ptr().cast(), self.len) };
+        }
+    }
+}
