@@ -8,46 +8,16 @@
 
 mod common;
 
-use std::io::{Read, Write};
-use std::os::unix::net::UnixStream;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::{Stats, measure};
+use common::{Stats, measure, raw_ping_pong};
 use multiproc::{Context, task};
-use multiproc_core::sys::{self, Forked};
-use multiproc_core::{ChildHandle, DirectChild};
 
 /// The trivial task.
 #[task]
 fn identity(x: u64) -> u64 {
     x
-}
-
-/// Round trips of 8 bytes between this process and a forked echo process.
-fn raw_ping_pong(runs: usize) -> Stats {
-    let (ours, theirs) = UnixStream::pair().expect("socketpair");
-    // The child must not keep our end open, or it would never see end-of-file.
-    let child = match sys::fork_single_threaded(&[std::os::fd::AsFd::as_fd(&ours)]) {
-        Ok(Forked::Child) => {
-            let mut theirs = theirs;
-            let mut buf = [0u8; 8];
-            while theirs.read_exact(&mut buf).is_ok() && theirs.write_all(&buf).is_ok() {}
-            sys::exit_immediately(0)
-        }
-        Ok(Forked::Parent(pid)) => pid,
-        Err((_, e)) => panic!("fork: {e}"),
-    };
-    drop(theirs);
-    let mut ours = ours;
-    let mut buf = [0u8; 8];
-    let stats = measure(runs, || {
-        ours.write_all(&buf).expect("ping");
-        ours.read_exact(&mut buf).expect("pong");
-    });
-    drop(ours);
-    DirectChild::new(child).expect("pidfd").wait_deadline(None).expect("reap");
-    stats
 }
 
 /// Python's numbers for one start method.

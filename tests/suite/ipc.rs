@@ -18,6 +18,7 @@ pub const SCENARIOS: &[Scenario] = &[
     ("pipe_child_sends_then_exits_and_nothing_is_lost", sends_then_exits),
     ("pipe_carries_a_64_mib_message_both_ways", big_message),
     ("pipe_peer_that_dies_is_disconnected_not_a_hang", peer_dies),
+    ("pipe_child_sees_the_end_when_the_parent_drops_its_end", parent_drops_end),
     ("fd_passed_to_a_child_works_and_closes_with_its_owner", fd_to_child),
     ("fd_returned_by_a_child_works", fd_from_child),
     ("fd_in_pool_items", fd_in_pool),
@@ -103,6 +104,30 @@ fn peer_dies(ctx: &Context) -> Result<(), Failed> {
         Err(RecvError::Disconnected) => Ok(()),
         other => Err(format!("expected Disconnected again, got {other:?}").into()),
     }
+}
+
+/// Counts messages until the other end is closed.
+#[task]
+fn count_until_closed(mut conn: Connection<u64>) -> u64 {
+    let mut count = 0;
+    while conn.recv().is_ok() {
+        count += 1;
+    }
+    count
+}
+
+fn parent_drops_end(ctx: &Context) -> Result<(), Failed> {
+    let (ours, theirs) = ctx.pipe::<u64>()?;
+    // Another pipe alive in the parent, not given to the child: under fork the child must not
+    // keep it (or ours) open.
+    let (_other_a, _other_b) = ctx.pipe::<u64>()?;
+    let child = ctx.process(count_until_closed, theirs).start()?;
+    for i in 0..5 {
+        ours.send(&i)?;
+    }
+    drop(ours);
+    let count = join(child)??;
+    ensure(count == 5, || format!("the child counted {count}"))
 }
 
 /// Writes its pid to the file it was handed and reports the fd number it got.

@@ -156,7 +156,7 @@ fn run_examples() -> Result<(), String> {
 }
 
 /// The benchmarks, in the order `cargo xtask bench` runs them.
-const BENCHES: &[&str] = &["startup", "preload", "pool"];
+const BENCHES: &[&str] = &["startup", "preload", "pool", "pipe"];
 
 fn bench(quick: bool) -> Result<(), String> {
     for name in BENCHES {

@@ -11,7 +11,7 @@
 
 use std::cell::RefCell;
 use std::fmt;
-use std::os::fd::{BorrowedFd, OwnedFd};
+use std::os::fd::{AsRawFd, BorrowedFd, OwnedFd, RawFd};
 
 use bincode::config;
 use serde::Serialize;
@@ -42,6 +42,17 @@ thread_local! {
     /// Descriptors that arrived with the bytes being decoded inside [`with_fds`]; each is
     /// taken at most once.
     static INCOMING: RefCell<Option<Vec<Option<OwnedFd>>>> = const { RefCell::new(None) };
+    /// Descriptor numbers seen while [`fds_in`] walks a value.
+    static PROBE: RefCell<Option<Vec<RawFd>>> = const { RefCell::new(None) };
+}
+
+/// The descriptor numbers that `value` holds (its `Fd`s, `Connection`s, shared memory),
+/// found by encoding it into nothing; no descriptor is duplicated.
+pub fn fds_in<T: Serialize + ?Sized>(value: &T) -> Vec<RawFd> {
+    let mut restore =
+        Restore { table: &PROBE, previous: Some(PROBE.with(|c| c.replace(Some(Vec::new())))) };
+    let _ = bincode::serde::encode_into_std_write(value, &mut std::io::sink(), base());
+    PROBE.with(|c| c.replace(restore.previous.take().flatten())).unwrap_or_default()
 }
 
 /// Puts back the side table that was there before, even if the closure panicked.
@@ -84,6 +95,15 @@ pub fn with_fds<R>(fds: Vec<OwnedFd>, f: impl FnOnce() -> R) -> R {
 
 /// Records a duplicate of `fd` for the message being encoded; returns its index.
 pub(crate) fn push_fd(fd: BorrowedFd<'_>) -> Result<u32, String> {
+    let probed = PROBE.with(|cell| {
+        cell.borrow_mut().as_mut().map(|fds| {
+            fds.push(fd.as_raw_fd());
+            0
+        })
+    });
+    if let Some(index) = probed {
+        return Ok(index);
+    }
     OUTGOING.with(|cell| {
         let mut table = cell.borrow_mut();
         let Some(fds) = table.as_mut() else {

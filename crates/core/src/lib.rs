@@ -5,6 +5,7 @@
 //! once against `dyn StartMethod`. Users depend on `multiproc`, not on this crate; start-method
 //! crates depend on it. The only `unsafe` of the workspace lives in [`sys`].
 
+pub mod bytes;
 pub mod channel;
 pub mod child;
 pub mod codec;
@@ -24,6 +25,7 @@ pub mod sys;
 pub mod task;
 pub mod wire;
 
+pub use bytes::Bytes;
 pub use error::{ChildFailure, Error, ErrorKind, RemotePanic, Result};
 pub use fd::Fd;
 pub use method::{ChildHandle, ChildMain, DirectChild, Payload, StartMethod, StartRequest};

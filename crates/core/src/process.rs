@@ -62,9 +62,11 @@ impl<A: Portable, R: Portable> ProcessBuilder<A, R> {
         let start = start_message(self.task.name(), &name, self.daemon, None);
         let work = if self.method.moves_arguments() {
             let func = self.task.func();
+            let close = crate::pipe::ends_to_close_in_child(&self.args);
             let args = self.args;
             let settings = start.clone();
             Work::Moved(Box::new(move |channel: Channel| -> Infallible {
+                sys::close_in_forked_child(&close);
                 child::run_moved(channel, settings, move || {
                     registry::encode_result(&func(&(), args))
                 })

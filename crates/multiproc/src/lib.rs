@@ -32,7 +32,7 @@ pub use multiproc_core::log::log_to_stderr;
 pub use multiproc_core::pipe::{RecvError, RecvTimeoutError, SendError, TryRecvError};
 pub use multiproc_core::preloaded;
 pub use multiproc_core::{
-    AsyncResult, ChildFailure, Connection, Error, ErrorKind, ExitStatus, Fd, IMap,
+    AsyncResult, Bytes, ChildFailure, Connection, Error, ErrorKind, ExitStatus, Fd, IMap,
     MultithreadedForkPermit, Pool, PoolBuilder, Portable, Process, ProcessBuilder, RemotePanic,
     Result, SealedMemory, SealedSlice, SharedMemory, SharedSlice, StartMethod, Task, init,
 };

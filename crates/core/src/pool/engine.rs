@@ -62,8 +62,9 @@ pub(crate) struct Initializer {
 pub(crate) enum InitArgs {
     /// Sent in each worker's `Start` frame, with the descriptors the arguments hold.
     Encoded(Vec<u8>, Vec<OwnedFd>),
-    /// Taken out of the forked worker's own copy of memory.
-    Moved(MoveInit),
+    /// Taken out of the forked worker's own copy of memory; with the pipe ends the arguments
+    /// hold, which the worker keeps open.
+    Moved(MoveInit, Vec<std::os::fd::RawFd>),
 }
 
 /// What a pool was built with.
@@ -127,12 +128,14 @@ impl Worker {
             }
             None if !config.method.moves_arguments() => Work::Sent(Vec::new(), Vec::new()),
             moved => {
-                let make: MoveInit = match moved {
-                    Some(InitArgs::Moved(make)) => Arc::clone(make),
-                    _ => Arc::new(|| Ok(Box::new(()) as State)),
+                let (make, kept): (MoveInit, &[std::os::fd::RawFd]) = match moved {
+                    Some(InitArgs::Moved(make, kept)) => (Arc::clone(make), kept),
+                    _ => (Arc::new(|| Ok(Box::new(()) as State)), &[]),
                 };
+                let close = crate::pipe::ends_other_than(kept);
                 let settings = start.clone();
                 Work::Moved(Box::new(move |channel: Channel| -> Infallible {
+                    sys::close_in_forked_child(&close);
                     child::run_worker_moved(channel, settings, || make())
                 }))
             }

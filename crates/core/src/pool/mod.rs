@@ -81,6 +81,7 @@ impl PoolBuilder<()> {
         let args = if self.method.moves_arguments() {
             // Each forked worker takes the arguments out of its own copy of this slot; the
             // parent's copy is never touched.
+            let kept = codec::fds_in(&args);
             let slot = Arc::new(Mutex::new(Some(args)));
             let func = task.func();
             let make: MoveInit = Arc::new(move || {
@@ -90,7 +91,7 @@ impl PoolBuilder<()> {
                 })?;
                 Ok(Box::new(func(&(), args)) as State)
             });
-            Ok(InitArgs::Moved(make))
+            Ok(InitArgs::Moved(make, kept))
         } else {
             let (bytes, fds) = codec::collecting_fds(|| codec::encode(&args));
             bytes.map(|bytes| InitArgs::Encoded(bytes, fds)).map_err(|e| {

@@ -343,6 +343,21 @@ fn fork_raw(close_in_child: &[BorrowedFd<'_>]) -> io::Result<Forked> {
     }
 }
 
+/// Closes `fds` in a child forked from this process, before it runs its task.
+///
+/// The owners of these descriptors (pipe ends the child was not given) live in memory the
+/// child copied from its parent and never uses: its task gets only its own arguments, and the
+/// child ends with `_exit` without dropping anything it copied. A task that reaches such an
+/// owner through a global would find the descriptor closed (an error, not undefined
+/// behaviour: the number is not reused by this function).
+pub fn close_in_forked_child(fds: &[RawFd]) {
+    for fd in fds {
+        // SAFETY: see above: nothing in the child will use these numbers as the descriptors
+        // they were, and close has no memory preconditions.
+        unsafe { libc::close(*fd) };
+    }
+}
+
 /// `_exit(code)`—ends the process at once: no atexit handlers, no destructors, no unwinding.
 ///
 /// A forked child ends here so that it never returns into (or unwinds through) the stack frames

@@ -1,0 +1,63 @@
+"""Python's multiprocessing.Pipe on the workloads of tests/benches/pipe.rs.
+
+`python3 -I -S pipe_bench.py RUNS SIZE:COUNT...` prints `rtt <median seconds>` for the round
+trip of a small object, then per SIZE:COUNT `bulk <size> <count> <seconds>`: the time to send
+COUNT messages of SIZE bytes to a child that acknowledges the last one.
+"""
+
+import statistics
+import multiprocessing as mp
+import sys
+import time
+
+
+def echo(other, conn):
+    other.close()  # the parent's end, inherited through fork
+    while True:
+        try:
+            conn.send(conn.recv())
+        except EOFError:
+            return
+
+
+def sink(other, conn, count):
+    other.close()
+    for _ in range(count):
+        conn.recv_bytes()
+    conn.send_bytes(b"")
+
+
+def main():
+    runs = int(sys.argv[1])
+    ctx = mp.get_context("fork")
+    ours, theirs = ctx.Pipe()
+    child = ctx.Process(target=echo, args=(ours, theirs))
+    child.start()
+    theirs.close()
+    rtts = []
+    for i in range(runs):
+        started = time.perf_counter()
+        ours.send(i)
+        ours.recv()
+        rtts.append(time.perf_counter() - started)
+    ours.close()
+    child.join()
+    print(f"rtt {statistics.median(rtts)}")
+    for spec in sys.argv[2:]:
+        size, count = (int(x) for x in spec.split(":"))
+        ours, theirs = ctx.Pipe()
+        child = ctx.Process(target=sink, args=(ours, theirs, count))
+        child.start()
+        theirs.close()
+        message = b"x" * size
+        started = time.perf_counter()
+        for _ in range(count):
+            ours.send_bytes(message)
+        ours.recv_bytes()
+        print(f"bulk {size} {count} {time.perf_counter() - started}")
+        ours.close()
+        child.join()
+
+
+if __name__ == "__main__":
+    main()
