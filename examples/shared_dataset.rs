@@ -8,7 +8,7 @@ use std::time::Instant;
 use multiproc::{Context, SealedSlice, task};
 
 /// Elements of the dataset: 100 MB of `u64`.
-const LEN: usize = 100 << 20 >> 3;
+const LEN: usize = (100 << 20) >> 3;
 
 /// The initializer of the shared-memory pool: keeps the mapped slice.
 #[task]
@@ -44,7 +44,7 @@ fn main() -> Result<(), multiproc::Error> {
     let processes = 4;
     let data: Vec<u64> = (0..LEN as u64).collect();
     let expected: u64 = data.iter().sum();
-    println!("start method: {}, {processes} workers, {} MB", ctx.start_method(), LEN * 8 >> 20);
+    println!("start method: {}, {processes} workers, {} MB", ctx.start_method(), (LEN * 8) >> 20);
 
     let started = Instant::now();
     let shared = SealedSlice::from_slice(&data)?;
