@@ -19,6 +19,7 @@ pub const SCENARIOS: &[Scenario] = &[
     ("pipe_carries_a_64_mib_message_both_ways", big_message),
     ("pipe_peer_that_dies_is_disconnected_not_a_hang", peer_dies),
     ("pipe_child_sees_the_end_when_the_parent_drops_its_end", parent_drops_end),
+    ("wait_returns_the_ready_connections_and_processes", wait_for_any),
     ("fd_passed_to_a_child_works_and_closes_with_its_owner", fd_to_child),
     ("fd_returned_by_a_child_works", fd_from_child),
     ("fd_in_pool_items", fd_in_pool),
@@ -128,6 +129,33 @@ fn parent_drops_end(ctx: &Context) -> Result<(), Failed> {
     drop(ours);
     let count = join(child)??;
     ensure(count == 5, || format!("the child counted {count}"))
+}
+
+/// Returns `value` at once.
+#[task]
+fn give(value: u64) -> u64 {
+    value
+}
+
+fn wait_for_any(ctx: &Context) -> Result<(), Failed> {
+    use multiproc::wait;
+    use std::time::Duration;
+    let (mut a, a_peer) = ctx.pipe::<u64>()?;
+    let (b, _b_peer) = ctx.pipe::<u64>()?;
+    let nothing = wait(&[&a, &b], Some(Duration::from_millis(10)))?;
+    ensure(nothing.is_empty(), || format!("ready before anything was sent: {nothing:?}"))?;
+    a_peer.send(&1)?;
+    a_peer.send(&2)?;
+    ensure(wait(&[&a, &b], Some(DEADLINE))? == vec![0], || "a message on a".into())?;
+    ensure(a.recv()? == 1, || "first message".into())?;
+    // The second message may already sit in a's buffer: still ready.
+    ensure(wait(&[&b, &a], Some(DEADLINE))? == vec![1], || "a buffered message".into())?;
+    ensure(a.recv()? == 2, || "second message".into())?;
+    let p = ctx.process(give, 5).start()?;
+    ensure(wait(&[&a, &b, &p], Some(DEADLINE))? == vec![2], || "the child's end".into())?;
+    ensure(join(p)?? == 5, || "its value".into())?;
+    drop(a_peer);
+    ensure(wait(&[&a, &b], Some(DEADLINE))? == vec![0], || "end-of-file is ready".into())
 }
 
 /// Writes its pid to the file it was handed and reports the fd number it got.

@@ -244,6 +244,20 @@ impl Channel {
         self.sock.as_fd()
     }
 
+    /// Whether a whole frame is already buffered here (read ahead from the socket), so that
+    /// `try_recv` returns it without the socket being readable.
+    pub fn has_buffered_frame(&self) -> bool {
+        match &self.partial {
+            Some(partial) => partial.body.len() + self.pending.len() >= partial.len,
+            None => {
+                self.pending.len() >= HEADER_LEN && {
+                    let len = u64::from_le_bytes(self.pending[..8].try_into().expect("8 bytes"));
+                    (self.pending.len() - HEADER_LEN) as u64 >= len
+                }
+            }
+        }
+    }
+
     /// Descriptors received for a frame that is not complete yet.
     pub fn queued_fds(&self) -> impl Iterator<Item = BorrowedFd<'_>> {
         self.fds.iter().map(AsFd::as_fd)
@@ -381,6 +395,19 @@ mod tests {
 
     fn soon() -> Option<Instant> {
         Some(Instant::now() + Duration::from_secs(10))
+    }
+
+    #[test]
+    fn a_frame_read_ahead_is_reported_as_buffered() {
+        let (a, mut b) = Channel::pair().unwrap();
+        assert!(!b.has_buffered_frame());
+        a.send(&[b"one"], &[], soon(), None).unwrap();
+        a.send(&[b"two"], &[], soon(), None).unwrap();
+        // Both small frames arrive in one read; the second waits in the buffer.
+        assert_eq!(b.recv(soon(), None).unwrap().body, b"one");
+        assert!(b.has_buffered_frame());
+        assert_eq!(b.try_recv().unwrap().unwrap().body, b"two");
+        assert!(!b.has_buffered_frame());
     }
 
     #[test]

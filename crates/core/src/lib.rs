@@ -23,6 +23,7 @@ pub mod shm;
 pub mod status;
 pub mod sys;
 pub mod task;
+pub mod wait;
 pub mod wire;
 
 pub use bytes::Bytes;
@@ -37,6 +38,7 @@ pub use shm::{SealedMemory, SealedSlice, SharedMemory, SharedSlice};
 pub use status::ExitStatus;
 pub use sys::MultithreadedForkPermit;
 pub use task::{Portable, Task};
+pub use wait::{Waitable, wait};
 
 /// Takes the child or forkserver role if this process was started as one; returns at once in
 /// the user's program.

@@ -185,10 +185,17 @@ fn frame_error(e: FrameError) -> Error {
     Error::new(ErrorKind::Protocol, format!("pipe: {e}"))
 }
 
+impl<T> Connection<T> {
+    /// Whether a whole message has already been read ahead into this end's buffer.
+    pub(crate) fn has_buffered_message(&self) -> bool {
+        self.channel.has_buffered_frame()
+    }
+}
+
 impl<T> AsFd for Connection<T> {
     /// The socket: readable when bytes of a message (or the other end's close) have arrived.
-    /// Messages this end has already read ahead are not signalled again: drain with
-    /// [`try_recv`](Connection::try_recv) before polling.
+    /// Messages this end has already read ahead are not signalled again; [`crate::wait::wait`]
+    /// checks for them.
     fn as_fd(&self) -> BorrowedFd<'_> {
         self.channel.as_fd()
     }

@@ -34,7 +34,8 @@ pub use multiproc_core::preloaded;
 pub use multiproc_core::{
     AsyncResult, Bytes, ChildFailure, Connection, Error, ErrorKind, ExitStatus, Fd, IMap,
     MultithreadedForkPermit, Pool, PoolBuilder, Portable, Process, ProcessBuilder, RemotePanic,
-    Result, SealedMemory, SealedSlice, SharedMemory, SharedSlice, StartMethod, Task, init,
+    Result, SealedMemory, SealedSlice, SharedMemory, SharedSlice, StartMethod, Task, Waitable,
+    init, wait,
 };
 pub use multiproc_forkserver::server_pid as forkserver_pid;
 pub use multiproc_forkserver::set_preload as set_forkserver_preload;
