@@ -83,7 +83,7 @@ fn death_before_handshake(ctx: &Context) -> Result<(), Failed> {
 /// Serializes any byte, but deserializes only zero: stands for a parent and child that
 /// disagree about a type's encoding.
 #[derive(Debug, Serialize)]
-pub struct Picky(u8);
+pub struct Picky(pub u8);
 
 impl<'de> Deserialize<'de> for Picky {
     fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
@@ -95,7 +95,7 @@ impl<'de> Deserialize<'de> for Picky {
 }
 
 #[multiproc::task]
-fn picky(value: u8) -> Picky {
+pub fn picky(value: u8) -> Picky {
     Picky(value)
 }
 

@@ -28,6 +28,7 @@ pub const SCENARIOS: &[Scenario] = &[
     ("pool_panic_fails_only_its_item", panic_per_item),
     ("pool_killed_worker_fails_its_item_and_is_replaced", killed_worker),
     ("pool_unencodable_result_fails_its_item", unencodable_item),
+    ("pool_exit_and_undecodable_results_fail_their_batch_only", exit_and_undecodable),
     ("pool_initializer_panic_fails_build", initializer_panic),
     ("pool_terminate_with_10000_outstanding_tasks", terminate_outstanding),
     ("pool_task_timeout_kills_and_replaces_the_worker", task_timeout),
@@ -293,6 +294,33 @@ fn unencodable_item(ctx: &Context) -> Result<(), Failed> {
                 }
             }
             Ok(())
+        },
+    )
+}
+
+fn exit_and_undecodable(ctx: &Context) -> Result<(), Failed> {
+    use crate::common::quit;
+    use crate::failures::picky;
+    with_pool(
+        ctx,
+        || ctx.pool().processes(2).chunksize(2).build(),
+        |pool| {
+            // A task that exits its worker: the batch fails with the exit code, the pool goes on.
+            let exited = pool.apply(quit, 7).expect_err("the worker exited");
+            ensure(exited.kind() == ErrorKind::ChildExited, || format!("{exited:?}"))?;
+            ensure(exited.exit_status() == Some(ExitStatus::Exited(7)), || format!("{exited:?}"))?;
+            // Results that do not decode in the parent fail their batch (of two), and only it.
+            let results: Vec<_> = pool.imap(picky, [0u8, 9, 0, 0]).collect();
+            ensure(results.len() == 4, || format!("{} results", results.len()))?;
+            for (i, result) in results.iter().enumerate() {
+                match result {
+                    Err(e) if i < 2 => ensure(e.kind() == ErrorKind::Decode, || format!("{e:?}"))?,
+                    Ok(value) if i >= 2 => ensure(value.0 == 0, || "picky 0".into())?,
+                    other => return Err(format!("item {i}: {other:?}").into()),
+                }
+            }
+            ensure(pool.apply(add, (2, 2))? == 4, || "the pool after both".into())?;
+            ensure(pool.pids().len() == 2, || format!("workers {:?}", pool.pids()))
         },
     )
 }

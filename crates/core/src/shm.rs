@@ -124,38 +124,53 @@ struct Handle<F> {
     len: u64,
 }
 
+impl Handle<Fd> {
+    /// Writes the wire form of memory behind `fd`, `len` bytes long.
+    fn write<S: Serializer>(
+        fd: &OwnedFd,
+        len: usize,
+        serializer: S,
+    ) -> std::result::Result<S::Ok, S::Error> {
+        Handle { fd: Fd::new(fd.as_fd()), len: len as u64 }.serialize(serializer)
+    }
+
+    /// Reads the wire form and maps the memory with `map` (writable, or sealed after checking
+    /// the seals: a sender cannot pass writable memory off as sealed).
+    fn read<'de, D: Deserializer<'de>>(
+        deserializer: D,
+        map: fn(std::os::fd::BorrowedFd<'_>, usize) -> std::io::Result<Mapping>,
+    ) -> std::result::Result<(OwnedFd, Mapping), D::Error> {
+        let Handle { fd, len } = Handle::<Fd>::deserialize(deserializer)?;
+        let fd = fd.into_inner();
+        let len = usize::try_from(len).map_err(D::Error::custom)?;
+        let mapping = map(fd.as_fd(), len)
+            .map_err(|e| D::Error::custom(format!("mapping shared memory: {e}")))?;
+        Ok((fd, mapping))
+    }
+}
+
 impl Serialize for SharedMemory {
     fn serialize<S: Serializer>(&self, serializer: S) -> std::result::Result<S::Ok, S::Error> {
-        Handle { fd: Fd::new(self.fd.as_fd()), len: self.len() as u64 }.serialize(serializer)
+        Handle::write(&self.fd, self.map.len(), serializer)
     }
 }
 
 impl<'de> Deserialize<'de> for SharedMemory {
     fn deserialize<D: Deserializer<'de>>(deserializer: D) -> std::result::Result<Self, D::Error> {
-        let Handle { fd, len } = Handle::<Fd>::deserialize(deserializer)?;
-        let fd = fd.into_inner();
-        let len = usize::try_from(len).map_err(D::Error::custom)?;
-        let map = Mapping::writable(fd.as_fd(), len)
-            .map_err(|e| D::Error::custom(format!("mapping shared memory: {e}")))?;
+        let (fd, map) = Handle::read(deserializer, Mapping::writable)?;
         Ok(SharedMemory { fd, map })
     }
 }
 
 impl Serialize for SealedMemory {
     fn serialize<S: Serializer>(&self, serializer: S) -> std::result::Result<S::Ok, S::Error> {
-        Handle { fd: Fd::new(self.fd.as_fd()), len: self.map.len() as u64 }.serialize(serializer)
+        Handle::write(&self.fd, self.map.len(), serializer)
     }
 }
 
 impl<'de> Deserialize<'de> for SealedMemory {
     fn deserialize<D: Deserializer<'de>>(deserializer: D) -> std::result::Result<Self, D::Error> {
-        let Handle { fd, len } = Handle::<Fd>::deserialize(deserializer)?;
-        let fd = fd.into_inner();
-        let len = usize::try_from(len).map_err(D::Error::custom)?;
-        // Mapping::sealed checks the seals itself: a sender cannot pass writable memory off
-        // as sealed.
-        let map = Mapping::sealed(fd.as_fd(), len)
-            .map_err(|e| D::Error::custom(format!("mapping sealed memory: {e}")))?;
+        let (fd, map) = Handle::read(deserializer, Mapping::sealed)?;
         Ok(SealedMemory { fd, map })
     }
 }
