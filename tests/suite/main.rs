@@ -13,6 +13,7 @@ mod ipc;
 mod lifecycle;
 mod pool;
 mod protocol;
+mod queue;
 
 use libtest_mimic::{Arguments, Failed, Trial};
 use multiproc::Context;
@@ -34,6 +35,7 @@ fn main() {
         protocol::SCENARIOS,
         pool::SCENARIOS,
         ipc::SCENARIOS,
+        queue::SCENARIOS,
     ]
     .concat();
     if method == "forkserver" {

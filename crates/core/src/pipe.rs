@@ -7,11 +7,9 @@
 //! at the other end exits, or drops its end, receiving gives `Disconnected` after every message
 //! it sent before—never a hang.
 
-use std::collections::BTreeSet;
 use std::fmt;
 use std::marker::PhantomData;
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
-use std::sync::Mutex;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::time::{Duration, Instant};
 
 use serde::de::DeserializeOwned;
@@ -21,32 +19,7 @@ use crate::channel::{Channel, Frame, FrameError};
 use crate::codec;
 use crate::error::{Error, ErrorKind};
 use crate::fd::Fd;
-
-/// Every pipe end alive in this process. A child forked by the fork start method closes those
-/// it was not given, as a spawned child never has them: otherwise the copy a child inherited of
-/// its parent's end would keep the pipe open after the parent dropped it, and the child would
-/// wait for end-of-file forever.
-static LIVE: Mutex<BTreeSet<RawFd>> = Mutex::new(BTreeSet::new());
-
-fn live() -> std::sync::MutexGuard<'static, BTreeSet<RawFd>> {
-    LIVE.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
-}
-
-/// The pipe ends alive in this process that `keep` does not hold: what a forked child must
-/// close. Free when the program has no pipe (`keep` is not walked then).
-pub fn ends_to_close_in_child<K: Serialize + ?Sized>(keep: &K) -> Vec<RawFd> {
-    let live: Vec<RawFd> = live().iter().copied().collect();
-    if live.is_empty() {
-        return live;
-    }
-    let kept = codec::fds_in(keep);
-    live.into_iter().filter(|fd| !kept.contains(fd)).collect()
-}
-
-/// The pipe ends alive in this process other than `kept`.
-pub fn ends_other_than(kept: &[RawFd]) -> Vec<RawFd> {
-    live().iter().copied().filter(|fd| !kept.contains(fd)).collect()
-}
+use crate::tracked;
 
 /// A connected pair of [`Connection`]s.
 pub fn pipe<T>() -> Result<(Connection<T>, Connection<T>), Error> {
@@ -102,14 +75,14 @@ pub enum RecvTimeoutError {
 
 impl<T> Connection<T> {
     fn new(channel: Channel) -> Self {
-        live().insert(channel.as_fd().as_raw_fd());
+        tracked::track(channel.as_fd().as_raw_fd());
         Connection { channel, _messages: PhantomData }
     }
 }
 
 impl<T> Drop for Connection<T> {
     fn drop(&mut self) {
-        live().remove(&self.channel.as_fd().as_raw_fd());
+        tracked::untrack(self.channel.as_fd().as_raw_fd());
     }
 }
 

@@ -62,7 +62,7 @@ impl<A: Portable, R: Portable> ProcessBuilder<A, R> {
         let start = start_message(self.task.name(), &name, self.daemon, None);
         let work = if self.method.moves_arguments() {
             let func = self.task.func();
-            let close = crate::pipe::ends_to_close_in_child(&self.args);
+            let close = crate::tracked::to_close_in_child(&self.args);
             let args = self.args;
             let settings = start.clone();
             Work::Moved(Box::new(move |channel: Channel| -> Infallible {

@@ -69,6 +69,11 @@ impl SharedMemory {
         out
     }
 
+    /// The memory as 32-bit atomic words, for counters shared between processes.
+    pub(crate) fn atomic_words(&self) -> &[std::sync::atomic::AtomicU32] {
+        self.map.atomic_words()
+    }
+
     /// A second handle to the same memory (a new descriptor and mapping).
     pub fn try_clone(&self) -> Result<SharedMemory> {
         let fd = self.fd.try_clone().map_err(|e| io_error("dup", e))?;
@@ -106,6 +111,20 @@ impl SealedMemory {
     /// The bytes.
     pub fn as_slice(&self) -> &[u8] {
         self.map.as_slice().expect("a sealed mapping lends its bytes")
+    }
+
+    /// Maps the whole of a memory file that must be sealed read-only (checked).
+    pub(crate) fn from_fd(fd: OwnedFd) -> Result<SealedMemory> {
+        let len = sys::file_size(fd.as_fd()).map_err(|e| io_error("fstat", e))?;
+        let len = usize::try_from(len)
+            .map_err(|_| io_error("size", std::io::ErrorKind::FileTooLarge.into()))?;
+        let map = Mapping::sealed(fd.as_fd(), len).map_err(|e| io_error("mmap", e))?;
+        Ok(SealedMemory { fd, map })
+    }
+
+    /// Gives up the mapping and returns the descriptor.
+    pub(crate) fn into_fd(self) -> OwnedFd {
+        self.fd
     }
 }
 

@@ -31,11 +31,12 @@ pub use bytemuck::{self, Pod, Zeroable};
 pub use multiproc_core::log::log_to_stderr;
 pub use multiproc_core::pipe::{RecvError, RecvTimeoutError, SendError, TryRecvError};
 pub use multiproc_core::preloaded;
+pub use multiproc_core::queue::{GetTimeoutError, PutTimeoutError, TryGetError, TryPutError};
 pub use multiproc_core::{
     AsyncResult, Bytes, ChildFailure, Connection, Error, ErrorKind, ExitStatus, Fd, IMap,
-    MultithreadedForkPermit, Pool, PoolBuilder, Portable, Process, ProcessBuilder, RemotePanic,
-    Result, SealedMemory, SealedSlice, SharedMemory, SharedSlice, StartMethod, Task, Waitable,
-    init, wait,
+    JoinableQueue, MultithreadedForkPermit, Pool, PoolBuilder, Portable, Process, ProcessBuilder,
+    Queue, RemotePanic, Result, SealedMemory, SealedSlice, SharedMemory, SharedSlice, StartMethod,
+    Task, Waitable, init, wait,
 };
 pub use multiproc_forkserver::server_pid as forkserver_pid;
 pub use multiproc_forkserver::set_preload as set_forkserver_preload;
@@ -128,6 +129,18 @@ impl Context {
     /// end can be passed to a child as a task argument.
     pub fn pipe<T>(&self) -> Result<(Connection<T>, Connection<T>)> {
         multiproc_core::pipe()
+    }
+
+    /// An unbounded [`Queue`] of `T` values (Python's `Queue()`); see [`Queue::bounded`] for
+    /// one with a capacity. Any number of processes may hold it, put and get.
+    pub fn queue<T>(&self) -> Result<Queue<T>> {
+        Queue::new()
+    }
+
+    /// An unbounded [`JoinableQueue`] (Python's `JoinableQueue()`); see
+    /// [`JoinableQueue::bounded`].
+    pub fn joinable_queue<T>(&self) -> Result<JoinableQueue<T>> {
+        JoinableQueue::new()
     }
 
     /// A builder for a pool of worker processes started by this context's method:

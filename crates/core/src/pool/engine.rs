@@ -132,7 +132,7 @@ impl Worker {
                     Some(InitArgs::Moved(make, kept)) => (Arc::clone(make), kept),
                     _ => (Arc::new(|| Ok(Box::new(()) as State)), &[]),
                 };
-                let close = crate::pipe::ends_other_than(kept);
+                let close = crate::tracked::other_than(kept);
                 let settings = start.clone();
                 Work::Moved(Box::new(move |channel: Channel| -> Infallible {
                     sys::close_in_forked_child(&close);

@@ -11,6 +11,7 @@ use std::mem::{self, MaybeUninit};
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::fs::MetadataExt;
 use std::ptr;
+use std::sync::atomic::AtomicU32;
 use std::time::Instant;
 
 use crate::status::ExitStatus;
@@ -144,6 +145,11 @@ fn recvmsg_raw(
     }
     if msg.msg_flags & libc::MSG_CTRUNC != 0 {
         return Err(io::Error::other("file descriptors were truncated in transit (MSG_CTRUNC)"));
+    }
+    // Only a record-oriented socket truncates: the rest of a record longer than the buffer is
+    // gone, so it is an error, never a short message.
+    if msg.msg_flags & libc::MSG_TRUNC != 0 {
+        return Err(io::Error::other(format!("a record longer than the {len} bytes expected")));
     }
     Ok(n)
 }
@@ -668,6 +674,72 @@ pub fn is_sealed_read_only(fd: BorrowedFd<'_>) -> io::Result<bool> {
     Ok(seals & needed == needed)
 }
 
+/// `socketpair(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC)`: a connected pair whose every
+/// `sendmsg` is one record, delivered whole to exactly one `recvmsg` and never interleaved with
+/// another sender's—what lets many processes share one end.
+pub fn seqpacket_pair() -> io::Result<(OwnedFd, OwnedFd)> {
+    let mut fds = [0 as c_int; 2];
+    // SAFETY: `fds` is valid for writes of two ints.
+    cvt(unsafe {
+        libc::socketpair(
+            libc::AF_UNIX,
+            libc::SOCK_SEQPACKET | libc::SOCK_CLOEXEC,
+            0,
+            fds.as_mut_ptr(),
+        )
+    })?;
+    // SAFETY: socketpair returned two new descriptors that nothing else owns.
+    Ok(unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) })
+}
+
+/// Whether `error` is `EMSGSIZE`: a record larger than the socket can ever take whole.
+pub fn is_message_too_long(error: &io::Error) -> bool {
+    error.raw_os_error() == Some(libc::EMSGSIZE)
+}
+
+/// `FUTEX_WAIT` on a word that other processes may share (not the `_PRIVATE` variant): sleeps
+/// while `*word == expected`, until woken or `deadline` passes.
+///
+/// Returns `false` only when the deadline passed; `true` when woken, interrupted, or the word
+/// no longer held `expected`—the caller re-reads the word either way.
+pub fn futex_wait(word: &AtomicU32, expected: u32, deadline: Option<Instant>) -> io::Result<bool> {
+    let timeout = match deadline {
+        None => None,
+        Some(deadline) => {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Ok(false);
+            }
+            Some(libc::timespec {
+                tv_sec: left.as_secs() as libc::time_t,
+                tv_nsec: left.subsec_nanos() as libc::c_long,
+            })
+        }
+    };
+    let timeout_ptr = timeout.as_ref().map_or(ptr::null(), |t| t as *const libc::timespec);
+    // SAFETY: `word` is a live, aligned u32 for the duration of the call, and `timeout_ptr`
+    // is null or points at a timespec on this stack frame; FUTEX_WAIT writes no memory.
+    let ret = unsafe {
+        libc::syscall(libc::SYS_futex, word.as_ptr(), libc::FUTEX_WAIT, expected, timeout_ptr)
+    };
+    if ret == 0 {
+        return Ok(true);
+    }
+    let error = io::Error::last_os_error();
+    match error.raw_os_error() {
+        Some(libc::ETIMEDOUT) => Ok(false),
+        Some(libc::EAGAIN) | Some(libc::EINTR) => Ok(true),
+        _ => Err(error),
+    }
+}
+
+/// `FUTEX_WAKE`: wakes up to `count` processes or threads sleeping in [`futex_wait`] on `word`.
+pub fn futex_wake(word: &AtomicU32, count: u32) {
+    let count = count.min(i32::MAX as u32);
+    // SAFETY: `word` is a live, aligned u32; FUTEX_WAKE reads and writes no user memory.
+    unsafe { libc::syscall(libc::SYS_futex, word.as_ptr(), libc::FUTEX_WAKE, count) };
+}
+
 /// A shared mapping of `len` bytes of a memory file, unmapped on drop.
 ///
 /// A writable mapping may be written by other processes at any time, so it never hands out a
@@ -768,6 +840,20 @@ impl Mapping {
         // (F_SEAL_WRITE, verified when mapped), so the bytes are immutable for the life of the
         // mapping, which `&self` outlives.
         self.sealed.then(|| unsafe { std::slice::from_raw_parts(self.ptr.as_ptr(), self.len) })
+    }
+
+    /// The mapping as 32-bit atomic words, for counters that several processes update: an
+    /// atomic access is defined however other processes touch the same word. Empty for a sealed
+    /// mapping.
+    pub fn atomic_words(&self) -> &[AtomicU32] {
+        if self.sealed {
+            return &[];
+        }
+        // SAFETY: the mapping is page-aligned and writable, and AtomicU32 has the size and
+        // alignment of u32; every access through the slice is atomic, which is sound however
+        // other processes (or `write_at`) change the memory. The slice borrows `self`, so it
+        // ends before the unmapping.
+        unsafe { std::slice::from_raw_parts(self.ptr.as_ptr().cast::<AtomicU32>(), self.len / 4) }
     }
 
     fn check(&self, offset: usize, len: usize) -> io::Result<()> {

@@ -1,0 +1,46 @@
+//! The descriptors of pipes and queues alive in this process, which a child forked by the fork
+//! start method closes unless it was given them.
+//!
+//! A spawned child never has them; a forked one would inherit every one. For a pipe that is a
+//! real bug, not just a leak: the copy a child inherited of its parent's end would keep the pipe
+//! open after the parent dropped it, and the child would wait for end-of-file forever.
+
+use std::collections::BTreeSet;
+use std::os::fd::RawFd;
+use std::sync::{Mutex, MutexGuard};
+
+use serde::Serialize;
+
+use crate::codec;
+
+static LIVE: Mutex<BTreeSet<RawFd>> = Mutex::new(BTreeSet::new());
+
+fn live() -> MutexGuard<'static, BTreeSet<RawFd>> {
+    LIVE.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+/// Records `fd` as a pipe or queue descriptor owned by this process.
+pub fn track(fd: RawFd) {
+    live().insert(fd);
+}
+
+/// Forgets `fd`; called as its owner closes it.
+pub fn untrack(fd: RawFd) {
+    live().remove(&fd);
+}
+
+/// The tracked descriptors that `keep` does not hold: what a forked child must close. Free when
+/// the program has none (`keep` is not walked then).
+pub fn to_close_in_child<K: Serialize + ?Sized>(keep: &K) -> Vec<RawFd> {
+    let live: Vec<RawFd> = live().iter().copied().collect();
+    if live.is_empty() {
+        return live;
+    }
+    let kept = codec::fds_in(keep);
+    live.into_iter().filter(|fd| !kept.contains(fd)).collect()
+}
+
+/// The tracked descriptors other than `kept`.
+pub fn other_than(kept: &[RawFd]) -> Vec<RawFd> {
+    live().iter().copied().filter(|fd| !kept.contains(fd)).collect()
+}
