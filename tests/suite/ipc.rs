@@ -7,7 +7,8 @@ use std::os::unix::net::UnixStream;
 
 use libtest_mimic::Failed;
 use multiproc::{
-    Connection, Context, Fd, RecvError, RecvTimeoutError, SealedSlice, SharedSlice, task,
+    Client, Connection, Context, ErrorKind, Fd, Listener, RecvError, RecvTimeoutError, SealedSlice,
+    SharedSlice, task,
 };
 use multiproc_core::sys;
 
@@ -25,6 +26,7 @@ pub const SCENARIOS: &[Scenario] = &[
     ("fd_in_pool_items", fd_in_pool),
     ("shared_memory_written_by_a_child_is_seen_by_the_parent", shared_written_by_child),
     ("sealed_slice_is_read_by_pool_workers_in_place", sealed_in_pool),
+    ("listener_accepts_a_child_with_the_key_and_refuses_one_without", listener_by_name),
 ];
 
 /// Sends `0..n` on `conn`, then returns: the process exits right after its last send.
@@ -281,4 +283,36 @@ fn sealed_in_pool(ctx: &Context) -> Result<(), Failed> {
         ensure(*sum == expected, || format!("sum of {start}..{end}: {sum}"))?;
     }
     Ok(())
+}
+
+/// Connects to the listener at `name` with `key`, sends 21 and returns the answer; or the kind
+/// of error that stopped it.
+#[task]
+fn call_listener(name: String, key: Vec<u8>) -> Result<u64, String> {
+    let mut conn = Client::connect::<u64>(&name, &key).map_err(|e| format!("{:?}", e.kind()))?;
+    conn.send(&21).map_err(|e| e.to_string())?;
+    conn.recv().map_err(|e| e.to_string())
+}
+
+fn listener_by_name(ctx: &Context) -> Result<(), Failed> {
+    warm_up(ctx)?;
+    let fds = fd_count();
+    let name = format!("multiproc-suite-{}-{}", ctx.start_method(), std::process::id());
+    let listener = Listener::bind(&name, b"the key")?;
+    // Only the name and the key travel: the child finds the listener by itself.
+    let intruder = ctx.process(call_listener, (name.clone(), b"a guess".to_vec())).start()?;
+    let refused = listener.accept_timeout::<u64>(DEADLINE).map(drop).unwrap_err();
+    ensure(refused.kind() == ErrorKind::AuthenticationFailed, || format!("intruder: {refused}"))?;
+    let told = join(intruder)??;
+    ensure(told == Err("AuthenticationFailed".into()), || format!("the intruder got {told:?}"))?;
+
+    let friend = ctx.process(call_listener, (name.clone(), b"the key".to_vec())).start()?;
+    let mut conn = listener.accept_timeout::<u64>(DEADLINE)?;
+    let asked = conn.recv_timeout(DEADLINE).map_err(|e| e.to_string())?;
+    conn.send(&(asked * 2)).map_err(|e| e.to_string())?;
+    let answer = join(friend)??;
+    ensure(answer == Ok(42), || format!("the friend got {answer:?}"))?;
+    drop((conn, listener));
+    ensure(zombie_children().is_empty(), || "zombies".into())?;
+    ensure(fd_count() == fds, || format!("fds before {fds}, after {}", fd_count()))
 }

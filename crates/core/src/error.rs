@@ -40,8 +40,12 @@ pub enum ErrorKind {
     Protocol,
     /// The result of this process was already taken by an earlier `join_timeout`.
     ResultTaken,
-    /// A pool task ran past its time limit; its worker was killed and replaced.
+    /// A pool task ran past its time limit (its worker was killed and replaced), or a
+    /// listener's accept or handshake did not complete in time.
     Timeout,
+    /// The other end of a [`Listener`](crate::Listener) connection did not prove that it holds
+    /// the key (or the listener refused ours).
+    AuthenticationFailed,
     /// The work was cancelled before it ran: its pool was terminated or dropped.
     Cancelled,
     /// The call does not fit the object's state: a closed pool given work, a forkserver preload

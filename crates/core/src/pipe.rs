@@ -74,7 +74,7 @@ pub enum RecvTimeoutError {
 }
 
 impl<T> Connection<T> {
-    fn new(channel: Channel) -> Self {
+    pub(crate) fn new(channel: Channel) -> Self {
         tracked::track(channel.as_fd().as_raw_fd());
         Connection { channel, _messages: PhantomData }
     }

@@ -187,6 +187,11 @@ impl<T> Queue<T> {
         self.len() == 0
     }
 
+    /// The consumers' socket: readable when a record is waiting.
+    pub(crate) fn get_fd(&self) -> BorrowedFd<'_> {
+        self.shared.get_end.as_fd()
+    }
+
     fn word(&self, index: usize) -> &AtomicU32 {
         &self.shared.control.atomic_words()[index]
     }
@@ -703,6 +708,15 @@ mod tests {
         worker.join().unwrap();
         let extra = queue.task_done().unwrap_err();
         assert_eq!(extra.kind(), ErrorKind::InvalidState);
+    }
+
+    #[test]
+    fn wait_sees_a_waiting_message() {
+        let queue = Queue::<u8>::new().unwrap();
+        let none = crate::wait::wait(&[&queue], Some(Duration::from_millis(1))).unwrap();
+        assert!(none.is_empty());
+        queue.put(&1).unwrap();
+        assert_eq!(crate::wait::wait(&[&queue], Some(Duration::from_secs(30))).unwrap(), [0]);
     }
 
     #[test]

@@ -43,7 +43,8 @@ impl<T> Waitable for Connection<T> {
 /// returns the indexes of the ready ones, empty on timeout.
 ///
 /// A process is ready when it has ended; a connection when a message (or end-of-file) can be
-/// received without blocking.
+/// received without blocking; a queue when a message is waiting; a
+/// [`Listener`](crate::Listener) when a client is waiting to be accepted.
 pub fn wait(objects: &[&dyn Waitable], timeout: Option<Duration>) -> Result<Vec<usize>> {
     let buffered: Vec<usize> =
         objects.iter().enumerate().filter(|(_, o)| o.ready_now()).map(|(i, _)| i).collect();
@@ -61,4 +62,11 @@ pub fn wait(objects: &[&dyn Waitable], timeout: Option<Duration>) -> Result<Vec<
         .filter(|(i, entry)| entry.revents() != 0 || buffered.contains(i))
         .map(|(i, _)| i)
         .collect())
+}
+
+impl<T> Waitable for crate::queue::Queue<T> {
+    /// Ready when a message is waiting (another consumer may still take it first).
+    fn wait_fd(&self) -> BorrowedFd<'_> {
+        self.get_fd()
+    }
 }

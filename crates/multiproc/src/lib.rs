@@ -33,10 +33,10 @@ pub use multiproc_core::pipe::{RecvError, RecvTimeoutError, SendError, TryRecvEr
 pub use multiproc_core::preloaded;
 pub use multiproc_core::queue::{GetTimeoutError, PutTimeoutError, TryGetError, TryPutError};
 pub use multiproc_core::{
-    AsyncResult, Bytes, ChildFailure, Connection, Error, ErrorKind, ExitStatus, Fd, IMap,
-    JoinableQueue, MultithreadedForkPermit, Pool, PoolBuilder, Portable, Process, ProcessBuilder,
-    Queue, RemotePanic, Result, SealedMemory, SealedSlice, SharedMemory, SharedSlice, StartMethod,
-    Task, Waitable, init, wait,
+    AsyncResult, Bytes, ChildFailure, Client, Connection, Error, ErrorKind, ExitStatus, Fd, IMap,
+    JoinableQueue, Listener, MultithreadedForkPermit, Pool, PoolBuilder, Portable, Process,
+    ProcessBuilder, Queue, RemotePanic, Result, SealedMemory, SealedSlice, SharedMemory,
+    SharedSlice, StartMethod, Task, Waitable, init, wait,
 };
 pub use multiproc_forkserver::server_pid as forkserver_pid;
 pub use multiproc_forkserver::set_preload as set_forkserver_preload;

@@ -692,6 +692,20 @@ pub fn seqpacket_pair() -> io::Result<(OwnedFd, OwnedFd)> {
     Ok(unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) })
 }
 
+/// Fills `buf` from the kernel's cryptographically secure generator (`getrandom(2)`).
+pub fn random_bytes(buf: &mut [u8]) -> io::Result<()> {
+    let mut filled = 0;
+    while filled < buf.len() {
+        let rest = &mut buf[filled..];
+        let n = super::retry_eintr(|| {
+            // SAFETY: `rest` is valid for writes of its length.
+            cvt_long(unsafe { libc::getrandom(rest.as_mut_ptr().cast(), rest.len(), 0) })
+        })?;
+        filled += n;
+    }
+    Ok(())
+}
+
 /// Whether `error` is `EMSGSIZE`: a record larger than the socket can ever take whole.
 pub fn is_message_too_long(error: &io::Error) -> bool {
     error.raw_os_error() == Some(libc::EMSGSIZE)
