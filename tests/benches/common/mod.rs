@@ -85,3 +85,194 @@ pub fn raw_ping_pong(runs: usize) -> Stats {
         },
     )
 }
+
+/// A measured quantity, shown with its unit; ratios between two are taken on their cost (time,
+/// or the time per item of a rate), so a ratio above 1 always means "more expensive".
+#[derive(Clone, Debug)]
+pub enum Value {
+    /// A duration.
+    Time(Duration),
+    /// Items (or bytes, with unit "B") per second.
+    Rate(f64, &'static str),
+    /// Something that is not a cost (a memory size, a note).
+    Text(String),
+    /// Not measured (no python3, or no such workload).
+    Missing(&'static str),
+}
+
+impl Value {
+    /// A rate of `items` in `took`.
+    pub fn rate(items: f64, took: Duration, unit: &'static str) -> Value {
+        Value::Rate(items / took.as_secs_f64(), unit)
+    }
+
+    fn cost(&self) -> Option<f64> {
+        match self {
+            Value::Time(d) => Some(d.as_secs_f64()),
+            Value::Rate(r, _) if *r > 0.0 => Some(1.0 / r),
+            _ => None,
+        }
+    }
+
+    fn show(&self) -> String {
+        match self {
+            Value::Time(d) => {
+                let s = d.as_secs_f64();
+                if s < 1e-3 {
+                    format!("{:.1} µs", s * 1e6)
+                } else if s < 1.0 {
+                    format!("{:.2} ms", s * 1e3)
+                } else {
+                    format!("{s:.2} s")
+                }
+            }
+            Value::Rate(r, "B") => format!("{:.2} GiB/s", r / f64::from(1u32 << 30)),
+            Value::Rate(r, unit) if *r >= 1e6 => format!("{:.2} M {unit}/s", r / 1e6),
+            Value::Rate(r, unit) => format!("{:.1} k {unit}/s", r / 1e3),
+            Value::Text(text) => text.clone(),
+            Value::Missing(why) => (*why).to_owned(),
+        }
+    }
+}
+
+/// What a row must show to meet the project's target.
+#[derive(Clone, Copy, Debug)]
+pub enum Target {
+    /// Ours ÷ baseline at most this.
+    AtMost(f64),
+    /// Python ÷ ours (how many times faster we are) at least this.
+    PythonRatio(f64),
+    /// A target stated in words, judged by the reader.
+    Words(&'static str),
+    /// No target.
+    None,
+}
+
+/// One table of a benchmark. `finish` prints it as Markdown and appends it to the file named by
+/// `MULTIPROC_BENCH_REPORT` (set by `cargo xtask bench`, which assembles BENCHMARKS.md).
+pub struct Table {
+    title: String,
+    rows: Vec<String>,
+    notes: Vec<String>,
+}
+
+impl Table {
+    /// An empty table under `title`.
+    pub fn new(title: impl Into<String>) -> Table {
+        let mut title = title.into();
+        if quick() {
+            title.push_str(" — quick mode, numbers are not meaningful");
+        }
+        Table { title, rows: Vec::new(), notes: Vec::new() }
+    }
+
+    /// A row: `ours` beside `baseline` (ratio ours ÷ baseline) and `python` (ratio Python ÷
+    /// ours: above 1, we are faster), judged against `target`.
+    pub fn row(
+        &mut self,
+        workload: &str,
+        method: &str,
+        ours: Value,
+        baseline: Value,
+        python: Value,
+        target: Target,
+    ) {
+        let ratio = |a: &Value, b: &Value| Some(a.cost()? / b.cost()?);
+        let vs_base = ratio(&ours, &baseline);
+        let vs_python = ratio(&python, &ours);
+        let show = |r: Option<f64>| r.map_or("–".to_owned(), |r| format!("{r:.2}×"));
+        let verdict = |met: bool| if met { "met" } else { "**missed**" };
+        let target = match target {
+            Target::AtMost(x) => match vs_base {
+                Some(r) => format!("≤ {x}× baseline: {}", verdict(r <= x)),
+                None => format!("≤ {x}× baseline"),
+            },
+            Target::PythonRatio(x) => match vs_python {
+                Some(r) => format!("≥ {x}× Python: {}", verdict(r >= x)),
+                None => format!("≥ {x}× Python"),
+            },
+            Target::Words(words) => words.to_owned(),
+            Target::None => String::new(),
+        };
+        self.rows.push(format!(
+            "| {workload} | {method} | {} | {} | {} | {} | {} | {target} |",
+            ours.show(),
+            baseline.show(),
+            show(vs_base),
+            python.show(),
+            show(vs_python),
+        ));
+    }
+
+    /// A line printed under the table.
+    pub fn note(&mut self, line: impl Into<String>) {
+        self.notes.push(line.into());
+    }
+
+    /// Prints the table and appends it to the run's report.
+    pub fn finish(self) {
+        let mut text = format!("### {}\n\n", self.title);
+        text.push_str(
+            "| workload | method | multiproc | baseline | ÷ baseline | Python | Python ÷ multiproc | target |\n\
+             |---|---|---:|---:|---:|---:|---:|---|\n",
+        );
+        for row in &self.rows {
+            text.push_str(row);
+            text.push('\n');
+        }
+        if !self.notes.is_empty() {
+            text.push('\n');
+            for note in &self.notes {
+                text.push_str(&format!("- {note}\n"));
+            }
+        }
+        text.push('\n');
+        print!("{text}");
+        if let Some(path) = std::env::var_os("MULTIPROC_BENCH_REPORT") {
+            let mut file = std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(path)
+                .expect("open the report");
+            file.write_all(text.as_bytes()).expect("append to the report");
+        }
+    }
+}
+
+/// Runs `tests/benches/python/<script>` under `python3 -I -S` (no site hooks, so that the
+/// machine's start-up customisations do not slow Python down) and reads its `name seconds`
+/// lines. `None`, with a message, when python3 is missing or the script failed.
+pub fn python(script: &str, args: &[String]) -> Option<std::collections::HashMap<String, f64>> {
+    let path = format!("{}/benches/python/{script}", env!("CARGO_MANIFEST_DIR"));
+    let output =
+        match std::process::Command::new("python3").args(["-I", "-S", &path]).args(args).output() {
+            Ok(output) => output,
+            Err(e) => {
+                eprintln!("python3 not available ({e}): Python columns are skipped");
+                return None;
+            }
+        };
+    if !output.status.success() {
+        eprintln!("python3 {script} failed: {}", String::from_utf8_lossy(&output.stderr));
+        return None;
+    }
+    Some(
+        String::from_utf8_lossy(&output.stdout)
+            .lines()
+            .filter_map(|line| {
+                let (name, value) = line.split_once(' ')?;
+                Some((name.to_owned(), value.trim().parse().ok()?))
+            })
+            .collect(),
+    )
+}
+
+/// Python's value for `name` as a time, or why there is none.
+pub fn python_time(results: &Option<std::collections::HashMap<String, f64>>, name: &str) -> Value {
+    match results {
+        None => Value::Missing("no python3"),
+        Some(map) => map
+            .get(name)
+            .map_or(Value::Missing("not reported"), |s| Value::Time(Duration::from_secs_f64(*s))),
+    }
+}

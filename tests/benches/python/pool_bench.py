@@ -1,11 +1,11 @@
 """Python's multiprocessing.Pool on the workloads of tests/benches/pool.rs, for comparison.
 
 Run by the Rust benchmark as `python3 -I -S pool_bench.py METHOD PROCESSES APPLY MAP IMAP`;
-prints one JSON object: apply round-trip times (seconds) and map / imap durations.
+prints `apply <median round trip>`, `map <seconds>` and `imap <seconds>` lines.
 """
 
-import json
 import multiprocessing as mp
+import statistics
 import sys
 import time
 
@@ -34,7 +34,9 @@ def main():
         count = sum(1 for _ in pool.imap(identity, range(imap_items), chunksize=1))
         imap_seconds = time.perf_counter() - started
         assert count == imap_items
-    print(json.dumps({"apply": rtts, "map": map_seconds, "imap": imap_seconds}))
+    print(f"apply {statistics.median(rtts)}")
+    print(f"map {map_seconds}")
+    print(f"imap {imap_seconds}")
 
 
 if __name__ == "__main__":

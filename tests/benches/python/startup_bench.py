@@ -1,0 +1,49 @@
+"""Python's multiprocessing on the workloads of tests/benches/startup.rs.
+
+`python3 -I -S startup_bench.py METHOD RUNS BURST BURST_RUNS` prints `start_join <median
+seconds>` for start -> join of a Process with a trivial target, one at a time, and `burst
+<median seconds>` for BURST processes started together, then joined.
+"""
+
+import multiprocessing as mp
+import statistics
+import sys
+import time
+
+
+def noop():
+    pass
+
+
+def timed(runs, body):
+    body()  # warm-up: the forkserver starts here
+    times = []
+    for _ in range(runs):
+        started = time.perf_counter()
+        body()
+        times.append(time.perf_counter() - started)
+    return statistics.median(times)
+
+
+def main():
+    method, runs, burst, burst_runs = sys.argv[1], *(int(a) for a in sys.argv[2:5])
+    ctx = mp.get_context(method)
+
+    def one():
+        p = ctx.Process(target=noop)
+        p.start()
+        p.join()
+
+    def many():
+        ps = [ctx.Process(target=noop) for _ in range(burst)]
+        for p in ps:
+            p.start()
+        for p in ps:
+            p.join()
+
+    print(f"start_join {timed(runs, one)}")
+    print(f"burst {timed(burst_runs, many)}")
+
+
+if __name__ == "__main__":
+    main()
