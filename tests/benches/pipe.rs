@@ -8,10 +8,11 @@
 mod common;
 
 use std::io::{Read, Write};
-use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::{Stats, measure, raw_ping_pong, with_forked_peer};
+use common::{
+    Stats, Table, Target, Value, measure, python, python_time, raw_ping_pong, with_forked_peer,
+};
 use multiproc::{Bytes, Connection, Context, RecvError, task};
 
 /// Echoes every message until the other end closes.
@@ -84,68 +85,46 @@ fn raw_bulk(size: usize, count: usize) -> Duration {
     )
 }
 
-/// Python's median round trip and bulk times, in the order of `bulk`.
-fn python(runs: usize, bulk: &[(usize, usize)]) -> Option<(Duration, Vec<Duration>)> {
-    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/benches/python/pipe_bench.py");
-    let specs = bulk.iter().map(|(size, count)| format!("{size}:{count}"));
-    let output =
-        Command::new("python3").args(["-I", "-S", script, &runs.to_string()]).args(specs).output();
-    let output = output.ok().filter(|o| o.status.success())?;
-    let text = String::from_utf8_lossy(&output.stdout);
-    let seconds = |s: &str| s.trim().parse::<f64>().ok().map(Duration::from_secs_f64);
-    let rtt = text.lines().find_map(|l| l.strip_prefix("rtt ")).and_then(seconds)?;
-    let times = text
-        .lines()
-        .filter_map(|l| l.strip_prefix("bulk "))
-        .filter_map(|l| seconds(l.rsplit(' ').next()?))
-        .collect();
-    Some((rtt, times))
-}
-
 fn main() -> Result<(), multiproc::Error> {
     let quick = common::quick();
     let runs = if quick { 100 } else { 10_000 };
     let total: usize = if quick { 16 << 20 } else { 512 << 20 };
     let bulk = [(64 << 10, total >> 16), (16 << 20, total >> 24)];
     let ctx = Context::new("fork")?;
-    println!(
-        "pipe between two processes (child started with fork){}",
-        if quick { " — quick mode, numbers are not meaningful" } else { "" }
-    );
-    let py = python(runs, &bulk);
+    let mut args = vec![runs.to_string()];
+    args.extend(bulk.iter().map(|(size, count)| format!("{size}:{count}")));
+    let py = python("pipe_bench.py", &args);
+    let mut table = Table::new(format!(
+        "Pipe between two processes: round trip (median of {runs}) and bulk transfer of {} MiB",
+        total >> 20
+    ));
     let raw = raw_ping_pong(runs);
     let ours = ours_ping_pong(&ctx, runs)?;
-    println!("| workload | multiproc | raw Unix socket | ratio | Python | Python ÷ multiproc |");
-    println!("|---|---:|---:|---:|---:|---:|");
-    let micros = |d: Duration| d.as_secs_f64() * 1e6;
-    println!(
-        "| round trip, small message (median of {runs}) | {:.1} µs | {:.1} µs | {:.2} | {} | {} |",
-        micros(ours.median),
-        micros(raw.median),
-        ours.median.as_secs_f64() / raw.median.as_secs_f64(),
-        py.as_ref().map_or("no python3".into(), |(rtt, _)| format!("{:.1} µs", micros(*rtt))),
-        py.as_ref().map_or("n/a".into(), |(rtt, _)| format!(
-            "{:.1}x",
-            rtt.as_secs_f64() / ours.median.as_secs_f64()
-        )),
+    table.row(
+        "round trip of a small message vs raw Unix-socket ping-pong",
+        "any",
+        Value::Time(ours.median),
+        Value::Time(raw.median),
+        python_time(&py, "rtt"),
+        Target::None,
     );
-    for (i, (size, count)) in bulk.iter().enumerate() {
-        let gib = |d: Duration| (size * count) as f64 / d.as_secs_f64() / f64::from(1u32 << 30);
-        let ours = ours_bulk(&ctx, *size, *count)?;
-        let raw = raw_bulk(*size, *count);
-        let theirs = py.as_ref().and_then(|(_, times)| times.get(i).copied());
-        println!(
-            "| bulk, {} KiB messages ({} MiB) | {:.2} GiB/s | {:.2} GiB/s | {:.2} | {} | {} |",
-            size >> 10,
-            (size * count) >> 20,
-            gib(ours),
-            gib(raw),
-            // As a time ratio: how much longer ours takes than the raw socket.
-            ours.as_secs_f64() / raw.as_secs_f64(),
-            theirs.map_or("no python3".into(), |t| format!("{:.2} GiB/s", gib(t))),
-            theirs
-                .map_or("n/a".into(), |t| format!("{:.1}x", t.as_secs_f64() / ours.as_secs_f64())),
+    for (size, count) in bulk {
+        let bytes = (size * count) as f64;
+        let rate = |value: Value| match value {
+            Value::Time(t) => Value::rate(bytes, t, "B"),
+            other => other,
+        };
+        table.row(
+            &format!("bulk, {} KiB messages, vs raw Unix-socket stream", size >> 10),
+            "any",
+            Value::rate(bytes, ours_bulk(&ctx, size, count)?, "B"),
+            Value::rate(bytes, raw_bulk(size, count), "B"),
+            rate(python_time(&py, &format!("bulk_{size}"))),
+            Target::None,
         );
     }
+    table.note("The child is started with fork; a pipe does not depend on the start method.");
+    table.note("Python's rows use multiprocessing.Pipe (send / recv, send_bytes / recv_bytes).");
+    table.finish();
     Ok(())
 }

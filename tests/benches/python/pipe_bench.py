@@ -1,8 +1,8 @@
 """Python's multiprocessing.Pipe on the workloads of tests/benches/pipe.rs.
 
 `python3 -I -S pipe_bench.py RUNS SIZE:COUNT...` prints `rtt <median seconds>` for the round
-trip of a small object, then per SIZE:COUNT `bulk <size> <count> <seconds>`: the time to send
-COUNT messages of SIZE bytes to a child that acknowledges the last one.
+trip of a small object, then per SIZE:COUNT `bulk_<size> <seconds>`: the time to send COUNT
+messages of SIZE bytes to a child that acknowledges the last one.
 """
 
 import statistics
@@ -54,7 +54,7 @@ def main():
         for _ in range(count):
             ours.send_bytes(message)
         ours.recv_bytes()
-        print(f"bulk {size} {count} {time.perf_counter() - started}")
+        print(f"bulk_{size} {time.perf_counter() - started}")
         ours.close()
         child.join()
 
