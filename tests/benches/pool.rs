@@ -67,7 +67,11 @@ fn main() -> Result<(), multiproc::Error> {
         );
         // Python 3.11's forkserver re-runs the main module in every worker: no claim there.
         let vs_python = |x: f64, words: &'static str| {
-            if method == "forkserver" { Target::Words(words) } else { Target::PythonRatio(x) }
+            if method == "forkserver" {
+                Target::Words(words.into())
+            } else {
+                Target::PythonRatio(x)
+            }
         };
         table.row(
             &format!("map, trivial task, {map_items} items"),

@@ -5,7 +5,11 @@
 //!
 //! `cargo bench -p multiproc-tests --bench preload` (500 MB), `-- --quick` (50 MB).
 
+mod common;
+
 use std::time::Instant;
+
+use common::{Table, Target, Value};
 
 use multiproc::{Context, task};
 
@@ -38,7 +42,7 @@ fn memory_kib(pid: u32) -> (u64, u64) {
 }
 
 fn main() -> Result<(), multiproc::Error> {
-    let quick = std::env::args().any(|arg| arg == "--quick");
+    let quick = common::quick();
     let bytes: u64 = if quick { 50 << 20 } else { 500 << 20 };
     let children = 8;
     multiproc::set_forkserver_preload(build_table, bytes)?;
@@ -59,23 +63,47 @@ fn main() -> Result<(), multiproc::Error> {
     let words = bytes / 8;
     let expected = (words * (words - 1) / 2) as u64;
     assert!(reports.iter().all(|(sum, _, _)| *sum == expected), "a child saw another table");
-    let (server_dirty, server_rss) = memory_kib(server);
-    println!("forkserver preload of {} MB shared by {children} children", bytes >> 20);
-    println!("  first start (server launch + building the table + one child): {cold:?}");
-    println!("  {children} children started and joined together: {together:?}");
-    println!("  server: Private_Dirty {} MB, Rss {} MB", server_dirty >> 10, server_rss >> 10);
-    for (i, (_, dirty, rss)) in reports.iter().enumerate() {
-        println!(
-            "  child {i}: Private_Dirty {:.1} MB, Rss {} MB (read the whole table)",
-            *dirty as f64 / 1024.0,
-            rss >> 10
-        );
-    }
+    let (server_dirty, _) = memory_kib(server);
+    let mb = |kib: u64| Value::Text(format!("{:.1} MB", kib as f64 / 1024.0));
     let total: u64 = reports.iter().map(|(_, dirty, _)| dirty).sum();
-    println!(
-        "  all {children} children: Private_Dirty {:.1} MB in total, {:.2}% of one copy each",
+    let worst = reports.iter().map(|(_, dirty, _)| *dirty).max().unwrap_or(0);
+    let mut table = Table::new(format!(
+        "Forkserver preload of a {} MB table shared by {children} children",
+        bytes >> 20
+    ));
+    table.row(
+        "first start: server launch, building the table, one child",
+        "forkserver",
+        Value::Time(cold),
+        Value::Missing("–"),
+        Value::Missing("–"),
+        Target::None,
+    );
+    table.row(
+        &format!("{children} children that each read the whole table, started and joined"),
+        "forkserver",
+        Value::Time(together),
+        Value::Missing("–"),
+        Value::Missing("–"),
+        Target::None,
+    );
+    table.row(
+        "Private_Dirty of the child with the most, vs the server's (one copy)",
+        "forkserver",
+        mb(worst),
+        mb(server_dirty),
+        Value::Missing("–"),
+        Target::Words("children share the table: their private memory stays near zero".into()),
+    );
+    table.note(format!(
+        "All {children} children together: Private_Dirty {:.1} MB, {:.2}% of one copy each \
+         (Rss of each child includes the whole shared table).",
         total as f64 / 1024.0,
         100.0 * (total as f64 / children as f64) / (bytes as f64 / 1024.0)
+    ));
+    table.note(
+        "Python's forkserver preloads modules, not values; there is no like-for-like Python row.",
     );
+    table.finish();
     Ok(())
 }

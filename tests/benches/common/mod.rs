@@ -136,14 +136,14 @@ impl Value {
 }
 
 /// What a row must show to meet the project's target.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Debug)]
 pub enum Target {
     /// Ours ÷ baseline at most this.
     AtMost(f64),
     /// Python ÷ ours (how many times faster we are) at least this.
     PythonRatio(f64),
     /// A target stated in words, judged by the reader.
-    Words(&'static str),
+    Words(String),
     /// No target.
     None,
 }
@@ -191,7 +191,7 @@ impl Table {
                 Some(r) => format!("≥ {x}× Python: {}", verdict(r >= x)),
                 None => format!("≥ {x}× Python"),
             },
-            Target::Words(words) => words.to_owned(),
+            Target::Words(words) => words,
             Target::None => String::new(),
         };
         self.rows.push(format!(
