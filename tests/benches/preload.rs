@@ -61,7 +61,7 @@ fn main() -> Result<(), multiproc::Error> {
     let together = started.elapsed();
 
     let words = bytes / 8;
-    let expected = (words * (words - 1) / 2) as u64;
+    let expected = words * (words - 1) / 2;
     assert!(reports.iter().all(|(sum, _, _)| *sum == expected), "a child saw another table");
     let (server_dirty, _) = memory_kib(server);
     let mb = |kib: u64| Value::Text(format!("{:.1} MB", kib as f64 / 1024.0));

@@ -4,8 +4,10 @@
 //!   method, with a method × passed/failed table; non-zero exit if anything failed.
 //! - `ci`: fmt, clippy `-D warnings`, test-all-methods, docs with warnings denied, every example
 //!   with a timeout, and the benchmarks in quick mode (which checks that they run, not their times).
-//! - `bench [--quick]`: the benchmarks (start-up with ratios against raw syscalls, forkserver
-//!   preload memory, pool against a raw socket ping-pong and Python's `multiprocessing.Pool`).
+//! - `bench [--quick]`: the benchmarks (start-up, forkserver preload memory, pool, large data,
+//!   bound data, pipes), each beside raw-syscall baselines and Python's `multiprocessing`
+//!   measured in the same run; the tables go to `BENCHMARKS.md` (quick mode:
+//!   `target/bench-quick.md`).
 
 use std::path::PathBuf;
 use std::process::{Command, ExitCode, Stdio};
@@ -156,16 +158,68 @@ fn run_examples() -> Result<(), String> {
 }
 
 /// The benchmarks, in the order `cargo xtask bench` runs them.
-const BENCHES: &[&str] = &["startup", "preload", "pool", "pipe"];
+const BENCHES: &[&str] = &["startup", "preload", "pool", "data", "bound", "pipe"];
 
+/// Runs every benchmark; each appends its tables to a report, which becomes `BENCHMARKS.md`
+/// (full mode) or `target/bench-quick.md` (quick mode, so that CI never rewrites the real one).
 fn bench(quick: bool) -> Result<(), String> {
+    let partial = root().join("target/bench-report.partial.md");
+    let _ = std::fs::remove_file(&partial);
     for name in BENCHES {
         let mut cmd = cargo();
         cmd.args(["bench", "-p", "multiproc-tests", "--bench", name, "--"]);
         if quick {
             cmd.arg("--quick");
         }
+        cmd.env("MULTIPROC_BENCH_REPORT", &partial);
         run(cmd, &format!("benchmark {name}{}", if quick { " (quick)" } else { "" }))?;
     }
+    let tables = std::fs::read_to_string(&partial).map_err(|e| format!("the report: {e}"))?;
+    let report =
+        if quick { root().join("target/bench-quick.md") } else { root().join("BENCHMARKS.md") };
+    std::fs::write(&report, format!("{}{tables}", report_header(quick)))
+        .map_err(|e| format!("{}: {e}", report.display()))?;
+    eprintln!("xtask: wrote {}", report.display());
     Ok(())
+}
+
+/// What a reader needs to weigh the numbers: when, on what, against which Python.
+fn report_header(quick: bool) -> String {
+    let output = |program: &str, args: &[&str]| {
+        Command::new(program)
+            .args(args)
+            .output()
+            .ok()
+            .filter(|o| o.status.success())
+            .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
+            .unwrap_or_else(|| format!("({program} not available)"))
+    };
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|info| {
+            info.lines().find_map(|l| {
+                l.strip_prefix("model name")
+                    .map(|r| r.trim_start_matches([' ', '\t', ':']).to_owned())
+            })
+        })
+        .unwrap_or_else(|| "unknown CPU".into());
+    let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
+    format!(
+        "# Benchmarks\n\n\
+         Written by `cargo xtask bench{flag}`{mode} on {date}.\n\n\
+         - Machine: {cores} cores ({cpu}), Linux {kernel}\n\
+         - Python: {python} (run as `python3 -I -S`: no site hooks)\n\
+         - Rust: {rustc}\n\n\
+         Every number is a median from this run. **÷ baseline** is ours over the raw-syscall \
+         baseline measured in the same run (lower is better; 1.00× is the physical limit). \
+         **Python ÷ multiproc** is Python's time over ours, or our rate over Python's: above 1, \
+         multiproc is faster. Targets are the project's (issue 6); a row says whether this run \
+         met its target. The machine is shared, so ratios move by about ±0.2 between runs.\n\n",
+        flag = if quick { " --quick" } else { "" },
+        mode = if quick { " (a smoke run: the numbers mean nothing)" } else { "" },
+        date = output("date", &["-u", "+%Y-%m-%d %H:%M UTC"]),
+        kernel = output("uname", &["-r"]),
+        python = output("python3", &["--version"]),
+        rustc = output("rustc", &["--version"]),
+    )
 }

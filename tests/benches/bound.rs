@@ -1,0 +1,155 @@
+//! Bound-data benchmark: 10 tasks that each need the same 10-million-element `Vec<u64>`, under
+//! each start method: the vector sent with every task, handed to each worker once as
+//! initializer state (as a `Vec<u64>`, and as a sealed shared slice), preloaded in the
+//! forkserver, and—the baseline—the same tasks on data each worker built itself. Each time
+//! covers starting the pool and running the tasks. Python's `Pool` runs the same three ways.
+//!
+//! `cargo bench -p multiproc-tests --bench bound` (`-- --quick`: 100,000 elements).
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::{Table, Target, Value, python, python_time};
+use multiproc::{Context, SealedSlice, task};
+
+/// The initializer that keeps the vector it is given as the worker's state.
+#[task]
+fn keep(data: Vec<u64>) -> Vec<u64> {
+    data
+}
+
+/// The baseline's initializer: builds the vector in the worker, so nothing is shipped.
+#[task]
+fn build(len: u64) -> Vec<u64> {
+    (0..len).collect()
+}
+
+/// Keeps a sealed shared slice as the worker's state: only its descriptor travels.
+#[task]
+fn keep_slice(data: SealedSlice<u64>) -> SealedSlice<u64> {
+    data
+}
+
+/// The work: the sum of every `step`-th element of the worker's vector.
+#[task]
+fn strided_sum(data: &Vec<u64>, step: usize) -> u64 {
+    data.iter().step_by(step).sum()
+}
+
+/// The same work on a shared slice.
+#[task]
+fn strided_sum_shared(data: &SealedSlice<u64>, step: usize) -> u64 {
+    data.iter().step_by(step).sum()
+}
+
+/// The same work with the vector travelling with the task.
+#[task]
+fn strided_sum_of(data: Vec<u64>, step: usize) -> u64 {
+    data.iter().step_by(step).sum()
+}
+
+/// The same work on the vector preloaded in the forkserver.
+#[task]
+fn strided_sum_preloaded(step: usize) -> u64 {
+    multiproc::preloaded::<Vec<u64>>().expect("preloaded").iter().step_by(step).sum()
+}
+
+const PROCESSES: usize = 2;
+
+fn timed<T>(
+    body: impl FnOnce() -> Result<T, multiproc::Error>,
+) -> Result<(Duration, T), multiproc::Error> {
+    let started = Instant::now();
+    let out = body()?;
+    Ok((started.elapsed(), out))
+}
+
+fn main() -> Result<(), multiproc::Error> {
+    let quick = common::quick();
+    let len: u64 = if quick { 100_000 } else { 10_000_000 };
+    // Before any forkserver start of this process: the server builds the vector once.
+    multiproc::set_forkserver_preload(build, len)?;
+    let data: Vec<u64> = (0..len).collect();
+    let steps: Vec<usize> = (1..=10).collect();
+    let mut table = Table::new(format!(
+        "Bound data: 10 tasks on a {len}-element Vec<u64>, pool of {PROCESSES} (pool start + tasks)"
+    ));
+    for method in ["fork", "spawn", "forkserver"] {
+        let ctx = Context::new(method)?;
+        let (none, expected) = timed(|| {
+            let pool = ctx.pool().processes(PROCESSES).initializer(build, len).build()?;
+            pool.map(strided_sum, steps.clone())
+        })?;
+        let (argument, got) = timed(|| {
+            let pool = ctx.pool().processes(PROCESSES).build()?;
+            pool.map(strided_sum_of, steps.iter().map(|s| (data.clone(), *s)))
+        })?;
+        assert_eq!(got, expected);
+        let (state, got) = timed(|| {
+            let pool = ctx.pool().processes(PROCESSES).initializer(keep, data.clone()).build()?;
+            pool.map(strided_sum, steps.clone())
+        })?;
+        assert_eq!(got, expected);
+        let (shared, got) = timed(|| {
+            let slice = SealedSlice::from_slice(&data)?;
+            let pool = ctx.pool().processes(PROCESSES).initializer(keep_slice, slice).build()?;
+            pool.map(strided_sum_shared, steps.clone())
+        })?;
+        assert_eq!(got, expected);
+        let py = python("bound_bench.py", &[method.into(), PROCESSES.to_string(), len.to_string()]);
+        let row = |table: &mut Table, name: &str, ours: Duration, python: Value, target| {
+            table.row(name, method, Value::Time(ours), Value::Time(none), python, target)
+        };
+        row(
+            &mut table,
+            "vector sent with every task",
+            argument,
+            python_time(&py, "argument"),
+            Target::None,
+        );
+        row(
+            &mut table,
+            "vector as initializer state",
+            state,
+            python_time(&py, "initializer"),
+            Target::AtMost(1.1),
+        );
+        row(
+            &mut table,
+            "sealed shared slice as initializer state",
+            shared,
+            Value::Missing("–"),
+            Target::AtMost(1.1),
+        );
+        if method == "forkserver" {
+            let (preloaded, got) = timed(|| {
+                let pool = ctx.pool().processes(PROCESSES).build()?;
+                pool.map(strided_sum_preloaded, steps.clone())
+            })?;
+            assert_eq!(got, expected);
+            row(
+                &mut table,
+                "vector preloaded in the forkserver",
+                preloaded,
+                Value::Missing("–"),
+                Target::AtMost(1.1),
+            );
+        }
+        table.row(
+            "baseline: each worker builds the vector itself",
+            method,
+            Value::Time(none),
+            Value::Missing("–"),
+            python_time(&py, "none"),
+            Target::None,
+        );
+    }
+    table.note("The baseline column is the same tasks with no bound data to ship: each worker built the vector in its initializer.");
+    table.note(
+        "Under fork, arguments and initializer arguments are moved into the child, not encoded.",
+    );
+    table.note("The forkserver's preload is built once per server (before this table), so its row has nothing left to build or ship.");
+    table.finish();
+    Ok(())
+}
