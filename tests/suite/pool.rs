@@ -128,9 +128,9 @@ fn imap_lazy(ctx: &Context) -> Result<(), Failed> {
             ensure(first == (0..100u64).map(|x| x * x).collect::<Vec<_>>(), || {
                 "imap results".into()
             })?;
-            // Chunks of one, at most 2 × processes + 1 in flight beyond what was taken.
+            // Chunks of one, at most 8 per worker + 1 in flight beyond what was taken.
             let produced = produced.load(Ordering::Relaxed);
-            ensure(produced <= 100 + 2 * 2 + 1 + 1, || {
+            ensure(produced <= 100 + 8 * 2 + 1 + 1, || {
                 format!("imap took {produced} items from the input to yield 100")
             })
         },

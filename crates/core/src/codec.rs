@@ -15,7 +15,7 @@ use std::os::fd::{AsRawFd, BorrowedFd, OwnedFd, RawFd};
 
 use bincode::config;
 use serde::Serialize;
-use serde::de::DeserializeOwned;
+use serde::de::{DeserializeOwned, DeserializeSeed};
 
 /// A value that could not be encoded, or bytes that did not decode.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -150,13 +150,23 @@ pub fn encode<T: Serialize + ?Sized>(value: &T) -> Result<Vec<u8>, CodecError> {
 
 /// Decodes a `T` that must fill `bytes` exactly.
 pub fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, CodecError> {
+    decode_seed(std::marker::PhantomData::<T>, bytes)
+}
+
+/// Decodes through `seed` (which may, say, push elements straight into an existing buffer);
+/// the value must fill `bytes` exactly.
+pub fn decode_seed<'de, S: DeserializeSeed<'de>>(
+    seed: S,
+    bytes: &'de [u8],
+) -> Result<S::Value, CodecError> {
     // The claims of an honest value stay within 16 times its encoding (see the module docs).
     let claimable = bytes.len().saturating_mul(16);
     macro_rules! tiers {
         ($($shift:literal),*) => {
             $(
                 if claimable <= 1usize << $shift {
-                    return finish(bincode::serde::decode_from_slice(
+                    return finish(bincode::serde::seed_decode_from_slice(
+                        seed,
                         bytes,
                         base().with_limit::<{ 1usize << $shift }>(),
                     ), bytes.len());

@@ -45,11 +45,14 @@ pub(crate) type MoveInit = Arc<dyn Fn() -> std::result::Result<State, CallError>
 /// A batch ready to queue: item count, encoded `Vec` of arguments, descriptors they hold.
 pub(crate) type Encoded = (usize, Vec<u8>, Vec<OwnedFd>);
 
-/// Batches up to this size may queue behind a running one (they fit in a socket buffer).
+/// Batches may queue behind a running one while all a worker holds stays within this many
+/// bytes (they fit in a socket buffer, so a send never blocks on a busy worker).
 const PIPELINE_BYTES: usize = 64 * 1024;
 
-/// Batches a worker holds at most.
-const PIPELINE_DEPTH: usize = 2;
+/// Batches a worker holds at most. Enough small batches queued that a worker never waits for
+/// the parent between two of them (one item per batch runs at socket speed, not at the speed
+/// of a wake-up per item); few enough that work does not pile up behind one slow worker.
+pub(crate) const PIPELINE_DEPTH: usize = 8;
 
 /// A pool's initializer: its name, and its arguments encoded (spawn, forkserver) or moved
 /// (fork).
@@ -185,8 +188,8 @@ impl Worker {
         match self.in_flight.len() {
             0 => true,
             n if n < PIPELINE_DEPTH => {
-                batch.args.len() <= PIPELINE_BYTES
-                    && self.in_flight.iter().all(|b| b.args.len() <= PIPELINE_BYTES)
+                let held: usize = self.in_flight.iter().map(|b| b.args.len()).sum();
+                held + batch.args.len() <= PIPELINE_BYTES
             }
             _ => false,
         }

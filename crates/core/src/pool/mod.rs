@@ -24,6 +24,8 @@ use std::marker::PhantomData;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use serde::de::{DeserializeSeed, Deserializer, SeqAccess, Visitor};
+
 use engine::{BatchId, BatchOutcome, Config, Encoded, InitArgs, Initializer, MoveInit, Shared};
 
 use crate::codec;
@@ -371,45 +373,83 @@ fn decode_batch<R: Portable>(
     first: usize,
     out: &mut VecDeque<Result<R>>,
 ) {
-    let items = match outcome {
-        Ok((body, offset, fds)) => match codec::with_fds(fds, || {
-            codec::decode::<Vec<ItemResult<R>>>(&body[offset..])
-        }) {
-            Ok(items) if items.len() == count => items,
-            Ok(items) => {
-                let error = Error::new(
-                    ErrorKind::Protocol,
-                    format!("pool task `{task}`: {} results for a batch of {count}", items.len()),
-                );
-                out.extend((0..count).map(|_| Err(error.duplicate())));
-                return;
-            }
-            Err(e) => {
-                let error = Error::new(
-                    ErrorKind::Decode,
-                    format!("pool task `{task}` returned bytes that did not decode: {e}"),
-                );
-                out.extend((0..count).map(|_| Err(error.duplicate())));
-                return;
-            }
-        },
-        Err(error) => {
-            out.extend((0..count).map(|_| Err(error.duplicate())));
-            return;
-        }
+    let failed = |out: &mut VecDeque<Result<R>>, error: Error| {
+        out.extend((0..count).map(|_| Err(error.duplicate())));
     };
-    out.extend(items.into_iter().enumerate().map(|(i, item)| match item {
+    let (body, offset, fds) = match outcome {
+        Ok(received) => received,
+        Err(error) => return failed(out, error),
+    };
+    // Results go straight into `out`: no intermediate vector of per-item outcomes.
+    let start = out.len();
+    out.reserve(count);
+    let seed = BatchSeed { out: &mut *out, task, first };
+    let decoded = codec::with_fds(fds, || codec::decode_seed(seed, &body[offset..]));
+    let error = match decoded {
+        Ok(()) if out.len() - start == count => return,
+        Ok(()) => Error::new(
+            ErrorKind::Protocol,
+            format!("pool task `{task}`: {} results for a batch of {count}", out.len() - start),
+        ),
+        Err(e) => Error::new(
+            ErrorKind::Decode,
+            format!("pool task `{task}` returned bytes that did not decode: {e}"),
+        ),
+    };
+    out.truncate(start);
+    failed(out, error);
+}
+
+/// Decodes a batch's `Vec<ItemResult<R>>`, pushing each item's result onto `out` as it goes.
+struct BatchSeed<'a, R> {
+    out: &'a mut VecDeque<Result<R>>,
+    task: &'a str,
+    first: usize,
+}
+
+impl<'de, R: Portable> DeserializeSeed<'de> for BatchSeed<'_, R> {
+    type Value = ();
+
+    fn deserialize<D: Deserializer<'de>>(
+        self,
+        deserializer: D,
+    ) -> std::result::Result<(), D::Error> {
+        deserializer.deserialize_seq(self)
+    }
+}
+
+impl<'de, R: Portable> Visitor<'de> for BatchSeed<'_, R> {
+    type Value = ();
+
+    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("a sequence of item results")
+    }
+
+    fn visit_seq<A: SeqAccess<'de>>(self, mut items: A) -> std::result::Result<(), A::Error> {
+        let mut i = self.first;
+        while let Some(item) = items.next_element::<ItemResult<R>>()? {
+            self.out.push_back(item_result(item, self.task, i));
+            i += 1;
+        }
+        Ok(())
+    }
+}
+
+fn item_result<R>(item: ItemResult<R>, task: &str, index: usize) -> Result<R> {
+    match item {
         ItemResult::Returned(value) => Ok(value),
         ItemResult::Panicked(panic) => Err(Error::child(
-            format!("pool task `{task}` (item {})", first + i),
+            format!("pool task `{task}` (item {index})"),
             ChildFailure::Panicked(panic),
             None,
         )),
         ItemResult::Unencodable(message) => Err(Error::new(
             ErrorKind::Encode,
-            format!("pool task `{task}` (item {}) returned a value that could not be encoded: {message}", first + i),
+            format!(
+                "pool task `{task}` (item {index}) returned a value that could not be encoded: {message}"
+            ),
         )),
-    }));
+    }
 }
 
 /// Turns the outcomes of a call's batches into its result.
@@ -527,7 +567,8 @@ impl<A: Portable, R: Portable, I: Iterator<Item = A>> IMap<A, R, I> {
             task: task.name(),
             input: Some(input),
             chunksize: pool.limit_chunk(pool.chunksize.unwrap_or(1)),
-            window: 2 * pool.processes() + 1,
+            // Enough batches to fill every worker's pipeline, plus one ready to go.
+            window: engine::PIPELINE_DEPTH * pool.processes() + 1,
             submitted: VecDeque::new(),
             next_index: 0,
             ready: VecDeque::new(),
