@@ -43,3 +43,18 @@ pub fn poll_timeout_ms(deadline: Option<Instant>) -> i32 {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn thread_count_sees_a_new_thread() {
+        let before = thread_count().unwrap();
+        let (tx, rx) = std::sync::mpsc::channel::<()>();
+        let thread = std::thread::spawn(move || rx.recv().ok());
+        assert_eq!(thread_count().unwrap(), before + 1);
+        drop(tx);
+        thread.join().unwrap();
+    }
+}
