@@ -69,7 +69,9 @@ impl<'de> Visitor<'de> for BytesVisitor {
     }
 
     fn visit_bytes<E: de::Error>(self, bytes: &[u8]) -> Result<Bytes, E> {
-        Ok(Bytes(bytes.to_vec()))
+        let mut copy = crate::sys::large_buffer(bytes.len());
+        copy.extend_from_slice(bytes);
+        Ok(Bytes(copy))
     }
 
     fn visit_byte_buf<E: de::Error>(self, bytes: Vec<u8>) -> Result<Bytes, E> {

@@ -29,18 +29,8 @@ pub const MAX_FRAME_LEN: u64 = 1 << 40;
 /// How much a small read asks for at once.
 const READ_CHUNK: usize = 64 * 1024;
 
-/// How much of a frame's declared length is allocated before its bytes arrive: a header is
-/// trusted this far (a lying one costs at most this much), and a larger body grows with what
-/// actually arrives.
-const TRUSTED_LEN: usize = 64 << 20;
-
-/// How much the body buffer of a frame beyond [`TRUSTED_LEN`] grows by at least, before
-/// doubling takes over.
+/// How much the body buffer of a large frame grows by at least, before doubling takes over.
 const BODY_GROWTH: usize = 1 << 20;
-
-/// A body still missing at least this many bytes is received straight into its buffer rather
-/// than through `pending` (which would cost a copy).
-const DIRECT_READ: usize = 4 * 1024;
 
 /// One received frame: its body and the descriptors that came with it.
 #[derive(Debug, Default)]
@@ -313,10 +303,9 @@ impl Channel {
         let fd = self.sock.as_fd();
         let n = match &mut self.partial {
             Some(partial)
-                if self.pending.is_empty() && partial.len - partial.body.len() >= DIRECT_READ =>
+                if self.pending.is_empty() && partial.len - partial.body.len() > READ_CHUNK =>
             {
-                // The rest of a body: receive into it directly. Within the trusted length its
-                // buffer was allocated whole; beyond, it grows with what arrives rather than
+                // A large body: receive into it directly, growing with what arrives rather than
                 // with what the header claims.
                 let need = partial.len - partial.body.len();
                 let grow = need.min(partial.body.len().max(BODY_GROWTH));
@@ -343,7 +332,7 @@ impl Channel {
             }
             self.pending.drain(..HEADER_LEN);
             let len = usize::try_from(len).map_err(|_| FrameError::TooLarge(len))?;
-            let body = Vec::with_capacity(len.min(TRUSTED_LEN));
+            let body = Vec::with_capacity(len.min(READ_CHUNK));
             self.partial = Some(Partial { len, nfds, body });
         }
         let partial = self.partial.as_mut().expect("set above");

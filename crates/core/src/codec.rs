@@ -136,9 +136,32 @@ fn base() -> config::Configuration {
 
 /// Appends the encoding of `value` to `out`.
 pub fn encode_into<T: Serialize + ?Sized>(value: &T, out: &mut Vec<u8>) -> Result<(), CodecError> {
-    bincode::serde::encode_into_std_write(value, out, base())
+    bincode::serde::encode_into_std_write(value, &mut Sink(out), base())
         .map(drop)
         .map_err(|e| CodecError(format!("cannot encode {}: {e}", std::any::type_name::<T>())))
+}
+
+/// The writer of [`encode_into`]: appends to a vector which, once it must grow past a few
+/// megabytes, moves to a [`sys::large_buffer`](crate::sys::large_buffer) (huge pages) instead of
+/// growing page by page.
+struct Sink<'a>(&'a mut Vec<u8>);
+
+impl std::io::Write for Sink<'_> {
+    fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+        let out = &mut *self.0;
+        let needed = out.len() + bytes.len();
+        if needed > out.capacity() && needed >= 4 << 20 {
+            let mut bigger = crate::sys::large_buffer(needed.max(2 * out.capacity()));
+            bigger.extend_from_slice(out);
+            *out = bigger;
+        }
+        out.extend_from_slice(bytes);
+        Ok(bytes.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
 }
 
 /// The encoding of `value`.

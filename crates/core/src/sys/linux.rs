@@ -712,6 +712,25 @@ pub fn random_bytes(buf: &mut [u8]) -> io::Result<()> {
     Ok(())
 }
 
+/// An empty vector with room for `len` bytes. A large one (≥ 4 MiB) is advised to use
+/// transparent huge pages (`MADV_HUGEPAGE`), so that filling it costs one page fault per 2 MiB
+/// instead of one per 4 KiB: for a 100 MB message, the faults were most of the time spent.
+pub fn large_buffer(len: usize) -> Vec<u8> {
+    const HUGE: usize = 2 << 20;
+    let buf = Vec::<u8>::with_capacity(len);
+    if len >= 2 * HUGE {
+        let start = (buf.as_ptr() as usize).next_multiple_of(HUGE);
+        let end = (buf.as_ptr() as usize + len) / HUGE * HUGE;
+        if end > start {
+            // SAFETY: [start, end) lies inside the vector's own allocation; MADV_HUGEPAGE only
+            // changes how the kernel backs those pages, never their contents. Failure (no THP
+            // support) is harmless: the advice is dropped.
+            unsafe { libc::madvise(start as *mut libc::c_void, end - start, libc::MADV_HUGEPAGE) };
+        }
+    }
+    buf
+}
+
 /// Whether `error` is `EMSGSIZE`: a record larger than the socket can ever take whole.
 pub fn is_message_too_long(error: &io::Error) -> bool {
     error.raw_os_error() == Some(libc::EMSGSIZE)
