@@ -146,17 +146,41 @@ pub fn encode_into<T: Serialize + ?Sized>(value: &T, out: &mut Vec<u8>) -> Resul
 /// growing page by page.
 struct Sink<'a>(&'a mut Vec<u8>);
 
-impl std::io::Write for Sink<'_> {
-    fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+impl Sink<'_> {
+    #[inline]
+    fn append(&mut self, bytes: &[u8]) {
         let out = &mut *self.0;
-        let needed = out.len() + bytes.len();
-        if needed > out.capacity() && needed >= 4 << 20 {
-            let mut bigger = crate::sys::large_buffer(needed.max(2 * out.capacity()));
-            bigger.extend_from_slice(out);
-            *out = bigger;
+        if bytes.len() > out.capacity() - out.len() {
+            Self::grow(out, bytes.len());
         }
         out.extend_from_slice(bytes);
+    }
+
+    /// Room for `more` bytes: past 4 MiB, in a huge-page-advised buffer.
+    #[cold]
+    fn grow(out: &mut Vec<u8>, more: usize) {
+        let needed = out.len() + more;
+        if needed < 4 << 20 {
+            out.reserve(more);
+            return;
+        }
+        let mut bigger = crate::sys::large_buffer(needed.max(2 * out.capacity()));
+        bigger.extend_from_slice(out);
+        *out = bigger;
+    }
+}
+
+impl std::io::Write for Sink<'_> {
+    #[inline]
+    fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+        self.append(bytes);
         Ok(bytes.len())
+    }
+
+    #[inline]
+    fn write_all(&mut self, bytes: &[u8]) -> std::io::Result<()> {
+        self.append(bytes);
+        Ok(())
     }
 
     fn flush(&mut self) -> std::io::Result<()> {
