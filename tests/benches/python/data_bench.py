@@ -6,9 +6,11 @@ does nothing) and `shared` (a SharedMemory block of SIZE bytes handed to Pool.ap
 """
 
 import multiprocessing as mp
-import statistics
+import os
 import sys
-import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from benchlib import median_time  # noqa: E402
 from multiprocessing import shared_memory
 
 
@@ -27,16 +29,6 @@ def touch(name):
     return first + last
 
 
-def median(runs, body):
-    body()
-    times = []
-    for _ in range(runs):
-        started = time.perf_counter()
-        body()
-        times.append(time.perf_counter() - started)
-    return statistics.median(times)
-
-
 def main():
     method, size, runs = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
     ctx = mp.get_context(method)
@@ -45,9 +37,9 @@ def main():
     block.buf[:size] = data
     try:
         with ctx.Pool(1) as pool:
-            print(f"argument {median(runs, lambda: pool.apply(echo, (data,)))}")
-            print(f"empty {median(runs, lambda: pool.apply(empty))}")
-            print(f"shared {median(runs, lambda: pool.apply(touch, (block.name,)))}")
+            print(f"argument {median_time(runs, lambda: pool.apply(echo, (data,)))}")
+            print(f"empty {median_time(runs, lambda: pool.apply(empty))}")
+            print(f"shared {median_time(runs, lambda: pool.apply(touch, (block.name,)))}")
     finally:
         block.close()
         block.unlink()

@@ -6,23 +6,15 @@ seconds>` for start -> join of a Process with a trivial target, one at a time, a
 """
 
 import multiprocessing as mp
-import statistics
+import os
 import sys
-import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from benchlib import median_time  # noqa: E402
 
 
 def noop():
     pass
-
-
-def timed(runs, body):
-    body()  # warm-up: the forkserver starts here
-    times = []
-    for _ in range(runs):
-        started = time.perf_counter()
-        body()
-        times.append(time.perf_counter() - started)
-    return statistics.median(times)
 
 
 def main():
@@ -41,8 +33,8 @@ def main():
         for p in ps:
             p.join()
 
-    print(f"start_join {timed(runs, one)}")
-    print(f"burst {timed(burst_runs, many)}")
+    print(f"start_join {median_time(runs, one)}")
+    print(f"burst {median_time(burst_runs, many)}")
 
 
 if __name__ == "__main__":
