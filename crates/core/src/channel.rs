@@ -114,7 +114,7 @@ struct Partial {
 pub struct Channel {
     sock: UnixStream,
     /// Received bytes that belong to no body yet: a header, or the start of the next frame.
-    pending: Vec<u8>,
+    pending: Pending,
     partial: Option<Partial>,
     fds: VecDeque<OwnedFd>,
     scratch_fds: Vec<OwnedFd>,
@@ -132,7 +132,7 @@ impl Channel {
     pub fn new(sock: UnixStream) -> Self {
         Channel {
             sock,
-            pending: Vec::new(),
+            pending: Pending::default(),
             partial: None,
             fds: VecDeque::new(),
             scratch_fds: Vec::new(),
@@ -250,9 +250,10 @@ impl Channel {
         match &self.partial {
             Some(partial) => partial.body.len() + self.pending.len() >= partial.len,
             None => {
-                self.pending.len() >= HEADER_LEN && {
-                    let len = u64::from_le_bytes(self.pending[..8].try_into().expect("8 bytes"));
-                    (self.pending.len() - HEADER_LEN) as u64 >= len
+                let pending = self.pending.bytes();
+                pending.len() >= HEADER_LEN && {
+                    let len = u64::from_le_bytes(pending[..8].try_into().expect("8 bytes"));
+                    (pending.len() - HEADER_LEN) as u64 >= len
                 }
             }
         }
@@ -312,7 +313,8 @@ impl Channel {
                 sys::recv_into_vec(fd, &mut partial.body, grow, &mut self.scratch_fds, true)?
             }
             _ => {
-                sys::recv_into_vec(fd, &mut self.pending, READ_CHUNK, &mut self.scratch_fds, true)?
+                let buf = self.pending.room(READ_CHUNK);
+                sys::recv_into_vec(fd, buf, READ_CHUNK, &mut self.scratch_fds, true)?
             }
         };
         self.fds.extend(self.scratch_fds.drain(..));
@@ -322,15 +324,16 @@ impl Channel {
     /// Assembles a frame from buffered bytes, if enough have arrived.
     fn take_frame(&mut self) -> Result<Option<Frame>, FrameError> {
         if self.partial.is_none() {
-            if self.pending.len() < HEADER_LEN {
+            let pending = self.pending.bytes();
+            if pending.len() < HEADER_LEN {
                 return Ok(None);
             }
-            let len = u64::from_le_bytes(self.pending[..8].try_into().expect("8 bytes"));
-            let nfds = u32::from_le_bytes(self.pending[8..12].try_into().expect("4 bytes"));
+            let len = u64::from_le_bytes(pending[..8].try_into().expect("8 bytes"));
+            let nfds = u32::from_le_bytes(pending[8..12].try_into().expect("4 bytes"));
             if len > MAX_FRAME_LEN {
                 return Err(FrameError::TooLarge(len));
             }
-            self.pending.drain(..HEADER_LEN);
+            self.pending.consume(HEADER_LEN);
             let len = usize::try_from(len).map_err(|_| FrameError::TooLarge(len))?;
             let body = Vec::with_capacity(len.min(READ_CHUNK));
             self.partial = Some(Partial { len, nfds, body });
@@ -338,8 +341,8 @@ impl Channel {
         let partial = self.partial.as_mut().expect("set above");
         let take = (partial.len - partial.body.len()).min(self.pending.len());
         if take > 0 {
-            partial.body.extend_from_slice(&self.pending[..take]);
-            self.pending.drain(..take);
+            partial.body.extend_from_slice(&self.pending.bytes()[..take]);
+            self.pending.consume(take);
         }
         if partial.body.len() < partial.len {
             return Ok(None);
@@ -362,6 +365,46 @@ impl Channel {
             None if self.pending.is_empty() => FrameError::Disconnected,
             None => FrameError::Truncated { received: self.pending.len() as u64, expected: None },
         }
+    }
+}
+
+/// Bytes read ahead of the frame being assembled. Consuming them moves a start index instead
+/// of shifting the rest to the front, so taking a frame out of a full buffer costs no memmove;
+/// the unconsumed tail is moved down only when room is needed for the next read.
+#[derive(Debug, Default)]
+struct Pending {
+    buf: Vec<u8>,
+    start: usize,
+}
+
+impl Pending {
+    fn bytes(&self) -> &[u8] {
+        &self.buf[self.start..]
+    }
+
+    fn len(&self) -> usize {
+        self.buf.len() - self.start
+    }
+
+    fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    fn consume(&mut self, n: usize) {
+        self.start += n;
+        if self.start == self.buf.len() {
+            self.buf.clear();
+            self.start = 0;
+        }
+    }
+
+    /// The buffer, with room for `want` more bytes at its end.
+    fn room(&mut self, want: usize) -> &mut Vec<u8> {
+        if self.buf.capacity() - self.buf.len() < want && self.start > 0 {
+            self.buf.drain(..self.start);
+            self.start = 0;
+        }
+        &mut self.buf
     }
 }
 
