@@ -26,7 +26,7 @@ use std::time::{Duration, Instant};
 use hmac::{Hmac, Mac};
 use interprocess::local_socket::prelude::*;
 use interprocess::local_socket::{
-    GenericFilePath, GenericNamespaced, ListenerOptions, Name, Stream,
+    GenericFilePath, GenericNamespaced, ListenerNonblockingMode, ListenerOptions, Name, Stream,
 };
 use sha2::Sha256;
 
@@ -66,8 +66,11 @@ impl Listener {
     /// Fails if the name is taken, or the key is empty (it would authenticate anyone).
     pub fn bind(name: &str, key: &[u8]) -> Result<Listener> {
         check_key(key)?;
+        // Accept never blocks (the wait is a poll with the caller's deadline, and another
+        // thread may take the client between the poll and the accept); accepted streams do.
         let socket = ListenerOptions::new()
             .name(socket_name(name)?)
+            .nonblocking(ListenerNonblockingMode::Accept)
             .create_sync()
             .map_err(|e| Error::io(format!("listening at `{name}`"), e))?;
         Ok(Listener {
@@ -106,16 +109,22 @@ impl Listener {
     }
 
     fn accept_until<T>(&self, deadline: Option<Instant>) -> Result<Connection<T>> {
-        let mut set = [PollFd::new(self.wait_fd(), POLLIN)];
-        let ready = sys::poll(&mut set, deadline).map_err(|e| Error::io("poll a listener", e))?;
-        if ready == 0 {
-            return Err(Error::new(
-                ErrorKind::Timeout,
-                format!("no client connected to `{}` in time", self.name),
-            ));
-        }
-        let stream =
-            self.socket.accept().map_err(|e| Error::io(format!("accept at `{}`", self.name), e))?;
+        let stream = loop {
+            match self.socket.accept() {
+                Ok(stream) => break stream,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                Err(e) => return Err(Error::io(format!("accept at `{}`", self.name), e)),
+            }
+            let mut set = [PollFd::new(self.wait_fd(), POLLIN)];
+            let ready =
+                sys::poll(&mut set, deadline).map_err(|e| Error::io("poll a listener", e))?;
+            if ready == 0 {
+                return Err(Error::new(
+                    ErrorKind::Timeout,
+                    format!("no client connected to `{}` in time", self.name),
+                ));
+            }
+        };
         let mut stream = into_unix(stream);
         let deadline = Instant::now() + self.handshake_timeout;
         prove_listener(&mut stream, &self.key, deadline)?;
@@ -372,6 +381,23 @@ mod tests {
         assert_eq!(refused.kind(), ErrorKind::AuthenticationFailed);
         let nobody = listener.accept_timeout::<u8>(Duration::from_millis(1)).unwrap_err();
         assert_eq!(nobody.kind(), ErrorKind::Timeout);
+    }
+
+    #[test]
+    fn two_threads_accepting_one_client_do_not_hang() {
+        let name = unique_name("race");
+        let listener = Listener::bind(&name, b"k").unwrap();
+        let client = thread::spawn(move || Client::connect::<u8>(&name, b"k").map(drop));
+        let outcomes: Vec<Option<ErrorKind>> = thread::scope(|scope| {
+            let accept = || listener.accept_timeout::<u8>(Duration::from_millis(500)).err();
+            let first = scope.spawn(accept);
+            let second = scope.spawn(accept);
+            vec![first.join().unwrap().map(|e| e.kind()), second.join().unwrap().map(|e| e.kind())]
+        });
+        client.join().unwrap().unwrap();
+        // One thread got the client; the other gave up at its deadline instead of blocking.
+        assert!(outcomes.contains(&None), "{outcomes:?}");
+        assert!(outcomes.contains(&Some(ErrorKind::Timeout)), "{outcomes:?}");
     }
 
     #[test]
