@@ -335,7 +335,12 @@ impl Channel {
             }
             self.pending.consume(HEADER_LEN);
             let len = usize::try_from(len).map_err(|_| FrameError::TooLarge(len))?;
-            let body = Vec::with_capacity(len.min(READ_CHUNK));
+            // A body of up to two read chunks gets exactly its declared length: a 64 KiB
+            // message must not grow into a 128 KiB buffer, which the allocator may map and
+            // unmap for every message (16 page faults each, measured). A larger body grows with
+            // what arrives, not with what the header claims.
+            let exact = len <= 2 * READ_CHUNK;
+            let body = Vec::with_capacity(if exact { len } else { READ_CHUNK });
             self.partial = Some(Partial { len, nfds, body });
         }
         let partial = self.partial.as_mut().expect("set above");
