@@ -214,7 +214,8 @@ fn report_header(quick: bool) -> String {
          baseline measured in the same run (lower is better; 1.00× is the physical limit). \
          **Python ÷ multiproc** is Python's time over ours, or our rate over Python's: above 1, \
          multiproc is faster. Targets are the project's (issue 6); a row says whether this run \
-         met its target. On a shared machine, ratios move by ±0.3 or more between runs: compare the rows of one run with each other.\n\n",
+         met its target. On a shared machine, ratios move by ±0.3 or more between runs: \
+         compare the rows of one run with each other.\n\n",
         flag = if quick { " --quick" } else { "" },
         mode = if quick { " (a smoke run: the numbers mean nothing)" } else { "" },
         date = output("date", &["-u", "+%Y-%m-%d %H:%M UTC"]),
