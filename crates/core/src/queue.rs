@@ -334,7 +334,10 @@ impl<T: Serialize + DeserializeOwned> Queue<T> {
                         )));
                     }
                     Ok(_) => {
-                        self.word(LENGTH).fetch_sub(1, SeqCst);
+                        // Saturating: a record some process wrote without `put` must not wrap
+                        // the count.
+                        let _ =
+                            self.word(LENGTH).fetch_update(SeqCst, SeqCst, |n| n.checked_sub(1));
                         self.release_slot();
                         return self.decode(record, fds).map_err(NotDone::Failed);
                     }
@@ -717,6 +720,32 @@ mod tests {
         assert!(none.is_empty());
         queue.put(&1).unwrap();
         assert_eq!(crate::wait::wait(&[&queue], Some(Duration::from_secs(30))).unwrap(), [0]);
+    }
+
+    #[test]
+    fn records_that_are_not_ours_are_errors_not_hangs() {
+        let queue = JoinableQueue::<u64>::new().unwrap();
+        let raw = |record: &[u8], fds: &[BorrowedFd<'_>]| {
+            let sock = queue.shared.put_end.as_fd();
+            sys::send_with_fds(sock, &[IoSlice::new(record)], fds, false).unwrap();
+        };
+        let writable = SharedMemory::new(8).unwrap();
+        let (bytes, memory_fds) = codec::collecting_fds(|| codec::encode(&writable));
+        drop(bytes);
+        raw(&[9, 1, 2], &[]); // an unknown tag
+        raw(&[TAG_SPILLED], &[]); // spilled, but no memory came with it
+        raw(&[TAG_SPILLED], &[memory_fds[0].as_fd()]); // memory that is not sealed
+        raw(&[TAG_INLINE, 0xff], &[]); // a truncated value
+        for _ in 0..4 {
+            let error = queue.get_timeout(Duration::from_secs(30)).unwrap_err();
+            let GetTimeoutError::Failed(error) = error else { panic!("{error}") };
+            assert_eq!(error.kind(), ErrorKind::Decode);
+        }
+        // Nothing was ever put through the queue, so there is nothing to mark done, the length
+        // does not wrap, and a good message still gets through after the bad ones.
+        assert_eq!((queue.len(), queue.unfinished()), (0, 0));
+        queue.put(&7).unwrap();
+        assert_eq!(queue.get().unwrap(), 7);
     }
 
     #[test]
