@@ -77,7 +77,7 @@ fn main() -> Result<(), multiproc::Error> {
         Value::Missing("–"),
         Target::None,
     );
-    let bytes = Bytes(data.clone());
+    let bytes = Bytes::from(data.clone());
     for method in ["fork", "spawn", "forkserver"] {
         let ctx = Context::new(method)?;
         let pool = ctx.pool().processes(1).build()?;
@@ -85,7 +85,7 @@ fn main() -> Result<(), multiproc::Error> {
         let mut held = Some(bytes.clone());
         let as_bytes = measure(runs, || {
             let back = pool.apply(echo_bytes, held.take().expect("held")).expect("echo");
-            assert_eq!(back.0.len(), size);
+            assert_eq!(back.len(), size);
             held = Some(back);
         });
         let mut held = Some(data.clone());

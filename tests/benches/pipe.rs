@@ -49,7 +49,7 @@ fn ours_ping_pong(ctx: &Context, runs: usize) -> Result<Stats, multiproc::Error>
 fn ours_bulk(ctx: &Context, size: usize, count: usize) -> Result<Duration, multiproc::Error> {
     let (mut ours, theirs) = ctx.pipe::<Bytes>()?;
     let child = ctx.process(sink, (theirs, count)).start()?;
-    let message = Bytes(vec![b'x'; size]);
+    let message = Bytes::from(vec![b'x'; size]);
     let started = Instant::now();
     for _ in 0..count {
         ours.send(&message).expect("send");

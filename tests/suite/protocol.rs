@@ -77,7 +77,7 @@ fn refused_start(
     let Some((parent, handle)) = start_raw(ctx)? else {
         return Ok(None);
     };
-    wire::send(&parent, start, &[], &[], None, Some(handle.sentinel()))
+    wire::send(&parent, start, &[], &[], &[], None, Some(handle.sentinel()))
         .map_err(|e| e.to_string())?;
     expect_failure(parent, handle, expected).map(Some)
 }
@@ -103,6 +103,6 @@ fn child_refuses_a_corrupt_start_frame(ctx: &Context) -> Result<(), Failed> {
         return Ok(());
     };
     let deadline = Some(Instant::now() + Duration::from_secs(10));
-    parent.send(&[b"\x05\x00\x00\x00garbage bytes"], &[], deadline, None)?;
+    parent.send(&[b"\x05\x00\x00\x00garbage bytes"], &[], &[], deadline, None)?;
     expect_failure(parent, handle, FailReason::Protocol).map(drop)
 }

@@ -1,13 +1,17 @@
 //! Length-prefixed frames over a Unix stream socket, with file descriptors riding beside the
 //! bytes (SCM_RIGHTS).
 //!
-//! A frame is a 12-byte header—body length (`u64`, little-endian) and descriptor count (`u32`)—
-//! followed by the body. The descriptors are attached to the first byte of the header, so by the
-//! time a receiver has read a header, every descriptor of that frame has arrived.
+//! A frame is a 16-byte header—body length (`u64`, little-endian), descriptor count (`u32`) and
+//! block count (`u32`)—then the length of each block (`u64` each), the body, and the blocks.
+//! Blocks are large byte buffers that travel beside the encoded message instead of inside it
+//! (see [`Bytes`](crate::Bytes)): the sender writes each from where it lies, and the receiver
+//! reads each into an allocation of its own, which becomes the received value. The descriptors
+//! are attached to the first byte of the header, so by the time a receiver has read a header,
+//! every descriptor of that frame has arrived.
 //!
-//! The reader never trusts a length: it checks it against [`MAX_FRAME_LEN`], grows the body
-//! buffer only as bytes actually arrive, and turns an end-of-stream inside a frame into
-//! [`FrameError::Truncated`]. Reads use `MSG_DONTWAIT`, and blocking is done by `poll` with a
+//! The reader never trusts a length: it checks the total against [`MAX_FRAME_LEN`], reserves at
+//! most [`EXACT_MAX`] bytes for a part before its bytes arrive, grows a larger one only as bytes
+//! actually arrive, and turns an end-of-stream inside a frame into [`FrameError::Truncated`]. Reads use `MSG_DONTWAIT`, and blocking is done by `poll` with a
 //! deadline and an optional "abort" descriptor (a child's pidfd), so no receive outlives the
 //! process it waits for.
 
@@ -18,13 +22,26 @@ use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::os::unix::net::UnixStream;
 use std::time::Instant;
 
+use crate::codec::Block;
 use crate::sys::{self, POLLIN, POLLOUT, PollFd};
 
-/// Bytes in a frame header.
-pub const HEADER_LEN: usize = 12;
+/// Bytes in a frame header, before its table of block lengths.
+pub const HEADER_LEN: usize = 16;
 
-/// The largest frame body accepted: 1 TiB. Anything claiming more is a protocol error.
+/// The largest frame accepted, body and blocks together: 1 TiB. Anything claiming more is a
+/// protocol error.
 pub const MAX_FRAME_LEN: u64 = 1 << 40;
+
+/// The most blocks a frame may claim (the encoder's own limit).
+pub const MAX_BLOCKS: usize = crate::codec::MAX_BLOCKS;
+
+/// The most a body or block is given before its bytes arrive: its declared length up to this
+/// much. Untouched capacity costs address space only; a larger part grows as it arrives, so a
+/// lying header cannot make the receiver allocate what it claims.
+pub const EXACT_MAX: usize = 64 << 20;
+
+/// The most iovecs one `sendmsg` takes (Linux's `UIO_MAXIOV`).
+const MAX_IOVECS: usize = 1024;
 
 /// How much a small read asks for at once.
 const READ_CHUNK: usize = 64 * 1024;
@@ -32,13 +49,15 @@ const READ_CHUNK: usize = 64 * 1024;
 /// How much the body buffer of a large frame grows by at least, before doubling takes over.
 const BODY_GROWTH: usize = 1 << 20;
 
-/// One received frame: its body and the descriptors that came with it.
+/// One received frame: its body and the descriptors and blocks that came with it.
 #[derive(Debug, Default)]
 pub struct Frame {
     /// The encoded message.
     pub body: Vec<u8>,
     /// Descriptors sent with the message, in order, already close-on-exec.
     pub fds: Vec<OwnedFd>,
+    /// Blocks sent after the message, in order, each in an allocation of its own.
+    pub blocks: Vec<Vec<u8>>,
 }
 
 /// Why a frame could not be received or sent.
@@ -53,8 +72,10 @@ pub enum FrameError {
         /// Bytes the frame should have had, when the header arrived.
         expected: Option<u64>,
     },
-    /// A header claimed a body longer than [`MAX_FRAME_LEN`].
+    /// A header claimed a frame longer than [`MAX_FRAME_LEN`].
     TooLarge(u64),
+    /// A header claimed more than [`MAX_BLOCKS`] blocks.
+    TooManyBlocks(u32),
     /// A header claimed more descriptors than arrived with it.
     MissingFds {
         /// Descriptors the header claimed.
@@ -83,6 +104,9 @@ impl fmt::Display for FrameError {
             FrameError::TooLarge(len) => {
                 write!(f, "frame length {len} exceeds the limit of {MAX_FRAME_LEN} bytes")
             }
+            FrameError::TooManyBlocks(count) => {
+                write!(f, "frame claims {count} blocks, more than the limit of {MAX_BLOCKS}")
+            }
             FrameError::MissingFds { claimed, arrived } => {
                 write!(f, "frame claims {claimed} fds but {arrived} arrived")
             }
@@ -101,12 +125,75 @@ impl From<io::Error> for FrameError {
     }
 }
 
-/// A body being received: its declared length and descriptor count, and the bytes so far.
+/// A frame being received: its descriptor count and its parts (the body, then each block),
+/// each with its declared length and the bytes so far.
 #[derive(Debug)]
 struct Partial {
-    len: usize,
     nfds: u32,
-    body: Vec<u8>,
+    /// Header and block table, for reporting a truncation.
+    header_len: usize,
+    parts: Vec<Part>,
+    /// The first part not yet complete.
+    current: usize,
+}
+
+/// One body or block being received.
+#[derive(Debug)]
+struct Part {
+    len: usize,
+    bytes: Vec<u8>,
+}
+
+impl Part {
+    fn missing(&self) -> usize {
+        self.len - self.bytes.len()
+    }
+}
+
+impl Partial {
+    /// Bytes still to arrive, all parts together.
+    fn missing(&self) -> usize {
+        self.parts[self.current..].iter().map(Part::missing).sum()
+    }
+
+    fn received(&self) -> usize {
+        self.header_len + self.parts.iter().map(|part| part.bytes.len()).sum::<usize>()
+    }
+
+    fn expected(&self) -> usize {
+        self.header_len + self.parts.iter().map(|part| part.len).sum::<usize>()
+    }
+}
+
+/// A frame header and block table read from the front of `bytes`: `(body length, descriptor
+/// count, block lengths, bytes taken)`, `Ok(None)` while incomplete.
+type Header = (usize, u32, Vec<usize>, usize);
+
+fn parse_header(bytes: &[u8]) -> Result<Option<Header>, FrameError> {
+    let Some(fixed) = bytes.get(..HEADER_LEN) else { return Ok(None) };
+    let word = |at: usize| u64::from_le_bytes(fixed[at..at + 8].try_into().expect("8 bytes"));
+    let half = |at: usize| u32::from_le_bytes(fixed[at..at + 4].try_into().expect("4 bytes"));
+    let (len, nfds, nblocks) = (word(0), half(8), half(12));
+    if len > MAX_FRAME_LEN {
+        return Err(FrameError::TooLarge(len));
+    }
+    if nblocks as usize > MAX_BLOCKS {
+        return Err(FrameError::TooManyBlocks(nblocks));
+    }
+    let taken = HEADER_LEN + 8 * nblocks as usize;
+    let Some(table) = bytes.get(HEADER_LEN..taken) else { return Ok(None) };
+    let mut total = len;
+    let mut blocks = Vec::with_capacity(nblocks as usize);
+    for entry in table.chunks_exact(8) {
+        let block = u64::from_le_bytes(entry.try_into().expect("8 bytes"));
+        total = total.saturating_add(block);
+        if total > MAX_FRAME_LEN {
+            return Err(FrameError::TooLarge(total));
+        }
+        blocks.push(block as usize);
+    }
+    // Both fit in a usize: the total is at most MAX_FRAME_LEN.
+    Ok(Some((len as usize, nfds, blocks, taken)))
 }
 
 /// One end of a framed, fd-carrying Unix stream socket.
@@ -150,7 +237,8 @@ impl Channel {
         OwnedFd::from(self.sock)
     }
 
-    /// Sends one frame: `body` (the concatenation of its parts) with `fds` beside it.
+    /// Sends one frame: `body` (the concatenation of its parts) with `fds` beside it and
+    /// `blocks` after it.
     ///
     /// Blocks until the whole frame is in the socket, the `deadline` passes, or `abort` (the
     /// peer's pidfd, say) becomes readable. A peer that closed its end gives
@@ -159,17 +247,24 @@ impl Channel {
         &self,
         body: &[&[u8]],
         fds: &[BorrowedFd<'_>],
+        blocks: &[Block],
         deadline: Option<Instant>,
         abort: Option<BorrowedFd<'_>>,
     ) -> Result<(), FrameError> {
+        assert!(blocks.len() <= MAX_BLOCKS, "the encoder never collects more blocks");
         let len: usize = body.iter().map(|part| part.len()).sum();
-        let mut header = [0u8; HEADER_LEN];
-        header[..8].copy_from_slice(&(len as u64).to_le_bytes());
-        header[8..].copy_from_slice(&(fds.len() as u32).to_le_bytes());
-        let mut parts: Vec<&[u8]> = Vec::with_capacity(body.len() + 1);
+        let mut header = Vec::with_capacity(HEADER_LEN + 8 * blocks.len());
+        header.extend_from_slice(&(len as u64).to_le_bytes());
+        header.extend_from_slice(&(fds.len() as u32).to_le_bytes());
+        header.extend_from_slice(&(blocks.len() as u32).to_le_bytes());
+        for block in blocks {
+            header.extend_from_slice(&(block.len() as u64).to_le_bytes());
+        }
+        let mut parts: Vec<&[u8]> = Vec::with_capacity(body.len() + blocks.len() + 1);
         parts.push(&header);
         parts.extend(body.iter().copied().filter(|part| !part.is_empty()));
-        let total = HEADER_LEN + len;
+        parts.extend(blocks.iter().map(|block| block.as_slice()).filter(|part| !part.is_empty()));
+        let total: usize = parts.iter().map(|part| part.len()).sum();
         let mut sent = 0usize;
         let mut fds_to_send = fds;
         while sent < total {
@@ -248,14 +343,15 @@ impl Channel {
     /// `try_recv` returns it without the socket being readable.
     pub fn has_buffered_frame(&self) -> bool {
         match &self.partial {
-            Some(partial) => partial.body.len() + self.pending.len() >= partial.len,
-            None => {
-                let pending = self.pending.bytes();
-                pending.len() >= HEADER_LEN && {
-                    let len = u64::from_le_bytes(pending[..8].try_into().expect("8 bytes"));
-                    (pending.len() - HEADER_LEN) as u64 >= len
+            Some(partial) => self.pending.len() >= partial.missing(),
+            None => match parse_header(self.pending.bytes()) {
+                Ok(Some((len, _, blocks, taken))) => {
+                    self.pending.len() - taken >= len + blocks.iter().sum::<usize>()
                 }
-            }
+                // An error is for `try_recv` to report; it is ready to be reported.
+                Err(_) => true,
+                Ok(None) => false,
+            },
         }
     }
 
@@ -302,15 +398,16 @@ impl Channel {
     /// Reads what is available into the pending buffer or straight into a large body.
     fn fill(&mut self) -> io::Result<usize> {
         let fd = self.sock.as_fd();
-        let n = match &mut self.partial {
-            Some(partial)
-                if self.pending.is_empty() && partial.len - partial.body.len() > READ_CHUNK =>
-            {
-                // A large body: receive into it directly, growing with what arrives rather than
+        let large = self.partial.as_mut().and_then(|partial| {
+            let part = &mut partial.parts[partial.current];
+            (self.pending.is_empty() && part.missing() > READ_CHUNK).then_some(part)
+        });
+        let n = match large {
+            Some(part) => {
+                // A large part: receive into it directly, growing with what arrives rather than
                 // with what the header claims.
-                let need = partial.len - partial.body.len();
-                let grow = need.min(partial.body.len().max(BODY_GROWTH));
-                sys::recv_into_vec(fd, &mut partial.body, grow, &mut self.scratch_fds, true)?
+                let grow = part.missing().min(part.bytes.len().max(BODY_GROWTH));
+                sys::recv_into_vec(fd, &mut part.bytes, grow, &mut self.scratch_fds, true)?
             }
             _ => {
                 let buf = self.pending.room(READ_CHUNK);
@@ -324,33 +421,30 @@ impl Channel {
     /// Assembles a frame from buffered bytes, if enough have arrived.
     fn take_frame(&mut self) -> Result<Option<Frame>, FrameError> {
         if self.partial.is_none() {
-            let pending = self.pending.bytes();
-            if pending.len() < HEADER_LEN {
+            let Some((len, nfds, blocks, taken)) = parse_header(self.pending.bytes())? else {
                 return Ok(None);
-            }
-            let len = u64::from_le_bytes(pending[..8].try_into().expect("8 bytes"));
-            let nfds = u32::from_le_bytes(pending[8..12].try_into().expect("4 bytes"));
-            if len > MAX_FRAME_LEN {
-                return Err(FrameError::TooLarge(len));
-            }
-            self.pending.consume(HEADER_LEN);
-            let len = usize::try_from(len).map_err(|_| FrameError::TooLarge(len))?;
-            // A body of up to two read chunks gets exactly its declared length: a 64 KiB
-            // message must not grow into a 128 KiB buffer, which the allocator may map and
-            // unmap for every message (16 page faults each, measured). A larger body grows with
-            // what arrives, not with what the header claims.
-            let exact = len <= 2 * READ_CHUNK;
-            let body = Vec::with_capacity(if exact { len } else { READ_CHUNK });
-            self.partial = Some(Partial { len, nfds, body });
+            };
+            self.pending.consume(taken);
+            let parts = std::iter::once(len)
+                .chain(blocks)
+                .map(|len| Part { len, bytes: Vec::new() })
+                .collect();
+            self.partial = Some(Partial { nfds, header_len: taken, parts, current: 0 });
         }
         let partial = self.partial.as_mut().expect("set above");
-        let take = (partial.len - partial.body.len()).min(self.pending.len());
-        if take > 0 {
-            partial.body.extend_from_slice(&self.pending.bytes()[..take]);
-            self.pending.consume(take);
-        }
-        if partial.body.len() < partial.len {
-            return Ok(None);
+        while let Some(part) = partial.parts.get_mut(partial.current) {
+            if part.bytes.capacity() == 0 && part.len > 0 {
+                part.bytes = first_buffer(part.len);
+            }
+            let take = part.missing().min(self.pending.len());
+            if take > 0 {
+                part.bytes.extend_from_slice(&self.pending.bytes()[..take]);
+                self.pending.consume(take);
+            }
+            if part.missing() > 0 {
+                return Ok(None);
+            }
+            partial.current += 1;
         }
         let partial = self.partial.take().expect("set above");
         let claimed = partial.nfds as usize;
@@ -358,19 +452,30 @@ impl Channel {
             return Err(FrameError::MissingFds { claimed: partial.nfds, arrived: self.fds.len() });
         }
         let fds = self.fds.drain(..claimed).collect();
-        Ok(Some(Frame { body: partial.body, fds }))
+        let mut parts = partial.parts.into_iter().map(|part| part.bytes);
+        let body = parts.next().expect("a frame has a body");
+        Ok(Some(Frame { body, fds, blocks: parts.collect() }))
     }
 
     fn eof_error(&self) -> FrameError {
         match &self.partial {
             Some(partial) => FrameError::Truncated {
-                received: (HEADER_LEN + partial.body.len() + self.pending.len()) as u64,
-                expected: Some((HEADER_LEN + partial.len) as u64),
+                received: (partial.received() + self.pending.len()) as u64,
+                expected: Some(partial.expected() as u64),
             },
             None if self.pending.is_empty() => FrameError::Disconnected,
             None => FrameError::Truncated { received: self.pending.len() as u64, expected: None },
         }
     }
+}
+
+/// The buffer a part of `len` bytes starts with. A part of up to two read chunks gets exactly
+/// its declared length: a 64 KiB message must not grow into a 128 KiB buffer, which the
+/// allocator may map and unmap for every message (16 page faults each, measured). A larger one
+/// gets its length up to [`EXACT_MAX`], in memory advised for huge pages, so that it is neither
+/// copied by growth nor faulted in 4 KiB at a time.
+fn first_buffer(len: usize) -> Vec<u8> {
+    if len <= 2 * READ_CHUNK { Vec::with_capacity(len) } else { sys::large_buffer(len.min(EXACT_MAX)) }
 }
 
 /// Bytes read ahead of the frame being assembled. Consuming them moves a start index instead
@@ -413,10 +518,14 @@ impl Pending {
     }
 }
 
-/// The parts of a frame still to send after the first `skip` bytes.
+/// The parts of a frame still to send after the first `skip` bytes, as many as one `sendmsg`
+/// takes.
 fn remaining_slices<'a>(parts: &[&'a [u8]], mut skip: usize) -> Vec<IoSlice<'a>> {
-    let mut out = Vec::with_capacity(parts.len());
+    let mut out = Vec::with_capacity(parts.len().min(MAX_IOVECS));
     for part in parts {
+        if out.len() == MAX_IOVECS {
+            break;
+        }
         if skip >= part.len() {
             skip -= part.len();
             continue;
@@ -439,6 +548,7 @@ mod tests {
     use super::*;
     use std::io::Write;
     use std::os::fd::AsRawFd;
+    use std::sync::Arc;
     use std::time::Duration;
 
     fn soon() -> Option<Instant> {
@@ -449,8 +559,8 @@ mod tests {
     fn a_frame_read_ahead_is_reported_as_buffered() {
         let (a, mut b) = Channel::pair().unwrap();
         assert!(!b.has_buffered_frame());
-        a.send(&[b"one"], &[], soon(), None).unwrap();
-        a.send(&[b"two"], &[], soon(), None).unwrap();
+        a.send(&[b"one"], &[], &[], soon(), None).unwrap();
+        a.send(&[b"two"], &[], &[], soon(), None).unwrap();
         // Both small frames arrive in one read; the second waits in the buffer.
         assert_eq!(b.recv(soon(), None).unwrap().body, b"one");
         assert!(b.has_buffered_frame());
@@ -461,9 +571,9 @@ mod tests {
     #[test]
     fn frames_round_trip_in_order() {
         let (a, mut b) = Channel::pair().unwrap();
-        a.send(&[b"hello"], &[], soon(), None).unwrap();
-        a.send(&[b"", b"wor", b"ld"], &[], soon(), None).unwrap();
-        a.send(&[], &[], soon(), None).unwrap();
+        a.send(&[b"hello"], &[], &[], soon(), None).unwrap();
+        a.send(&[b"", b"wor", b"ld"], &[], &[], soon(), None).unwrap();
+        a.send(&[], &[], &[], soon(), None).unwrap();
         assert_eq!(b.recv(soon(), None).unwrap().body, b"hello");
         assert_eq!(b.recv(soon(), None).unwrap().body, b"world");
         assert_eq!(b.recv(soon(), None).unwrap().body, b"");
@@ -476,7 +586,7 @@ mod tests {
         let (a, mut b) = Channel::pair().unwrap();
         let data: Vec<u8> = (0..(8 << 20)).map(|i| (i % 251) as u8).collect();
         let expected = data.clone();
-        let sender = std::thread::spawn(move || a.send(&[&data], &[], soon(), None));
+        let sender = std::thread::spawn(move || a.send(&[&data], &[], &[], soon(), None));
         let frame = b.recv(soon(), None).unwrap();
         sender.join().unwrap().unwrap();
         assert!(frame.body == expected);
@@ -486,8 +596,8 @@ mod tests {
     fn fds_ride_beside_the_bytes() {
         let (a, mut b) = Channel::pair().unwrap();
         let (x, mut y) = UnixStream::pair().unwrap();
-        a.send(&[b"one"], &[x.as_fd()], soon(), None).unwrap();
-        a.send(&[b"two"], &[], soon(), None).unwrap();
+        a.send(&[b"one"], &[x.as_fd()], &[], soon(), None).unwrap();
+        a.send(&[b"two"], &[], &[], soon(), None).unwrap();
         drop(x);
         let first = b.recv(soon(), None).unwrap();
         assert_eq!(first.fds.len(), 1);
@@ -544,13 +654,73 @@ mod tests {
         let (mut raw, mut chan) = raw_pair();
         let mut header = [0u8; HEADER_LEN];
         header[..8].copy_from_slice(&2u64.to_le_bytes());
-        header[8..].copy_from_slice(&3u32.to_le_bytes());
+        header[8..12].copy_from_slice(&3u32.to_le_bytes());
         raw.write_all(&header).unwrap();
         raw.write_all(b"hi").unwrap();
         assert!(matches!(
             chan.recv(soon(), None),
             Err(FrameError::MissingFds { claimed: 3, arrived: 0 })
         ));
+    }
+
+    #[test]
+    fn blocks_arrive_after_the_body_each_in_its_own_buffer() {
+        let (a, mut b) = Channel::pair().unwrap();
+        let large: Block = Arc::new((0..(8 << 20)).map(|i| (i % 251) as u8).collect());
+        let small: Block = Arc::new(b"small".to_vec());
+        let empty: Block = Arc::new(Vec::new());
+        let blocks = vec![Arc::clone(&large), small, empty];
+        let sender = std::thread::spawn(move || {
+            a.send(&[b"body"], &[], &blocks, soon(), None)?;
+            a.send(&[b"next"], &[], &[], soon(), None)
+        });
+        let frame = b.recv(soon(), None).unwrap();
+        assert_eq!(frame.body, b"body");
+        assert_eq!(frame.blocks.len(), 3);
+        assert!(frame.blocks[0] == *large);
+        assert_eq!(frame.blocks[1], b"small");
+        assert!(frame.blocks[2].is_empty());
+        assert_eq!(b.recv(soon(), None).unwrap().body, b"next");
+        sender.join().unwrap().unwrap();
+    }
+
+    /// A header claiming `body` bytes and blocks of `blocks` bytes.
+    fn header_with_blocks(body: u64, blocks: &[u64]) -> Vec<u8> {
+        let mut header = body.to_le_bytes().to_vec();
+        header.extend_from_slice(&0u32.to_le_bytes());
+        header.extend_from_slice(&(blocks.len() as u32).to_le_bytes());
+        for block in blocks {
+            header.extend_from_slice(&block.to_le_bytes());
+        }
+        header
+    }
+
+    #[test]
+    fn lying_block_tables_are_errors_not_allocations() {
+        let (mut raw, mut chan) = raw_pair();
+        raw.write_all(&header_with_blocks(4, &[MAX_FRAME_LEN / 2, MAX_FRAME_LEN / 2])).unwrap();
+        assert!(matches!(chan.recv(soon(), None), Err(FrameError::TooLarge(_))));
+
+        let (mut raw, mut chan) = raw_pair();
+        let mut header = header_with_blocks(0, &[]);
+        header[12..16].copy_from_slice(&u32::MAX.to_le_bytes());
+        raw.write_all(&header).unwrap();
+        assert!(matches!(chan.recv(soon(), None), Err(FrameError::TooManyBlocks(u32::MAX))));
+
+        // A claimed 512 GiB block that never comes: truncated, and never allocated in full.
+        let (mut raw, mut chan) = raw_pair();
+        raw.write_all(&header_with_blocks(2, &[3, 1 << 39])).unwrap();
+        raw.write_all(b"hiabc").unwrap();
+        raw.write_all(&[7; 1000]).unwrap();
+        drop(raw);
+        match chan.recv(soon(), None) {
+            Err(FrameError::Truncated { received, expected }) => {
+                let table = (HEADER_LEN + 16) as u64;
+                assert_eq!(received, table + 1005);
+                assert_eq!(expected, Some(table + 5 + (1 << 39)));
+            }
+            other => panic!("expected truncation, got {other:?}"),
+        }
     }
 
     #[test]
@@ -569,7 +739,7 @@ mod tests {
     fn send_to_a_closed_peer_is_disconnected() {
         let (a, b) = Channel::pair().unwrap();
         drop(b);
-        assert!(matches!(a.send(&[b"x"], &[], soon(), None), Err(FrameError::Disconnected)));
+        assert!(matches!(a.send(&[b"x"], &[], &[], soon(), None), Err(FrameError::Disconnected)));
     }
 
     proptest::proptest! {

@@ -7,14 +7,14 @@
 //! unwind through, the stack frames it copied from its parent.
 
 use std::io::Write;
-use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::os::fd::{AsFd, OwnedFd};
 use std::panic::{self, AssertUnwindSafe};
 use std::sync::{Mutex, OnceLock};
 use std::thread::{self, ThreadId};
 use std::time::{Duration, Instant};
 
 use crate::channel::{Channel, FrameError};
-use crate::codec;
+use crate::codec::{self, Attachments};
 use crate::error::{ErrorKind, RemotePanic};
 use crate::registry::{self, CallError, State};
 use crate::role::Role;
@@ -48,8 +48,8 @@ pub fn fingerprint() -> u64 {
 
 /// What the task did, ready to be sent.
 enum Outcome {
-    /// The encoded value and the descriptors it holds.
-    Returned(Vec<u8>, Vec<OwnedFd>),
+    /// The encoded value and what travels beside it.
+    Returned(Vec<u8>, Attachments),
     Panicked(RemotePanic),
     Failed(FailReason, String),
 }
@@ -67,6 +67,7 @@ pub fn serve(mut channel: Channel) -> ! {
         Err(e) => finish(&channel, Outcome::Failed(FailReason::Protocol, format!("{e}"))),
     };
     let fds = std::mem::take(&mut frame.fds);
+    let blocks = std::mem::take(&mut frame.blocks);
     let (start, args) = match wire::decode::<Start>(&frame) {
         Ok(decoded) => decoded,
         Err(e) => finish(
@@ -84,7 +85,7 @@ pub fn serve(mut channel: Channel) -> ! {
             Some(name) => {
                 let entry =
                     registry::lookup(&name).map_err(|e| (lookup_failure(&e), e.to_string()))?;
-                codec::with_fds(fds, || (entry.make_state)(args))
+                codec::with_attachments(fds, blocks, || (entry.make_state)(args))
                     .map_err(|e| (call_failure(&e), e.to_string()))
             }
             None => Ok(Box::new(())),
@@ -95,7 +96,8 @@ pub fn serve(mut channel: Channel) -> ! {
         Err(e) => finish(&channel, Outcome::Failed(lookup_failure(&e), e.to_string())),
     };
     prepare(&start, &channel);
-    let outcome = run_guarded(&start, || codec::with_fds(fds, || (entry.run)(&(), args)));
+    let outcome =
+        run_guarded(&start, || codec::with_attachments(fds, blocks, || (entry.run)(&(), args)));
     finish(&channel, outcome)
 }
 
@@ -135,7 +137,7 @@ fn run_worker(
         Ok(Err((reason, message))) => finish(&channel, Outcome::Failed(reason, message)),
         Err(panic) => finish(&channel, Outcome::Panicked(panic)),
     };
-    if wire::send(&channel, &ToParent::Ready, &[], &[], None, None).is_err() {
+    if wire::send(&channel, &ToParent::Ready, &[], &[], &[], None, None).is_err() {
         sys::exit_immediately(EXIT_FAILED);
     }
     let mut out = Vec::new();
@@ -150,6 +152,7 @@ fn run_worker(
             Err(_) => sys::exit_immediately(EXIT_FAILED),
         };
         let fds = std::mem::take(&mut frame.fds);
+        let blocks = std::mem::take(&mut frame.blocks);
         let (ToWorker::Batch { id, task }, args) = match wire::decode::<ToWorker>(&frame) {
             Ok(decoded) => decoded,
             Err(e) => finish(
@@ -158,9 +161,10 @@ fn run_worker(
             ),
         };
         out.clear();
-        let (reply, out_fds) = codec::collecting_fds(|| match registry::lookup(&task) {
+        let (reply, attachments) = codec::collecting(|| match registry::lookup(&task) {
             Ok(entry) => {
-                match codec::with_fds(fds, || (entry.run_batch)(&*state, args, &mut out)) {
+                let run = || (entry.run_batch)(&*state, args, &mut out);
+                match codec::with_attachments(fds, blocks, run) {
                     Ok(()) => ToParent::BatchDone { id },
                     Err(e) => ToParent::BatchFailed {
                         id,
@@ -174,8 +178,9 @@ fn run_worker(
             }
         });
         let payload: &[u8] = if matches!(reply, ToParent::BatchDone { .. }) { &out } else { &[] };
-        let out_fds: Vec<BorrowedFd<'_>> = out_fds.iter().map(AsFd::as_fd).collect();
-        if wire::send(&channel, &reply, payload, &out_fds, None, None).is_err() {
+        let out_fds = attachments.borrowed_fds();
+        let sent = wire::send(&channel, &reply, payload, &out_fds, &attachments.blocks, None, None);
+        if sent.is_err() {
             sys::exit_immediately(EXIT_FAILED);
         }
     }
@@ -201,7 +206,7 @@ fn say_hello(channel: &Channel) -> Result<(), wire::SendError> {
         fingerprint: fingerprint(),
         pid: std::process::id(),
     };
-    wire::send(channel, &hello, &[], &[], None, None)
+    wire::send(channel, &hello, &[], &[], &[], None, None)
 }
 
 /// The child's side of the handshake: refuse a parent of another version or executable.
@@ -295,8 +300,8 @@ fn run_guarded(start: &Start, call: impl FnOnce() -> Result<Vec<u8>, CallError>)
     let span = tracing::debug_span!("child", pid = std::process::id(), name = %start.name);
     let _entered = span.enter();
     tracing::debug!(task = %start.task, "running task");
-    match codec::collecting_fds(|| catch_panic(call)) {
-        (Ok(Ok(bytes)), fds) => Outcome::Returned(bytes, fds),
+    match codec::collecting(|| catch_panic(call)) {
+        (Ok(Ok(bytes)), attachments) => Outcome::Returned(bytes, attachments),
         (Ok(Err(error)), _) => Outcome::Failed(call_failure(&error), error.to_string()),
         (Err(panic), _) => Outcome::Panicked(panic),
     }
@@ -333,18 +338,18 @@ pub fn catch_panic<T>(f: impl FnOnce() -> T) -> Result<T, RemotePanic> {
 
 /// Sends the outcome, flushes stdio and ends the process.
 fn finish(channel: &Channel, outcome: Outcome) -> ! {
-    let (message, payload, fds, code) = match outcome {
-        Outcome::Returned(bytes, fds) => (ToParent::Returned, bytes, fds, EXIT_OK),
+    let (message, payload, attachments, code) = match outcome {
+        Outcome::Returned(bytes, attachments) => (ToParent::Returned, bytes, attachments, EXIT_OK),
         Outcome::Panicked(panic) => {
-            (ToParent::Panicked(panic), Vec::new(), Vec::new(), EXIT_FAILED)
+            (ToParent::Panicked(panic), Vec::new(), Attachments::default(), EXIT_FAILED)
         }
         Outcome::Failed(reason, message) => {
-            (ToParent::Failed { reason, message }, Vec::new(), Vec::new(), EXIT_FAILED)
+            (ToParent::Failed { reason, message }, Vec::new(), Attachments::default(), EXIT_FAILED)
         }
     };
-    let fds: Vec<BorrowedFd<'_>> = fds.iter().map(AsFd::as_fd).collect();
+    let fds = attachments.borrowed_fds();
     // A parent that is gone cannot be told; the exit code still says what happened.
-    let _ = wire::send(channel, &message, &payload, &fds, None, None);
+    let _ = wire::send(channel, &message, &payload, &fds, &attachments.blocks, None, None);
     let _ = std::io::stdout().flush();
     let _ = std::io::stderr().flush();
     sys::exit_immediately(code)

@@ -11,7 +11,8 @@
 
 use std::cell::RefCell;
 use std::fmt;
-use std::os::fd::{AsRawFd, BorrowedFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
+use std::sync::Arc;
 
 use bincode::config;
 use serde::Serialize;
@@ -36,12 +37,59 @@ impl CodecError {
     }
 }
 
+/// A large byte buffer that travels beside a message instead of inside it (see
+/// [`Bytes`](crate::Bytes)): shared, so that the message can hold it until it is written.
+pub type Block = Arc<Vec<u8>>;
+
+/// What travels beside a message's bytes: descriptors (SCM_RIGHTS) and large byte blocks.
+#[derive(Debug, Default)]
+pub struct Attachments {
+    /// Duplicates of the descriptors the encoded values hold, in index order.
+    pub fds: Vec<OwnedFd>,
+    /// The blocks the encoded values refer to, in index order.
+    pub blocks: Vec<Block>,
+}
+
+impl Attachments {
+    /// Another set for another message: the descriptors duplicated, the blocks shared.
+    pub fn try_clone(&self) -> std::io::Result<Attachments> {
+        let fds = self.fds.iter().map(OwnedFd::try_clone).collect::<std::io::Result<_>>()?;
+        Ok(Attachments { fds, blocks: self.blocks.clone() })
+    }
+
+    /// Bytes of all blocks together.
+    pub fn block_bytes(&self) -> usize {
+        self.blocks.iter().map(|block| block.len()).sum()
+    }
+
+    /// The descriptors, borrowed, as a send takes them.
+    pub fn borrowed_fds(&self) -> Vec<BorrowedFd<'_>> {
+        self.fds.iter().map(AsFd::as_fd).collect()
+    }
+}
+
+/// The most blocks one message carries; a `Bytes` beyond them is written inline.
+pub const MAX_BLOCKS: usize = 1024;
+
+/// The side table of a message being encoded.
+struct Outgoing {
+    fds: Vec<OwnedFd>,
+    /// `None`: the transport has no room for blocks, so large buffers are written inline.
+    blocks: Option<Vec<Block>>,
+}
+
+/// The side table of a message being decoded; each entry is taken at most once.
+struct Incoming {
+    fds: Vec<Option<OwnedFd>>,
+    blocks: Vec<Option<Vec<u8>>>,
+}
+
 thread_local! {
-    /// Descriptors collected while encoding inside [`collecting_fds`], in order.
-    static OUTGOING: RefCell<Option<Vec<OwnedFd>>> = const { RefCell::new(None) };
-    /// Descriptors that arrived with the bytes being decoded inside [`with_fds`]; each is
-    /// taken at most once.
-    static INCOMING: RefCell<Option<Vec<Option<OwnedFd>>>> = const { RefCell::new(None) };
+    /// Descriptors (and blocks) collected while encoding inside [`collecting`].
+    static OUTGOING: RefCell<Option<Outgoing>> = const { RefCell::new(None) };
+    /// Descriptors and blocks that arrived with the bytes being decoded inside
+    /// [`with_attachments`].
+    static INCOMING: RefCell<Option<Incoming>> = const { RefCell::new(None) };
     /// Descriptor numbers seen while [`fds_in`] walks a value.
     static PROBE: RefCell<Option<Vec<RawFd>>> = const { RefCell::new(None) };
 }
@@ -55,7 +103,8 @@ pub fn fds_in<T: Serialize + ?Sized>(value: &T) -> Vec<RawFd> {
     PROBE.with(|c| c.replace(restore.previous.take().flatten())).unwrap_or_default()
 }
 
-/// Puts back the side table that was there before, even if the closure panicked.
+/// Puts back the side table that was there before, even if the closure panicked; `previous`
+/// is `None` once the owner has put it back itself (and taken its own table out).
 struct Restore<T: 'static> {
     table: &'static std::thread::LocalKey<RefCell<Option<T>>>,
     previous: Option<Option<T>>,
@@ -63,34 +112,58 @@ struct Restore<T: 'static> {
 
 impl<T> Drop for Restore<T> {
     fn drop(&mut self) {
-        let previous = self.previous.take().flatten();
-        self.table.with(|cell| cell.replace(previous));
+        // Only if not put back yet: a nested encode (a task that starts a process, run while
+        // its own result is being collected) must leave the outer table in place.
+        if let Some(previous) = self.previous.take() {
+            self.table.with(|cell| cell.replace(previous));
+        }
     }
 }
 
-/// Runs `f` (which encodes values) and returns, beside its result, the descriptors that the
-/// values it encoded hold: duplicates, to be sent with the bytes (SCM_RIGHTS) and closed after.
+/// Runs `f` (which encodes values) and returns, beside its result, what must travel with the
+/// bytes: duplicates of the descriptors the values hold, and the large buffers they refer to
+/// (to be written after the message by a channel that carries blocks).
 ///
 /// Outside such a call, encoding a value that holds a descriptor fails: there would be no way
 /// to send it.
-pub fn collecting_fds<R>(f: impl FnOnce() -> R) -> (R, Vec<OwnedFd>) {
-    let mut restore = Restore {
-        table: &OUTGOING,
-        previous: Some(OUTGOING.with(|c| c.replace(Some(Vec::new())))),
-    };
-    let result = f();
-    let fds = OUTGOING.with(|c| c.replace(restore.previous.take().flatten()));
-    (result, fds.unwrap_or_default())
+pub fn collecting<R>(f: impl FnOnce() -> R) -> (R, Attachments) {
+    let (result, outgoing) = collect(Some(Vec::new()), f);
+    let Outgoing { fds, blocks } = outgoing;
+    (result, Attachments { fds, blocks: blocks.unwrap_or_default() })
 }
 
-/// Runs `f` (which decodes values) with `fds`, the descriptors that arrived with the bytes, at
-/// hand; a value that holds a descriptor takes it by index. Descriptors no value took are
-/// closed when `f` returns.
-pub fn with_fds<R>(fds: Vec<OwnedFd>, f: impl FnOnce() -> R) -> R {
-    let table = Some(fds.into_iter().map(Some).collect());
+/// [`collecting`] for a transport that carries descriptors but no blocks (a queue's
+/// records): every buffer is written inline.
+pub fn collecting_fds<R>(f: impl FnOnce() -> R) -> (R, Vec<OwnedFd>) {
+    let (result, outgoing) = collect(None, f);
+    (result, outgoing.fds)
+}
+
+fn collect<R>(blocks: Option<Vec<Block>>, f: impl FnOnce() -> R) -> (R, Outgoing) {
+    let fresh = Outgoing { fds: Vec::new(), blocks };
+    let mut restore =
+        Restore { table: &OUTGOING, previous: Some(OUTGOING.with(|c| c.replace(Some(fresh)))) };
+    let result = f();
+    let outgoing = OUTGOING.with(|c| c.replace(restore.previous.take().flatten()));
+    (result, outgoing.expect("installed above"))
+}
+
+/// Runs `f` (which decodes values) with the descriptors and blocks that arrived with the
+/// bytes at hand; a value that holds one takes it by index. What no value took is closed or
+/// freed when `f` returns.
+pub fn with_attachments<R>(fds: Vec<OwnedFd>, blocks: Vec<Vec<u8>>, f: impl FnOnce() -> R) -> R {
+    let table = Some(Incoming {
+        fds: fds.into_iter().map(Some).collect(),
+        blocks: blocks.into_iter().map(Some).collect(),
+    });
     let _restore =
         Restore { table: &INCOMING, previous: Some(INCOMING.with(|c| c.replace(table))) };
     f()
+}
+
+/// [`with_attachments`] with descriptors only.
+pub fn with_fds<R>(fds: Vec<OwnedFd>, f: impl FnOnce() -> R) -> R {
+    with_attachments(fds, Vec::new(), f)
 }
 
 /// Records a duplicate of `fd` for the message being encoded; returns its index.
@@ -106,12 +179,26 @@ pub(crate) fn push_fd(fd: BorrowedFd<'_>) -> Result<u32, String> {
     }
     OUTGOING.with(|cell| {
         let mut table = cell.borrow_mut();
-        let Some(fds) = table.as_mut() else {
+        let Some(outgoing) = table.as_mut() else {
             return Err("a file descriptor cannot travel in this message".to_owned());
         };
         let copy = fd.try_clone_to_owned().map_err(|e| format!("dup of a passed fd: {e}"))?;
-        fds.push(copy);
-        u32::try_from(fds.len() - 1).map_err(|_| "too many file descriptors".to_owned())
+        outgoing.fds.push(copy);
+        u32::try_from(outgoing.fds.len() - 1).map_err(|_| "too many file descriptors".to_owned())
+    })
+}
+
+/// Records `block` to travel beside the message being encoded and returns its index, or
+/// `None` when this message carries no blocks (or no more): the caller writes it inline.
+pub(crate) fn push_block(block: &Block) -> Option<u32> {
+    OUTGOING.with(|cell| {
+        let mut table = cell.borrow_mut();
+        let blocks = table.as_mut()?.blocks.as_mut()?;
+        if blocks.len() >= MAX_BLOCKS {
+            return None;
+        }
+        blocks.push(Arc::clone(block));
+        u32::try_from(blocks.len() - 1).ok()
     })
 }
 
@@ -119,13 +206,28 @@ pub(crate) fn push_fd(fd: BorrowedFd<'_>) -> Result<u32, String> {
 pub(crate) fn take_fd(index: u32) -> Result<OwnedFd, String> {
     INCOMING.with(|cell| {
         let mut table = cell.borrow_mut();
-        let arrived = table.as_ref().map_or(0, Vec::len);
+        let arrived = table.as_ref().map_or(0, |incoming| incoming.fds.len());
         table
             .as_mut()
-            .and_then(|fds| fds.get_mut(index as usize))
+            .and_then(|incoming| incoming.fds.get_mut(index as usize))
             .and_then(Option::take)
             .ok_or_else(|| {
                 format!("the bytes claim file descriptor #{index}, but {arrived} arrived with them (or it was taken twice)")
+            })
+    })
+}
+
+/// Takes the block at `index` among those that arrived with the bytes being decoded.
+pub(crate) fn take_block(index: u32) -> Result<Vec<u8>, String> {
+    INCOMING.with(|cell| {
+        let mut table = cell.borrow_mut();
+        let arrived = table.as_ref().map_or(0, |incoming| incoming.blocks.len());
+        table
+            .as_mut()
+            .and_then(|incoming| incoming.blocks.get_mut(index as usize))
+            .and_then(Option::take)
+            .ok_or_else(|| {
+                format!("the bytes claim block #{index}, but {arrived} arrived with them (or it was taken twice)")
             })
     })
 }
@@ -250,6 +352,21 @@ mod tests {
         let value = (7u64, String::from("seven"), vec![1u8, 2, 3], Some(-1i32));
         let bytes = encode(&value).unwrap();
         assert_eq!(decode::<(u64, String, Vec<u8>, Option<i32>)>(&bytes).unwrap(), value);
+    }
+
+    #[test]
+    fn a_nested_encode_leaves_the_outer_side_table_in_place() {
+        let large = crate::Bytes::from(vec![1u8; crate::bytes::BLOCK_MIN]);
+        let (outer, attachments) = collecting(|| {
+            // A task that starts a process of its own, while its result is being collected.
+            let (_, inner) = collecting(|| encode(&large));
+            assert_eq!(inner.blocks.len(), 1);
+            let (_, fds) = collecting_fds(|| encode(&large));
+            assert!(fds.is_empty());
+            encode(&large)
+        });
+        assert!(outer.unwrap().len() < 16, "the large buffer went out of band");
+        assert_eq!(attachments.blocks.len(), 1);
     }
 
     #[test]

@@ -90,12 +90,12 @@ impl<T: Serialize + DeserializeOwned> Connection<T> {
     /// Sends `value` (and the descriptors it holds); blocks while the other end's buffer is
     /// full.
     pub fn send(&self, value: &T) -> Result<(), SendError> {
-        let (bytes, fds) = codec::collecting_fds(|| codec::encode(value));
+        let (bytes, attachments) = codec::collecting(|| codec::encode(value));
         let bytes = bytes.map_err(|e| {
             SendError::Failed(Error::new(ErrorKind::Encode, format!("pipe message: {e}")))
         })?;
-        let fds: Vec<BorrowedFd<'_>> = fds.iter().map(AsFd::as_fd).collect();
-        match self.channel.send(&[&bytes], &fds, None, None) {
+        let fds = attachments.borrowed_fds();
+        match self.channel.send(&[&bytes], &fds, &attachments.blocks, None, None) {
             Ok(()) => Ok(()),
             Err(FrameError::Disconnected) => Err(SendError::Disconnected),
             Err(e) => Err(SendError::Failed(Error::new(ErrorKind::Io, format!("pipe send: {e}")))),
@@ -150,7 +150,7 @@ enum Received {
 }
 
 fn decode<T: DeserializeOwned>(frame: Frame) -> Result<T, Error> {
-    codec::with_fds(frame.fds, || codec::decode::<T>(&frame.body))
+    codec::with_attachments(frame.fds, frame.blocks, || codec::decode::<T>(&frame.body))
         .map_err(|e| Error::new(ErrorKind::Decode, format!("pipe message did not decode: {e}")))
 }
 

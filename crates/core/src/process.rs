@@ -3,7 +3,7 @@
 
 use std::convert::Infallible;
 use std::marker::PhantomData;
-use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::os::fd::BorrowedFd;
 use std::sync::Arc;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use crate::channel::{Channel, Frame, FrameError};
 use crate::child::{self, fingerprint};
-use crate::codec;
+use crate::codec::{self, Attachments};
 use crate::error::{ChildFailure, Error, ErrorKind, RemotePanic, Result};
 use crate::method::{ChildHandle, ChildMain, Payload, StartMethod, StartRequest};
 use crate::registry;
@@ -72,11 +72,11 @@ impl<A: Portable, R: Portable> ProcessBuilder<A, R> {
                 })
             }))
         } else {
-            let (bytes, fds) = codec::collecting_fds(|| codec::encode(&self.args));
+            let (bytes, attachments) = codec::collecting(|| codec::encode(&self.args));
             let bytes = bytes.map_err(|e| {
                 Error::new(ErrorKind::Encode, format!("arguments of task `{}`: {e}", start.task))
             })?;
-            Work::Sent(bytes, fds)
+            Work::Sent(bytes, attachments)
         };
         let Launched { child, channel } = launch(&*self.method, &start, work)?;
         Ok(Process {
@@ -118,9 +118,9 @@ pub(crate) fn start_message(
 
 /// How a new child gets its work.
 pub(crate) enum Work {
-    /// Encoded arguments and the descriptors they hold, sent with the `Start` message (spawn,
+    /// Encoded arguments and what travels beside them, sent with the `Start` message (spawn,
     /// forkserver).
-    Sent(Vec<u8>, Vec<OwnedFd>),
+    Sent(Vec<u8>, Attachments),
     /// The child's body, run in a forked copy of this process (fork).
     Moved(ChildMain),
 }
@@ -141,16 +141,17 @@ pub(crate) fn launch(method: &dyn StartMethod, start: &Start, work: Work) -> Res
         Channel::pair().map_err(|e| Error::io(format!("socketpair for {name}"), e))?;
     let (payload, sent_args) = match work {
         Work::Moved(main) => (Payload::Moved(main), None),
-        Work::Sent(args, fds) => (Payload::Sent, Some((args, fds))),
+        Work::Sent(args, attachments) => (Payload::Sent, Some((args, attachments))),
     };
     let request =
         StartRequest { channel: child_end.into_fd(), parent_end: parent_end.as_fd(), payload };
     let child = method.start(request)?;
     let pid = child.pid();
     tracing::debug!(pid, name = %name, method = method.name(), task = %start.task, "process started");
-    if let Some((args, fds)) = sent_args {
-        let fds: Vec<BorrowedFd<'_>> = fds.iter().map(AsFd::as_fd).collect();
-        let sent = wire::send(&parent_end, start, &args, &fds, None, Some(child.sentinel()));
+    if let Some((args, attachments)) = sent_args {
+        let fds = attachments.borrowed_fds();
+        let blocks = &attachments.blocks;
+        let sent = wire::send(&parent_end, start, &args, &fds, blocks, None, Some(child.sentinel()));
         match sent {
             Ok(())
             | Err(wire::SendError::Frame(FrameError::Disconnected | FrameError::Aborted)) => {}
@@ -187,9 +188,9 @@ fn next_default_name() -> String {
 /// What the child sent after its hello.
 #[derive(Debug)]
 enum Reply {
-    /// The encoded return value is `frame.body[offset..]`; the descriptors it holds came
-    /// with it.
-    Returned(Vec<u8>, usize, Vec<OwnedFd>),
+    /// The encoded return value is `frame.body[offset..]`; the descriptors and blocks it
+    /// holds came with it.
+    Returned(Frame, usize),
     Panicked(RemotePanic),
     Failed(FailReason, String),
 }
@@ -389,7 +390,7 @@ impl<R: Portable> Process<R> {
                 }
             }
             (ToParent::Returned, offset) if self.hello => {
-                self.reply = Some(Reply::Returned(frame.body, offset, frame.fds));
+                self.reply = Some(Reply::Returned(frame, offset));
                 self.reading = false;
             }
             (ToParent::Panicked(panic), _) if self.hello => {
@@ -425,8 +426,10 @@ impl<R: Portable> Process<R> {
         }
         let status_text = status.map_or_else(|| "still running".to_owned(), |s| s.to_string());
         match self.reply.take() {
-            Some(Reply::Returned(body, offset, fds)) => {
-                codec::with_fds(fds, || codec::decode::<R>(&body[offset..])).map_err(|e| {
+            Some(Reply::Returned(frame, offset)) => {
+                let Frame { body, fds, blocks } = frame;
+                let decode = || codec::decode::<R>(&body[offset..]);
+                codec::with_attachments(fds, blocks, decode).map_err(|e| {
                     Error::new(
                         ErrorKind::Decode,
                         format!("{label} returned bytes that did not decode: {e}"),

@@ -12,11 +12,11 @@ use std::os::fd::BorrowedFd;
 use std::time::Instant;
 
 use crate::channel::{Channel, Frame, FrameError};
-use crate::codec::{self, CodecError};
+use crate::codec::{self, Block, CodecError};
 use crate::error::RemotePanic;
 
 /// The protocol version both sides announce; a mismatch fails the handshake.
-pub const PROTOCOL_VERSION: u32 = 2;
+pub const PROTOCOL_VERSION: u32 = 3;
 
 /// Parent to child: what to run. The task's encoded arguments follow as the frame's payload.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -130,12 +130,13 @@ pub enum ItemResult<T> {
     Unencodable(String),
 }
 
-/// Sends `message` with `payload` and `fds` as one frame.
+/// Sends `message` with `payload`, and `fds` and `blocks` beside it, as one frame.
 pub fn send<M: Serialize>(
     channel: &Channel,
     message: &M,
     payload: &[u8],
     fds: &[BorrowedFd<'_>],
+    blocks: &[Block],
     deadline: Option<Instant>,
     abort: Option<BorrowedFd<'_>>,
 ) -> Result<(), SendError> {
@@ -143,7 +144,7 @@ pub fn send<M: Serialize>(
     codec::encode_into(message, &mut head).map_err(SendError::Encode)?;
     let len = u32::try_from(head.len() - 4).expect("a control message is small");
     head[..4].copy_from_slice(&len.to_le_bytes());
-    channel.send(&[&head, payload], fds, deadline, abort).map_err(SendError::Frame)
+    channel.send(&[&head, payload], fds, blocks, deadline, abort).map_err(SendError::Frame)
 }
 
 /// Splits a received frame into its message and payload.
@@ -201,7 +202,7 @@ mod tests {
             worker: Some(WorkerSetup { initializer: Some("m::init".into()) }),
         };
         let deadline = Some(Instant::now() + Duration::from_secs(5));
-        send(&a, &start, b"ARGS", &[], deadline, None).unwrap();
+        send(&a, &start, b"ARGS", &[], &[], deadline, None).unwrap();
         let frame = b.recv(deadline, None).unwrap();
         let (got, payload) = decode::<Start>(&frame).unwrap();
         assert_eq!(got, start);
@@ -210,9 +211,9 @@ mod tests {
 
     #[test]
     fn short_or_lying_message_header_is_an_error() {
-        let frame = Frame { body: vec![1, 2], fds: vec![] };
+        let frame = Frame { body: vec![1, 2], fds: vec![], blocks: vec![] };
         assert!(decode::<ToParent>(&frame).is_err());
-        let frame = Frame { body: vec![255, 255, 255, 255, 0], fds: vec![] };
+        let frame = Frame { body: vec![255, 255, 255, 255, 0], fds: vec![], blocks: vec![] };
         assert!(decode::<ToParent>(&frame).is_err());
     }
 }

@@ -157,7 +157,7 @@ impl Server {
         let Some(preload) = guard.as_mut() else { return Ok(()) };
         let request = Request::Preload { task: preload.task.to_owned() };
         let sentinel = Some(self.process.sentinel());
-        let reply = wire::send(&self.control, &request, &preload.args, &[], None, sentinel)
+        let reply = wire::send(&self.control, &request, &preload.args, &[], &[], None, sentinel)
             .map_err(|e| e.to_string())
             .and_then(|()| {
                 self.control.recv(None, Some(self.process.sentinel())).map_err(|e| e.to_string())
@@ -211,6 +211,7 @@ fn request_fork(channel: BorrowedFd<'_>, status: BorrowedFd<'_>) -> Result<()> {
             &Request::Fork,
             &[],
             &[channel, status],
+            &[],
             None,
             Some(server.process.sentinel()),
         );

@@ -34,7 +34,7 @@ fn serve(control: OwnedFd) -> ! {
     sys::ignore_signal(libc::SIGINT);
     let control = Channel::from_fd(control);
     let hello = Reply::Hello { version: VERSION, fingerprint: child::fingerprint() };
-    if wire::send(&control, &hello, &[], &[], None, None).is_err() {
+    if wire::send(&control, &hello, &[], &[], &[], None, None).is_err() {
         sys::exit_immediately(0);
     }
     let mut control = control;
@@ -96,7 +96,7 @@ fn report_exit(served: &Served) -> bool {
         Ok(Some(_)) | Err(_) => WireStatus::Exited(255),
         Ok(None) => return false,
     };
-    let _ = wire::send(&served.status, &Reply::Exited(status), &[], &[], None, None);
+    let _ = wire::send(&served.status, &Reply::Exited(status), &[], &[], &[], None, None);
     true
 }
 
@@ -114,13 +114,13 @@ fn run_preload(task: &str, args: &[u8], control: &Channel) {
     match outcome {
         Ok(state) => {
             preload::install(state);
-            if wire::send(control, &Reply::Preloaded, &[], &[], None, None).is_err() {
+            if wire::send(control, &Reply::Preloaded, &[], &[], &[], None, None).is_err() {
                 sys::exit_immediately(0);
             }
         }
         Err((panic, message)) => {
             let reply = Reply::PreloadFailed { panic, message };
-            let _ = wire::send(control, &reply, &[], &[], None, None);
+            let _ = wire::send(control, &reply, &[], &[], &[], None, None);
             sys::exit_immediately(1);
         }
     }
@@ -156,19 +156,19 @@ fn fork_one(frame: Frame, control: &Channel, later: &[Frame], children: &mut Vec
             match sys::pidfd_open(pid) {
                 Ok(pidfd) => {
                     let reply = Reply::Forked { pid };
-                    let _ = wire::send(&status, &reply, &[], &[pidfd.as_fd()], None, None);
+                    let _ = wire::send(&status, &reply, &[], &[pidfd.as_fd()], &[], None, None);
                     children.push(Served { pidfd, status });
                 }
                 Err(e) => {
                     let message = format!("pidfd_open({pid}) in the forkserver: {e}");
                     let _ =
-                        wire::send(&status, &Reply::ForkFailed { message }, &[], &[], None, None);
+                        wire::send(&status, &Reply::ForkFailed { message }, &[], &[], &[], None, None);
                 }
             }
         }
         Err(e) => {
             let message = format!("fork in the forkserver: {e}");
-            let _ = wire::send(&status, &Reply::ForkFailed { message }, &[], &[], None, None);
+            let _ = wire::send(&status, &Reply::ForkFailed { message }, &[], &[], &[], None, None);
         }
     }
 }

@@ -23,6 +23,7 @@ use std::time::{Duration, Instant};
 
 use crate::channel::{Channel, Frame, FrameError};
 use crate::child;
+use crate::codec::Attachments;
 use crate::error::{ChildFailure, Error, ErrorKind, Result};
 use crate::method::{ChildHandle, StartMethod};
 use crate::process::{Launched, Work, check_hello, fail_kind, launch, start_message};
@@ -37,13 +38,13 @@ pub(crate) type BatchId = u64;
 /// What came back for a batch: the frame body, the offset of the encoded
 /// `Vec<ItemResult<R>>` in it and the descriptors the results hold, or the error that every
 /// item of the batch failed with.
-pub(crate) type BatchOutcome = Result<(Vec<u8>, usize, Vec<OwnedFd>)>;
+pub(crate) type BatchOutcome = Result<(Frame, usize)>;
 
 /// Builds a forked worker's state from the initializer arguments moved into it.
 pub(crate) type MoveInit = Arc<dyn Fn() -> std::result::Result<State, CallError> + Send + Sync>;
 
-/// A batch ready to queue: item count, encoded `Vec` of arguments, descriptors they hold.
-pub(crate) type Encoded = (usize, Vec<u8>, Vec<OwnedFd>);
+/// A batch ready to queue: item count, encoded `Vec` of arguments, what travels beside them.
+pub(crate) type Encoded = (usize, Vec<u8>, Attachments);
 
 /// Batches may queue behind a running one while all a worker holds stays within this many
 /// bytes (they fit in a socket buffer, so a send never blocks on a busy worker).
@@ -63,8 +64,8 @@ pub(crate) struct Initializer {
 
 /// The initializer's arguments, as the start method wants them.
 pub(crate) enum InitArgs {
-    /// Sent in each worker's `Start` frame, with the descriptors the arguments hold.
-    Encoded(Vec<u8>, Vec<OwnedFd>),
+    /// Sent in each worker's `Start` frame, with the descriptors and blocks the arguments hold.
+    Encoded(Vec<u8>, Attachments),
     /// Taken out of the forked worker's own copy of memory; with the pipe ends the arguments
     /// hold, which the worker keeps open.
     Moved(MoveInit, Vec<std::os::fd::RawFd>),
@@ -85,8 +86,15 @@ pub(crate) struct Batch {
     pub(crate) task: &'static str,
     pub(crate) count: usize,
     pub(crate) args: Vec<u8>,
-    /// Descriptors the arguments hold.
-    pub(crate) fds: Vec<OwnedFd>,
+    /// Descriptors and blocks the arguments hold.
+    pub(crate) attachments: Attachments,
+}
+
+impl Batch {
+    /// Bytes the batch puts into a worker's socket.
+    fn size(&self) -> usize {
+        self.args.len() + self.attachments.block_bytes()
+    }
 }
 
 /// One worker process, as the parent sees it.
@@ -121,15 +129,15 @@ impl Worker {
         let setup = WorkerSetup { initializer: config.initializer.as_ref().map(|i| i.task.into()) };
         let start = start_message("multiproc::pool::worker", &name, true, Some(setup));
         let work = match config.initializer.as_ref().map(|i| &i.args) {
-            Some(InitArgs::Encoded(args, fds)) => {
-                let fds = fds
-                    .iter()
-                    .map(|fd| fd.try_clone())
-                    .collect::<std::io::Result<_>>()
+            Some(InitArgs::Encoded(args, attachments)) => {
+                let attachments = attachments
+                    .try_clone()
                     .map_err(|e| Error::io("dup of an initializer argument's fd", e))?;
-                Work::Sent(args.clone(), fds)
+                Work::Sent(args.clone(), attachments)
             }
-            None if !config.method.moves_arguments() => Work::Sent(Vec::new(), Vec::new()),
+            None if !config.method.moves_arguments() => {
+                Work::Sent(Vec::new(), Attachments::default())
+            }
             moved => {
                 let (make, kept): (MoveInit, &[std::os::fd::RawFd]) = match moved {
                     Some(InitArgs::Moved(make, kept)) => (Arc::clone(make), kept),
@@ -188,8 +196,8 @@ impl Worker {
         match self.in_flight.len() {
             0 => true,
             n if n < PIPELINE_DEPTH => {
-                let held: usize = self.in_flight.iter().map(|b| b.args.len()).sum();
-                held + batch.args.len() <= PIPELINE_BYTES
+                let held: usize = self.in_flight.iter().map(Batch::size).sum();
+                held + batch.size() <= PIPELINE_BYTES
             }
             _ => false,
         }
@@ -228,7 +236,7 @@ impl Worker {
             }
             ToParent::Ready if self.hello && !self.ready => self.ready = true,
             ToParent::BatchDone { id } if self.in_flight.front().is_some_and(|b| b.id == id) => {
-                self.finish_head(results, Ok((frame.body, offset, frame.fds)));
+                self.finish_head(results, Ok((frame, offset)));
             }
             ToParent::BatchFailed { id, reason, message }
                 if self.in_flight.front().is_some_and(|b| b.id == id) =>
@@ -428,12 +436,13 @@ impl Engine {
             };
             let batch = self.pending.pop_front().expect("front exists");
             let message = ToWorker::Batch { id: batch.id, task: batch.task.to_owned() };
-            let fds: Vec<_> = batch.fds.iter().map(AsFd::as_fd).collect();
+            let fds = batch.attachments.borrowed_fds();
             let sent = wire::send(
                 &worker.channel,
                 &message,
                 &batch.args,
                 &fds,
+                &batch.attachments.blocks,
                 None,
                 Some(worker.child.pidfd()),
             );
@@ -562,10 +571,10 @@ impl Shared {
             ));
         }
         let mut ids = Vec::with_capacity(batches.len());
-        for (count, args, fds) in batches {
+        for (count, args, attachments) in batches {
             engine.next_batch += 1;
             let id = engine.next_batch;
-            engine.pending.push_back(Batch { id, task, count, args, fds });
+            engine.pending.push_back(Batch { id, task, count, args, attachments });
             ids.push(id);
         }
         engine.dispatch(&self.config);

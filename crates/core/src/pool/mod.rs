@@ -28,6 +28,7 @@ use serde::de::{DeserializeSeed, Deserializer, SeqAccess, Visitor};
 
 use engine::{BatchId, BatchOutcome, Config, Encoded, InitArgs, Initializer, MoveInit, Shared};
 
+use crate::channel::Frame;
 use crate::codec;
 use crate::error::{ChildFailure, Error, ErrorKind, Result};
 use crate::method::StartMethod;
@@ -95,8 +96,8 @@ impl PoolBuilder<()> {
             });
             Ok(InitArgs::Moved(make, kept))
         } else {
-            let (bytes, fds) = codec::collecting_fds(|| codec::encode(&args));
-            bytes.map(|bytes| InitArgs::Encoded(bytes, fds)).map_err(|e| {
+            let (bytes, attachments) = codec::collecting(|| codec::encode(&args));
+            bytes.map(|bytes| InitArgs::Encoded(bytes, attachments)).map_err(|e| {
                 Error::new(
                     ErrorKind::Encode,
                     format!("arguments of initializer `{}`: {e}", task.name()),
@@ -352,13 +353,13 @@ impl<S> fmt::Debug for Pool<S> {
     }
 }
 
-/// Encodes `items` in batches of `chunksize`: `(count, encoded Vec, descriptors)`.
+/// Encodes `items` in batches of `chunksize`: `(count, encoded Vec, attachments)`.
 fn encode_chunks<A: Portable>(task: &str, items: &[A], chunksize: usize) -> Result<Vec<Encoded>> {
     items
         .chunks(chunksize.max(1))
         .map(|chunk| {
-            let (bytes, fds) = codec::collecting_fds(|| codec::encode(chunk));
-            bytes.map(|bytes| (chunk.len(), bytes, fds)).map_err(|e| {
+            let (bytes, attachments) = codec::collecting(|| codec::encode(chunk));
+            bytes.map(|bytes| (chunk.len(), bytes, attachments)).map_err(|e| {
                 Error::new(ErrorKind::Encode, format!("arguments of pool task `{task}`: {e}"))
             })
         })
@@ -376,7 +377,7 @@ fn decode_batch<R: Portable>(
     let failed = |out: &mut VecDeque<Result<R>>, error: Error| {
         out.extend((0..count).map(|_| Err(error.duplicate())));
     };
-    let (body, offset, fds) = match outcome {
+    let (Frame { body, fds, blocks }, offset) = match outcome {
         Ok(received) => received,
         Err(error) => return failed(out, error),
     };
@@ -384,7 +385,8 @@ fn decode_batch<R: Portable>(
     let start = out.len();
     out.reserve(count);
     let seed = BatchSeed { out: &mut *out, task, first };
-    let decoded = codec::with_fds(fds, || codec::decode_seed(seed, &body[offset..]));
+    let decode = || codec::decode_seed(seed, &body[offset..]);
+    let decoded = codec::with_attachments(fds, blocks, decode);
     let error = match decoded {
         Ok(()) if out.len() - start == count => return,
         Ok(()) => Error::new(
