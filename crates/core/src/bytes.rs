@@ -19,6 +19,7 @@ use std::sync::Arc;
 use serde::de::{self, EnumAccess, VariantAccess, Visitor};
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
+use crate::buffer::Buffer;
 use crate::codec;
 
 /// The size from which a `Bytes` travels out of band, where the transport supports it.
@@ -28,7 +29,7 @@ pub const BLOCK_MIN: usize = 64 * 1024;
 ///
 /// Cloning is cheap: clones share the buffer until one of them is mutated.
 #[derive(Clone, Default, PartialEq, Eq, Hash)]
-pub struct Bytes(Arc<Vec<u8>>);
+pub struct Bytes(Arc<Buffer>);
 
 impl Bytes {
     /// An empty buffer.
@@ -38,13 +39,16 @@ impl Bytes {
 
     /// The buffer itself; copied only if a clone still shares it.
     pub fn into_vec(self) -> Vec<u8> {
-        Arc::try_unwrap(self.0).unwrap_or_else(|shared| (*shared).clone())
+        match Arc::try_unwrap(self.0) {
+            Ok(buffer) => buffer.into_vec(),
+            Err(shared) => shared.to_vec(),
+        }
     }
 }
 
 impl From<Vec<u8>> for Bytes {
     fn from(bytes: Vec<u8>) -> Self {
-        Bytes(Arc::new(bytes))
+        Bytes(Arc::new(Buffer::from(bytes)))
     }
 }
 
@@ -71,7 +75,8 @@ impl Deref for Bytes {
 impl DerefMut for Bytes {
     /// The buffer, for writing; copied first if a clone (or a message being sent) shares it.
     fn deref_mut(&mut self) -> &mut Vec<u8> {
-        Arc::make_mut(&mut self.0)
+        let buffer: &mut Buffer = Arc::make_mut(&mut self.0);
+        buffer
     }
 }
 
@@ -184,7 +189,6 @@ impl<'de> Visitor<'de> for InlineSeed {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::codec;
 
     fn sample(len: usize) -> Bytes {
         Bytes::from((0..=255u8).cycle().take(len).collect::<Vec<u8>>())

@@ -475,7 +475,11 @@ impl Channel {
 /// gets its length up to [`EXACT_MAX`], in memory advised for huge pages, so that it is neither
 /// copied by growth nor faulted in 4 KiB at a time.
 fn first_buffer(len: usize) -> Vec<u8> {
-    if len <= 2 * READ_CHUNK { Vec::with_capacity(len) } else { sys::large_buffer(len.min(EXACT_MAX)) }
+    if len <= 2 * READ_CHUNK {
+        Vec::with_capacity(len)
+    } else {
+        crate::buffer::with_capacity(len.min(EXACT_MAX))
+    }
 }
 
 /// Bytes read ahead of the frame being assembled. Consuming them moves a start index instead
@@ -666,9 +670,10 @@ mod tests {
     #[test]
     fn blocks_arrive_after_the_body_each_in_its_own_buffer() {
         let (a, mut b) = Channel::pair().unwrap();
-        let large: Block = Arc::new((0..(8 << 20)).map(|i| (i % 251) as u8).collect());
-        let small: Block = Arc::new(b"small".to_vec());
-        let empty: Block = Arc::new(Vec::new());
+        let block = |bytes: Vec<u8>| -> Block { Arc::new(bytes.into()) };
+        let large = block((0..(8 << 20)).map(|i| (i % 251) as u8).collect());
+        let small = block(b"small".to_vec());
+        let empty = block(Vec::new());
         let blocks = vec![Arc::clone(&large), small, empty];
         let sender = std::thread::spawn(move || {
             a.send(&[b"body"], &[], &blocks, soon(), None)?;
@@ -677,7 +682,7 @@ mod tests {
         let frame = b.recv(soon(), None).unwrap();
         assert_eq!(frame.body, b"body");
         assert_eq!(frame.blocks.len(), 3);
-        assert!(frame.blocks[0] == *large);
+        assert!(frame.blocks[0] == **large);
         assert_eq!(frame.blocks[1], b"small");
         assert!(frame.blocks[2].is_empty());
         assert_eq!(b.recv(soon(), None).unwrap().body, b"next");

@@ -39,7 +39,7 @@ impl CodecError {
 
 /// A large byte buffer that travels beside a message instead of inside it (see
 /// [`Bytes`](crate::Bytes)): shared, so that the message can hold it until it is written.
-pub type Block = Arc<Vec<u8>>;
+pub type Block = Arc<crate::buffer::Buffer>;
 
 /// What travels beside a message's bytes: descriptors (SCM_RIGHTS) and large byte blocks.
 #[derive(Debug, Default)]

@@ -5,6 +5,7 @@
 //! once against `dyn StartMethod`. Users depend on `multiproc`, not on this crate; start-method
 //! crates depend on it. The only `unsafe` of the workspace lives in [`sys`].
 
+pub mod buffer;
 pub mod bytes;
 pub mod channel;
 pub mod child;
