@@ -1,8 +1,9 @@
 """Python's multiprocessing.Pipe on the workloads of tests/benches/pipe.rs.
 
-`python3 -I -S pipe_bench.py RUNS SIZE:COUNT...` prints `rtt <median seconds>` for the round
-trip of a small object, then per SIZE:COUNT `bulk_<size> <seconds>`: the time to send COUNT
-messages of SIZE bytes to a child that acknowledges the last one.
+`python3 -I -S pipe_bench.py RUNS REPEATS SIZE:COUNT...` prints `rtt <median seconds>` for the
+round trip of a small object, then per SIZE:COUNT `bulk_<size> <seconds>`: the median over
+REPEATS transfers of the time to send COUNT messages of SIZE bytes to a child that acknowledges
+the last one.
 """
 
 import statistics
@@ -43,20 +44,27 @@ def main():
     ours.close()
     child.join()
     print(f"rtt {statistics.median(rtts)}")
-    for spec in sys.argv[2:]:
+    repeats = int(sys.argv[2])
+    for spec in sys.argv[3:]:
         size, count = (int(x) for x in spec.split(":"))
-        ours, theirs = ctx.Pipe()
-        child = ctx.Process(target=sink, args=(ours, theirs, count))
-        child.start()
-        theirs.close()
-        message = b"x" * size
-        started = time.perf_counter()
-        for _ in range(count):
-            ours.send_bytes(message)
-        ours.recv_bytes()
-        print(f"bulk_{size} {time.perf_counter() - started}")
-        ours.close()
-        child.join()
+        times = [bulk(ctx, size, count) for _ in range(repeats)]
+        print(f"bulk_{size} {statistics.median(times)}")
+
+
+def bulk(ctx, size, count):
+    ours, theirs = ctx.Pipe()
+    child = ctx.Process(target=sink, args=(ours, theirs, count))
+    child.start()
+    theirs.close()
+    message = b"x" * size
+    started = time.perf_counter()
+    for _ in range(count):
+        ours.send_bytes(message)
+    ours.recv_bytes()
+    took = time.perf_counter() - started
+    ours.close()
+    child.join()
+    return took
 
 
 if __name__ == "__main__":
