@@ -8,7 +8,6 @@
 
 mod common;
 
-use std::time::Instant;
 
 use common::{Table, Target, Value, measure, python, python_time, raw_ping_pong};
 use multiproc::{Context, task};
@@ -24,9 +23,12 @@ fn main() -> Result<(), multiproc::Error> {
     let processes = std::thread::available_parallelism().map_or(2, |n| n.get());
     let (applies, map_items, imap_items) =
         if quick { (50, 20_000u64, 2_000u64) } else { (2_000, 1_000_000u64, 100_000u64) };
+    // map and imap run after one warm-up run, several times; the median counts.
+    let (map_runs, imap_runs): (usize, usize) = if quick { (1, 1) } else { (5, 3) };
     let mut table = Table::new(format!(
         "Pool of {processes} workers: apply round trip (median of {applies}), map of {map_items} \
-         items, imap (chunksize 1) of {imap_items} items"
+         items (median of {map_runs}), imap (chunksize 1) of {imap_items} items (median of \
+         {imap_runs})"
     ));
     let ping = raw_ping_pong(applies);
     for method in ["fork", "spawn", "forkserver"] {
@@ -35,22 +37,26 @@ fn main() -> Result<(), multiproc::Error> {
         let apply = measure(applies, || {
             pool.apply(identity, 1).expect("apply");
         });
-        let started = Instant::now();
-        let mapped = pool.map(identity, 0..map_items)?;
-        let map = started.elapsed();
-        assert_eq!(mapped.len() as u64, map_items);
-        let started = Instant::now();
-        let count = pool.imap(identity, 0..imap_items).filter(Result::is_ok).count();
-        let imap = started.elapsed();
-        assert_eq!(count as u64, imap_items);
+        let map = measure(map_runs, || {
+            let mapped = pool.map(identity, 0..map_items).expect("map");
+            assert_eq!(mapped.len() as u64, map_items);
+        })
+        .median;
+        let imap = measure(imap_runs, || {
+            let count = pool.imap(identity, 0..imap_items).filter(Result::is_ok).count();
+            assert_eq!(count as u64, imap_items);
+        })
+        .median;
         drop(pool);
+        // Python's forkserver imap takes about 90 s a run (3.11): once, without a warm-up.
+        let py_imap_runs = if method == "forkserver" { 0 } else { imap_runs };
 
         let py = python(
             "pool_bench.py",
             &[method, &processes.to_string(), &applies.to_string()]
                 .map(str::to_owned)
                 .into_iter()
-                .chain([map_items.to_string(), imap_items.to_string()])
+                .chain([map_items, imap_items, map_runs as u64, py_imap_runs as u64].map(|n| n.to_string()))
                 .collect::<Vec<_>>(),
         );
         let py_rate = |name: &str, items: u64| match python_time(&py, name) {

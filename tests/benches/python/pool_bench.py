@@ -1,23 +1,35 @@
 """Python's multiprocessing.Pool on the workloads of tests/benches/pool.rs, for comparison.
 
-Run by the Rust benchmark as `python3 -I -S pool_bench.py METHOD PROCESSES APPLY MAP IMAP`;
-prints `apply <median round trip>`, `map <seconds>` and `imap <seconds>` lines.
+Run by the Rust benchmark as
+`python3 -I -S pool_bench.py METHOD PROCESSES APPLY MAP IMAP MAP_RUNS IMAP_RUNS`; prints
+`apply <median round trip>`, `map <seconds>` and `imap <seconds>` lines. map and imap run once
+to warm up and then RUNS times, and the median is printed; IMAP_RUNS 0 means one run without a
+warm-up.
 """
 
 import multiprocessing as mp
+import os
 import statistics
 import sys
 import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from benchlib import median_time  # noqa: E402
 
 
 def identity(x):
     return x
 
 
+def timed(f):
+    started = time.perf_counter()
+    f()
+    return time.perf_counter() - started
+
+
 def main():
-    method, processes, applies, map_items, imap_items = sys.argv[1:6]
-    processes, applies = int(processes), int(applies)
-    map_items, imap_items = int(map_items), int(imap_items)
+    method = sys.argv[1]
+    processes, applies, map_items, imap_items, map_runs, imap_runs = map(int, sys.argv[2:8])
     ctx = mp.get_context(method)
     with ctx.Pool(processes) as pool:
         pool.apply(identity, (0,))
@@ -26,14 +38,17 @@ def main():
             started = time.perf_counter()
             pool.apply(identity, (i,))
             rtts.append(time.perf_counter() - started)
-        started = time.perf_counter()
-        result = pool.map(identity, range(map_items))
-        map_seconds = time.perf_counter() - started
-        assert result[-1] == map_items - 1
-        started = time.perf_counter()
-        count = sum(1 for _ in pool.imap(identity, range(imap_items), chunksize=1))
-        imap_seconds = time.perf_counter() - started
-        assert count == imap_items
+
+        def run_map():
+            result = pool.map(identity, range(map_items))
+            assert result[-1] == map_items - 1
+
+        def run_imap():
+            count = sum(1 for _ in pool.imap(identity, range(imap_items), chunksize=1))
+            assert count == imap_items
+
+        map_seconds = median_time(map_runs, run_map)
+        imap_seconds = median_time(imap_runs, run_imap) if imap_runs else timed(run_imap)
     print(f"apply {statistics.median(rtts)}")
     print(f"map {map_seconds}")
     print(f"imap {imap_seconds}")
