@@ -23,9 +23,10 @@ pub const KEPT_BYTES: usize = 256 << 20;
 /// Dropped buffers waiting for reuse, newest last.
 static KEPT: Mutex<Vec<Vec<u8>>> = Mutex::new(Vec::new());
 
-/// An empty buffer with room for `len` bytes: a kept one whose capacity is at least `len` and
-/// at most twice that, or a new one.
-pub fn with_capacity(len: usize) -> Vec<u8> {
+/// An empty buffer for `len` bytes: a kept one whose capacity is at least `len` and at most
+/// twice that, or a new one with room for `len` but at most `fresh_max` bytes (so that a length
+/// nobody has proved yet is not allocated in full).
+pub fn with_capacity(len: usize, fresh_max: usize) -> Vec<u8> {
     if len >= RECYCLE_MIN {
         let mut kept = KEPT.lock().unwrap_or_else(|p| p.into_inner());
         let fits = |buf: &Vec<u8>| buf.capacity() >= len && buf.capacity() / 2 <= len;
@@ -35,7 +36,7 @@ pub fn with_capacity(len: usize) -> Vec<u8> {
             return buf;
         }
     }
-    crate::sys::large_buffer(len)
+    crate::sys::large_buffer(len.min(fresh_max))
 }
 
 /// Keeps `buf` for reuse if it is large and there is room; frees it otherwise.
@@ -105,8 +106,9 @@ mod tests {
         let address = buffer.as_ptr();
         drop(buffer);
         // Other tests may take it first; it is reused at most by one of them.
-        let reused = with_capacity(RECYCLE_MIN * 2);
-        let far_smaller = with_capacity(RECYCLE_MIN);
+        let reused = with_capacity(RECYCLE_MIN * 2, usize::MAX);
+        let far_smaller = with_capacity(RECYCLE_MIN, usize::MAX);
+        assert_eq!(with_capacity(RECYCLE_MIN * 100, RECYCLE_MIN).capacity(), RECYCLE_MIN);
         assert!(reused.is_empty() && reused.capacity() >= RECYCLE_MIN * 2);
         assert_ne!(far_smaller.as_ptr(), address, "a buffer over twice the size is not reused");
         let small = Buffer::from(vec![1u8; 100]);

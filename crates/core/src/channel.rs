@@ -472,13 +472,14 @@ impl Channel {
 /// The buffer a part of `len` bytes starts with. A part of up to two read chunks gets exactly
 /// its declared length: a 64 KiB message must not grow into a 128 KiB buffer, which the
 /// allocator may map and unmap for every message (16 page faults each, measured). A larger one
-/// gets its length up to [`EXACT_MAX`], in memory advised for huge pages, so that it is neither
-/// copied by growth nor faulted in 4 KiB at a time.
+/// gets a kept buffer of about its size (see [`buffer`](crate::buffer)), or a fresh one of its
+/// length up to [`EXACT_MAX`], advised for huge pages, so that it is neither copied by growth
+/// nor, when a buffer is reused, faulted in again.
 fn first_buffer(len: usize) -> Vec<u8> {
     if len <= 2 * READ_CHUNK {
         Vec::with_capacity(len)
     } else {
-        crate::buffer::with_capacity(len.min(EXACT_MAX))
+        crate::buffer::with_capacity(len, EXACT_MAX)
     }
 }
 
