@@ -8,7 +8,6 @@
 
 mod common;
 
-
 use common::{Table, Target, Value, measure, python, python_time, raw_ping_pong};
 use multiproc::{Context, task};
 
@@ -56,7 +55,10 @@ fn main() -> Result<(), multiproc::Error> {
             &[method, &processes.to_string(), &applies.to_string()]
                 .map(str::to_owned)
                 .into_iter()
-                .chain([map_items, imap_items, map_runs as u64, py_imap_runs as u64].map(|n| n.to_string()))
+                .chain(
+                    [map_items, imap_items, map_runs as u64, py_imap_runs as u64]
+                        .map(|n| n.to_string()),
+                )
                 .collect::<Vec<_>>(),
         );
         let py_rate = |name: &str, items: u64| match python_time(&py, name) {

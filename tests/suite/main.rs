@@ -6,6 +6,7 @@
 //! one at a time: the fork start method refuses multi-threaded callers, and the fd and zombie
 //! accounting around process-heavy tests must not count another test's children.
 
+mod bytes;
 mod common;
 mod failures;
 mod forkserver;
@@ -36,6 +37,7 @@ fn main() {
         pool::SCENARIOS,
         ipc::SCENARIOS,
         queue::SCENARIOS,
+        bytes::SCENARIOS,
     ]
     .concat();
     if method == "forkserver" {

@@ -47,8 +47,7 @@ fn keep(buf: Vec<u8>) {
     let mut kept = KEPT.lock().unwrap_or_else(|p| p.into_inner());
     kept.push(buf);
     // Oldest first out, until both limits hold.
-    while kept.len() > KEPT_BUFFERS || kept.iter().map(Vec::capacity).sum::<usize>() > KEPT_BYTES
-    {
+    while kept.len() > KEPT_BUFFERS || kept.iter().map(Vec::capacity).sum::<usize>() > KEPT_BYTES {
         kept.remove(0);
     }
 }

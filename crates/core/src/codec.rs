@@ -204,31 +204,31 @@ pub(crate) fn push_block(block: &Block) -> Option<u32> {
 
 /// Takes the descriptor at `index` among those that arrived with the bytes being decoded.
 pub(crate) fn take_fd(index: u32) -> Result<OwnedFd, String> {
-    INCOMING.with(|cell| {
-        let mut table = cell.borrow_mut();
-        let arrived = table.as_ref().map_or(0, |incoming| incoming.fds.len());
-        table
-            .as_mut()
-            .and_then(|incoming| incoming.fds.get_mut(index as usize))
-            .and_then(Option::take)
-            .ok_or_else(|| {
-                format!("the bytes claim file descriptor #{index}, but {arrived} arrived with them (or it was taken twice)")
-            })
-    })
+    take_incoming(index, "file descriptor", |incoming| &mut incoming.fds)
 }
 
 /// Takes the block at `index` among those that arrived with the bytes being decoded.
 pub(crate) fn take_block(index: u32) -> Result<Vec<u8>, String> {
+    take_incoming(index, "block", |incoming| &mut incoming.blocks)
+}
+
+/// Takes entry `index` of one of the incoming tables (`what` names it in the error).
+fn take_incoming<T>(
+    index: u32,
+    what: &str,
+    table_of: impl Fn(&mut Incoming) -> &mut Vec<Option<T>>,
+) -> Result<T, String> {
     INCOMING.with(|cell| {
-        let mut table = cell.borrow_mut();
-        let arrived = table.as_ref().map_or(0, |incoming| incoming.blocks.len());
-        table
-            .as_mut()
-            .and_then(|incoming| incoming.blocks.get_mut(index as usize))
-            .and_then(Option::take)
-            .ok_or_else(|| {
-                format!("the bytes claim block #{index}, but {arrived} arrived with them (or it was taken twice)")
-            })
+        let mut incoming = cell.borrow_mut();
+        let table = incoming.as_mut().map(table_of);
+        let arrived = table.as_ref().map_or(0, |entries| entries.len());
+        table.and_then(|entries| entries.get_mut(index as usize)).and_then(Option::take).ok_or_else(
+            || {
+                format!(
+                    "the bytes claim {what} #{index}, but {arrived} arrived with them (or it was taken twice)"
+                )
+            },
+        )
     })
 }
 

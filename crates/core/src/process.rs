@@ -89,6 +89,7 @@ impl<A: Portable, R: Portable> ProcessBuilder<A, R> {
             reading: true,
             reply: None,
             broken: None,
+            cut_short: None,
             status: None,
             result_taken: false,
             signalled: false,
@@ -151,7 +152,8 @@ pub(crate) fn launch(method: &dyn StartMethod, start: &Start, work: Work) -> Res
     if let Some((args, attachments)) = sent_args {
         let fds = attachments.borrowed_fds();
         let blocks = &attachments.blocks;
-        let sent = wire::send(&parent_end, start, &args, &fds, blocks, None, Some(child.sentinel()));
+        let sent =
+            wire::send(&parent_end, start, &args, &fds, blocks, None, Some(child.sentinel()));
         match sent {
             Ok(())
             | Err(wire::SendError::Frame(FrameError::Disconnected | FrameError::Aborted)) => {}
@@ -210,6 +212,9 @@ pub struct Process<R> {
     reading: bool,
     reply: Option<Reply>,
     broken: Option<Error>,
+    /// The channel ended inside a frame: the child died while sending (its status says how),
+    /// or, if it exited cleanly, it wrote a frame it did not finish.
+    cut_short: Option<FrameError>,
     status: Option<ExitStatus>,
     result_taken: bool,
     signalled: bool,
@@ -356,6 +361,10 @@ impl<R: Portable> Process<R> {
                 Ok(Some(frame)) => self.on_frame(frame),
                 Ok(None) => return,
                 Err(FrameError::Disconnected) => self.reading = false,
+                Err(e @ FrameError::Truncated { .. }) => {
+                    self.cut_short = Some(e);
+                    self.reading = false;
+                }
                 Err(e) => {
                     let label = self.label();
                     self.broken = Some(Error::new(
@@ -423,6 +432,16 @@ impl<R: Portable> Process<R> {
         self.result_taken = true;
         if let Some(error) = self.broken.take() {
             return Err(error.with_exit_status(status));
+        }
+        if let Some(cut) = self.cut_short.take() {
+            return Err(match status {
+                // Killed, or crashed, in the middle of sending its result.
+                Some(status) if !status.success() => {
+                    Error::child(label, ChildFailure::Exited(status), Some(status))
+                }
+                _ => Error::new(ErrorKind::Protocol, format!("{label} sent a bad frame: {cut}"))
+                    .with_exit_status(status),
+            });
         }
         let status_text = status.map_or_else(|| "still running".to_owned(), |s| s.to_string());
         match self.reply.take() {

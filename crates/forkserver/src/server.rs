@@ -161,8 +161,15 @@ fn fork_one(frame: Frame, control: &Channel, later: &[Frame], children: &mut Vec
                 }
                 Err(e) => {
                     let message = format!("pidfd_open({pid}) in the forkserver: {e}");
-                    let _ =
-                        wire::send(&status, &Reply::ForkFailed { message }, &[], &[], &[], None, None);
+                    let _ = wire::send(
+                        &status,
+                        &Reply::ForkFailed { message },
+                        &[],
+                        &[],
+                        &[],
+                        None,
+                        None,
+                    );
                 }
             }
         }

@@ -209,7 +209,9 @@ impl Worker {
             match self.channel.try_recv() {
                 Ok(Some(frame)) => self.on_frame(frame, results),
                 Ok(None) => return,
-                Err(FrameError::Disconnected) => self.eof = true,
+                // Cut short: the worker died while sending (its exit status tells how), which
+                // is reported like any other death with a batch in flight.
+                Err(FrameError::Disconnected | FrameError::Truncated { .. }) => self.eof = true,
                 Err(e) => {
                     let why = format!("{} sent a bad frame: {e}", self.label);
                     self.eof = true;
