@@ -80,6 +80,15 @@ pub(crate) struct Config {
     pub(crate) task_timeout: Option<Duration>,
 }
 
+/// What the driver's poll saw.
+#[derive(Debug, Default)]
+struct Ready {
+    /// Workers whose channel has something to read (or was closed).
+    readable: Vec<u64>,
+    /// Workers whose process has ended.
+    exited: Vec<u64>,
+}
+
 /// A unit of work sent to one worker.
 pub(crate) struct Batch {
     pub(crate) id: BatchId,
@@ -203,11 +212,19 @@ impl Worker {
         }
     }
 
-    /// Reads every frame that has arrived, without blocking.
-    fn pump(&mut self, results: &mut Results) {
+    /// Reads the frames that have arrived, without blocking. With `drain`, reads until the
+    /// socket has nothing more; without, stops once nothing is left buffered: the socket may
+    /// hold more, but the driver's next poll (level-triggered) says so, and a receive that
+    /// finds nothing is a syscall per worker per wake-up saved.
+    fn pump(&mut self, results: &mut Results, drain: bool) {
         while !self.eof {
             match self.channel.try_recv() {
-                Ok(Some(frame)) => self.on_frame(frame, results),
+                Ok(Some(frame)) => {
+                    self.on_frame(frame, results);
+                    if !drain && !self.channel.has_buffered_frame() {
+                        return;
+                    }
+                }
                 Ok(None) => return,
                 // Cut short: the worker died while sending (its exit status tells how), which
                 // is reported like any other death with a batch in flight.
@@ -333,19 +350,22 @@ impl Engine {
 
     /// Everything that can be done without blocking: read results, notice ended and
     /// overdue workers, replace them, send queued batches, let idle workers go.
-    fn service(&mut self, config: &Config, exited: &[u64]) {
+    fn service(&mut self, config: &Config, ready: &Ready) {
         let now = Instant::now();
         for worker in &mut self.workers {
-            worker.pump(&mut self.results);
+            let exited = ready.exited.contains(&worker.id);
+            if exited || ready.readable.contains(&worker.id) {
+                worker.pump(&mut self.results, exited);
+            }
             if worker.deadline(config.task_timeout).is_some_and(|deadline| now >= deadline) {
                 worker.timed_out = true;
                 let _ = worker.child.signal(libc::SIGKILL);
             }
-            if worker.status.is_none() && (worker.eof || exited.contains(&worker.id)) {
+            if worker.status.is_none() && (worker.eof || exited) {
                 // The process has ended or is ending (its channel is closed): its status
                 // follows at once (or from the forkserver, which is reaping it).
                 worker.status = worker.child.wait_deadline(None).ok().flatten();
-                worker.pump(&mut self.results);
+                worker.pump(&mut self.results, true);
                 if worker.status.is_none() {
                     worker.status = Some(ExitStatus::Unknown);
                 }
@@ -630,7 +650,8 @@ impl Shared {
                 continue;
             }
             engine.driving = true;
-            engine.service(&self.config, &[]);
+            // Nothing to read before the poll: what has arrived makes the poll return at once.
+            engine.service(&self.config, &Ready::default());
             if done(&mut engine) {
                 engine.driving = false;
                 self.changed.notify_all();
@@ -643,17 +664,17 @@ impl Shared {
                 (a, b) => a.or(b),
             };
             drop(engine);
-            let exited = self.poll(&watched, wake_at);
+            let ready = self.poll(&watched, wake_at);
             engine = self.lock();
             engine.driving = false;
-            engine.service(&self.config, &exited);
+            engine.service(&self.config, &ready);
             self.changed.notify_all();
         }
     }
 
-    /// Polls the workers' channels and pidfds and the wake socket; returns the workers whose
-    /// process has ended.
-    fn poll(&self, watched: &[(u64, [Arc<OwnedFd>; 2])], deadline: Option<Instant>) -> Vec<u64> {
+    /// Polls the workers' channels and pidfds and the wake socket; returns the workers with
+    /// something to read and those whose process has ended.
+    fn poll(&self, watched: &[(u64, [Arc<OwnedFd>; 2])], deadline: Option<Instant>) -> Ready {
         let mut set: Vec<PollFd<'_>> = Vec::with_capacity(watched.len() * 2 + 1);
         set.push(PollFd::new(self.wake[1].as_fd(), POLLIN));
         for (_, [channel, pidfd]) in watched {
@@ -665,12 +686,15 @@ impl Shared {
             let mut sink = [0u8; 64];
             while matches!((&self.wake[1]).read(&mut sink), Ok(n) if n > 0) {}
         }
-        watched
-            .iter()
-            .enumerate()
-            .filter(|(i, _)| set[2 + 2 * i].revents() != 0)
-            .map(|(_, (id, _))| *id)
-            .collect()
+        let ids = |offset: usize| {
+            watched
+                .iter()
+                .enumerate()
+                .filter(|(i, _)| set[offset + 2 * i].revents() != 0)
+                .map(|(_, (id, _))| *id)
+                .collect()
+        };
+        Ready { readable: ids(1), exited: ids(2) }
     }
 
     fn wake_driver(&self) {
