@@ -136,8 +136,9 @@ fn main() -> Result<(), multiproc::Error> {
          name (shared_memory.SharedMemory).",
     );
     table.note(
-        "Vec<u8> goes through serde one element at a time; Bytes is written as one block. \
-         Until Rust has specialisation, a serde codec cannot tell them apart.",
+        "Vec<u8> goes through serde one element at a time. Bytes travels out of band: written \
+         from where it lies after the message, and received into a reused buffer. Until Rust \
+         has specialisation, a serde codec cannot tell a Vec<u8> from any other Vec.",
     );
     table.finish();
     Ok(())
