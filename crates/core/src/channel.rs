@@ -255,15 +255,18 @@ impl Channel {
     ) -> Result<(), FrameError> {
         assert!(blocks.len() <= MAX_BLOCKS, "the encoder never collects more blocks");
         let len: usize = body.iter().map(|part| part.len()).sum();
-        let mut header = Vec::with_capacity(HEADER_LEN + 8 * blocks.len());
-        header.extend_from_slice(&(len as u64).to_le_bytes());
-        header.extend_from_slice(&(fds.len() as u32).to_le_bytes());
-        header.extend_from_slice(&(blocks.len() as u32).to_le_bytes());
-        for block in blocks {
-            header.extend_from_slice(&(block.len() as u64).to_le_bytes());
-        }
-        let mut parts: Vec<&[u8]> = Vec::with_capacity(body.len() + blocks.len() + 1);
+        // The fixed header on the stack; the block table (no allocation without blocks) after it.
+        let mut header = [0u8; HEADER_LEN];
+        header[..8].copy_from_slice(&(len as u64).to_le_bytes());
+        header[8..12].copy_from_slice(&(fds.len() as u32).to_le_bytes());
+        header[12..].copy_from_slice(&(blocks.len() as u32).to_le_bytes());
+        let table: Vec<u8> =
+            blocks.iter().flat_map(|block| (block.len() as u64).to_le_bytes()).collect();
+        let mut parts: Vec<&[u8]> = Vec::with_capacity(body.len() + blocks.len() + 2);
         parts.push(&header);
+        if !table.is_empty() {
+            parts.push(&table);
+        }
         parts.extend(body.iter().copied().filter(|part| !part.is_empty()));
         parts.extend(blocks.iter().map(|block| block.as_slice()).filter(|part| !part.is_empty()));
         let total: usize = parts.iter().map(|part| part.len()).sum();

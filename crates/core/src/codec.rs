@@ -191,6 +191,10 @@ pub(crate) fn push_fd(fd: BorrowedFd<'_>) -> Result<u32, String> {
 /// Records `block` to travel beside the message being encoded and returns its index, or
 /// `None` when this message carries no blocks (or no more): the caller writes it inline.
 pub(crate) fn push_block(block: &Block) -> Option<u32> {
+    // A probe (`fds_in`) looks for descriptors only, even inside an encode that collects.
+    if PROBE.with(|cell| cell.borrow().is_some()) {
+        return None;
+    }
     OUTGOING.with(|cell| {
         let mut table = cell.borrow_mut();
         let blocks = table.as_mut()?.blocks.as_mut()?;
@@ -367,6 +371,13 @@ mod tests {
         });
         assert!(outer.unwrap().len() < 16, "the large buffer went out of band");
         assert_eq!(attachments.blocks.len(), 1);
+    }
+
+    #[test]
+    fn a_probe_inside_an_encode_adds_no_blocks_to_it() {
+        let large = crate::Bytes::from(vec![1u8; crate::bytes::BLOCK_MIN]);
+        let (_, attachments) = collecting(|| fds_in(&large));
+        assert!(attachments.blocks.is_empty());
     }
 
     #[test]
