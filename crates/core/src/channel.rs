@@ -62,6 +62,33 @@ pub struct Frame {
     pub blocks: Vec<Vec<u8>>,
 }
 
+/// One frame to send: its body in parts (written one after another), and the descriptors and
+/// blocks that travel with it.
+#[derive(Debug, Clone, Copy)]
+pub struct OutFrame<'a> {
+    /// The encoded message, in parts.
+    pub body: &'a [&'a [u8]],
+    /// Descriptors to pass beside the message.
+    pub fds: &'a [BorrowedFd<'a>],
+    /// Large buffers written after the message.
+    pub blocks: &'a [Block],
+}
+
+impl OutFrame<'_> {
+    /// The frame's fixed header, and its table of block lengths (empty without blocks: no
+    /// allocation).
+    fn head(&self) -> ([u8; HEADER_LEN], Vec<u8>) {
+        let len: usize = self.body.iter().map(|part| part.len()).sum();
+        let mut header = [0u8; HEADER_LEN];
+        header[..8].copy_from_slice(&(len as u64).to_le_bytes());
+        header[8..12].copy_from_slice(&(self.fds.len() as u32).to_le_bytes());
+        header[12..].copy_from_slice(&(self.blocks.len() as u32).to_le_bytes());
+        let table =
+            self.blocks.iter().flat_map(|block| (block.len() as u64).to_le_bytes()).collect();
+        (header, table)
+    }
+}
+
 /// Why a frame could not be received or sent.
 #[derive(Debug)]
 pub enum FrameError {
@@ -253,37 +280,73 @@ impl Channel {
         deadline: Option<Instant>,
         abort: Option<BorrowedFd<'_>>,
     ) -> Result<(), FrameError> {
-        assert!(blocks.len() <= MAX_BLOCKS, "the encoder never collects more blocks");
-        let len: usize = body.iter().map(|part| part.len()).sum();
-        // The fixed header on the stack; the block table (no allocation without blocks) after it.
-        let mut header = [0u8; HEADER_LEN];
-        header[..8].copy_from_slice(&(len as u64).to_le_bytes());
-        header[8..12].copy_from_slice(&(fds.len() as u32).to_le_bytes());
-        header[12..].copy_from_slice(&(blocks.len() as u32).to_le_bytes());
-        let table: Vec<u8> =
-            blocks.iter().flat_map(|block| (block.len() as u64).to_le_bytes()).collect();
-        let mut parts: Vec<&[u8]> = Vec::with_capacity(body.len() + blocks.len() + 2);
-        parts.push(&header);
-        if !table.is_empty() {
-            parts.push(&table);
+        let frame = OutFrame { body, fds, blocks };
+        self.send_frames(&[frame], deadline, abort).map_err(|(_, e)| e)
+    }
+
+    /// Sends `frames` one after another, [`send`](Self::send) for each, but in as few
+    /// `sendmsg` calls as the descriptors allow: a frame with descriptors starts a call of its
+    /// own (they ride on its first byte), the frames without follow it in the same call.
+    ///
+    /// On failure, also says how many of `frames` were written whole before it: the peer may
+    /// have those, and has none of the rest.
+    pub fn send_frames(
+        &self,
+        frames: &[OutFrame<'_>],
+        deadline: Option<Instant>,
+        abort: Option<BorrowedFd<'_>>,
+    ) -> Result<(), (usize, FrameError)> {
+        let heads: Vec<([u8; HEADER_LEN], Vec<u8>)> = frames.iter().map(OutFrame::head).collect();
+        let mut start = 0;
+        while start < frames.len() {
+            let end =
+                start + 1 + frames[start + 1..].iter().take_while(|f| f.fds.is_empty()).count();
+            let count = |f: &OutFrame<'_>| 2 + f.body.len() + f.blocks.len();
+            let mut parts: Vec<&[u8]> =
+                Vec::with_capacity(frames[start..end].iter().map(count).sum());
+            // Where each frame of this call ends, in bytes from the call's start.
+            let mut ends = Vec::with_capacity(end - start);
+            for (frame, (header, table)) in frames[start..end].iter().zip(&heads[start..end]) {
+                assert!(frame.blocks.len() <= MAX_BLOCKS, "the encoder never collects more blocks");
+                parts.push(header);
+                parts.push(table);
+                parts.extend(frame.body.iter().copied());
+                parts.extend(frame.blocks.iter().map(|block| block.as_slice()));
+                ends.push(parts.iter().map(|part| part.len()).sum::<usize>());
+            }
+            parts.retain(|part| !part.is_empty());
+            self.write_parts(&parts, frames[start].fds, deadline, abort).map_err(|(sent, e)| {
+                (start + ends.iter().take_while(|&&end| end <= sent).count(), e)
+            })?;
+            start = end;
         }
-        parts.extend(body.iter().copied().filter(|part| !part.is_empty()));
-        parts.extend(blocks.iter().map(|block| block.as_slice()).filter(|part| !part.is_empty()));
+        Ok(())
+    }
+
+    /// Writes the concatenation of `parts`, `fds` on its first byte; on failure, also says how
+    /// many bytes were written.
+    fn write_parts(
+        &self,
+        parts: &[&[u8]],
+        fds: &[BorrowedFd<'_>],
+        deadline: Option<Instant>,
+        abort: Option<BorrowedFd<'_>>,
+    ) -> Result<(), (usize, FrameError)> {
         let total: usize = parts.iter().map(|part| part.len()).sum();
         let mut sent = 0usize;
         let mut fds_to_send = fds;
         while sent < total {
-            let slices = remaining_slices(&parts, sent);
+            let slices = remaining_slices(parts, sent);
             match sys::send_with_fds(self.sock.as_fd(), &slices, fds_to_send, true) {
                 Ok(n) => {
                     sent += n;
                     fds_to_send = &[];
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                    self.wait(POLLOUT, deadline, abort)?;
+                    self.wait(POLLOUT, deadline, abort).map_err(|e| (sent, e))?;
                 }
-                Err(e) if is_disconnect(&e) => return Err(FrameError::Disconnected),
-                Err(e) => return Err(FrameError::Io(e)),
+                Err(e) if is_disconnect(&e) => return Err((sent, FrameError::Disconnected)),
+                Err(e) => return Err((sent, FrameError::Io(e))),
             }
         }
         Ok(())
@@ -650,6 +713,57 @@ mod tests {
         std::io::Read::read_to_string(&mut y, &mut got).unwrap();
         assert_eq!(got, "via passed fd");
         assert!(b.recv(soon(), None).unwrap().fds.is_empty());
+    }
+
+    #[test]
+    fn several_frames_in_one_send_arrive_one_by_one_with_their_own_fds_and_blocks() {
+        let (a, mut b) = Channel::pair().unwrap();
+        let (x, mut y) = UnixStream::pair().unwrap();
+        let block: Block = Arc::new(vec![7u8; 100_000].into());
+        let fds = [x.as_fd()];
+        let blocks = [Arc::clone(&block)];
+        let frames = [
+            OutFrame { body: &[b"one"], fds: &[], blocks: &[] },
+            OutFrame { body: &[b"tw", b"o"], fds: &[], blocks: &blocks },
+            // Descriptors start a sendmsg of their own: they must arrive with this frame.
+            OutFrame { body: &[b"three"], fds: &fds, blocks: &[] },
+            OutFrame { body: &[], fds: &[], blocks: &[] },
+        ];
+        a.send_frames(&frames, soon(), None).unwrap();
+        drop(x);
+        let one = b.recv(soon(), None).unwrap();
+        assert!(one.body == b"one" && one.fds.is_empty() && one.blocks.is_empty());
+        let two = b.recv(soon(), None).unwrap();
+        assert!(two.body == b"two" && two.fds.is_empty() && two.blocks == [vec![7u8; 100_000]]);
+        let three = b.recv(soon(), None).unwrap();
+        assert!(three.body == b"three" && three.fds.len() == 1);
+        let mut passed = UnixStream::from(three.fds.into_iter().next().unwrap());
+        passed.write_all(b"!").unwrap();
+        drop(passed);
+        let mut got = String::new();
+        std::io::Read::read_to_string(&mut y, &mut got).unwrap();
+        assert_eq!(got, "!");
+        assert!(b.recv(soon(), None).unwrap().body.is_empty());
+    }
+
+    #[test]
+    fn a_send_of_several_frames_that_fails_part_way_says_how_many_arrived_whole() {
+        let (a, mut b) = Channel::pair().unwrap();
+        // Far more than the socket buffer holds, and nobody reading: the send times out
+        // somewhere in the middle.
+        let data = vec![1u8; 256 * 1024];
+        let body: [&[u8]; 1] = [&data];
+        let frames = vec![OutFrame { body: &body, fds: &[], blocks: &[] }; 64];
+        let deadline = Some(Instant::now() + Duration::from_millis(200));
+        let (whole, error) = a.send_frames(&frames, deadline, None).unwrap_err();
+        assert!(matches!(error, FrameError::Timeout), "{error}");
+        assert!(whole < frames.len());
+        drop(a);
+        // Exactly that many arrive whole; the next one is cut short.
+        for _ in 0..whole {
+            assert!(b.recv(soon(), None).unwrap().body == data);
+        }
+        assert!(matches!(b.recv(soon(), None), Err(FrameError::Truncated { .. })));
     }
 
     fn raw_pair() -> (UnixStream, Channel) {

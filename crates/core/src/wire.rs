@@ -140,11 +140,19 @@ pub fn send<M: Serialize>(
     deadline: Option<Instant>,
     abort: Option<BorrowedFd<'_>>,
 ) -> Result<(), SendError> {
+    let head = head(message)?;
+    channel.send(&[&head, payload], fds, blocks, deadline, abort).map_err(SendError::Frame)
+}
+
+/// The start of a frame's body that carries `message`: its length, then its encoding; the
+/// payload follows it ([`send`] for one frame, or as one of several
+/// [`OutFrame`](crate::channel::OutFrame)s).
+pub fn head<M: Serialize>(message: &M) -> Result<Vec<u8>, SendError> {
     let mut head = vec![0u8; 4];
     codec::encode_into(message, &mut head).map_err(SendError::Encode)?;
     let len = u32::try_from(head.len() - 4).expect("a control message is small");
     head[..4].copy_from_slice(&len.to_le_bytes());
-    channel.send(&[&head, payload], fds, blocks, deadline, abort).map_err(SendError::Frame)
+    Ok(head)
 }
 
 /// Splits a received frame into its message and payload.
