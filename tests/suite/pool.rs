@@ -28,6 +28,7 @@ pub const SCENARIOS: &[Scenario] = &[
     ("pool_panic_fails_only_its_item", panic_per_item),
     ("pool_killed_worker_fails_its_item_and_is_replaced", killed_worker),
     ("pool_unencodable_result_fails_its_item", unencodable_item),
+    ("pool_imap_unencodable_argument_comes_after_earlier_results", unencodable_argument),
     ("pool_exit_and_undecodable_results_fail_their_batch_only", exit_and_undecodable),
     ("pool_initializer_panic_fails_build", initializer_panic),
     ("pool_terminate_with_10000_outstanding_tasks", terminate_outstanding),
@@ -128,9 +129,9 @@ fn imap_lazy(ctx: &Context) -> Result<(), Failed> {
             ensure(first == (0..100u64).map(|x| x * x).collect::<Vec<_>>(), || {
                 "imap results".into()
             })?;
-            // Chunks of one, at most 8 per worker + 1 in flight beyond what was taken.
+            // Chunks of one, at most 32 per worker + 1 in flight beyond what was taken.
             let produced = produced.load(Ordering::Relaxed);
-            ensure(produced <= 100 + 8 * 2 + 1 + 1, || {
+            ensure(produced <= 100 + 32 * 2 + 1 + 1, || {
                 format!("imap took {produced} items from the input to yield 100")
             })
         },
@@ -294,6 +295,34 @@ fn unencodable_item(ctx: &Context) -> Result<(), Failed> {
                 }
             }
             Ok(())
+        },
+    )
+}
+
+/// Half of an even number.
+#[task]
+fn halve(x: EvenOnly) -> u64 {
+    x.0 / 2
+}
+
+fn unencodable_argument(ctx: &Context) -> Result<(), Failed> {
+    with_pool(
+        ctx,
+        || ctx.pool().processes(2).build(),
+        |pool| {
+            let items = [0u64, 2, 4, 6, 7, 8].map(EvenOnly);
+            let results: Vec<_> = pool.imap(halve, items).collect();
+            // The items before it first, in order; the input ends at the one that cannot travel.
+            ensure(results.len() == 5, || format!("{results:?}"))?;
+            for (i, result) in results[..4].iter().enumerate() {
+                ensure(matches!(result, Ok(half) if *half == i as u64), || format!("{results:?}"))?;
+            }
+            match &results[4] {
+                Err(e) if e.kind() == ErrorKind::Encode && e.to_string().contains("7 is odd") => {
+                    Ok(())
+                }
+                other => Err(format!("item 4: {other:?}").into()),
+            }
         },
     )
 }

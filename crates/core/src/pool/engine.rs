@@ -8,10 +8,14 @@
 //! makes the caller's process multi-threaded, and every replacement worker is forked by a
 //! thread of the user's own (and refused, like any fork, if the program has grown threads).
 //!
-//! A worker holds at most two batches: the one it runs and, when both are small, the next
-//! one, so that it never waits for a round trip between batches. A small second batch always
-//! fits in the socket buffer, so sending it never blocks on a worker that is busy; a large
-//! batch is sent only to an idle worker, which is reading.
+//! A worker holds several batches: the one it runs and, while they are small, some queued
+//! behind it, so that it never waits for a round trip between batches. How many depends on
+//! how long its batches take (measured): as many as make about a millisecond of work, between
+//! 2 and 32, so that quick tasks travel in bulk and slow ones do not pile up behind each
+//! other. A worker that holds work gets more only once it is down to half of that, and then
+//! all it can take in one write: one syscall per several batches, not one per batch. Queued
+//! batches always fit in the socket buffer, so a send never blocks on a worker that is busy;
+//! a large batch is sent only to an idle worker, which is reading.
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::convert::Infallible;
@@ -21,7 +25,7 @@ use std::os::unix::net::UnixStream;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use crate::channel::{Channel, Frame, FrameError};
+use crate::channel::{Channel, Frame, FrameError, OutFrame};
 use crate::child;
 use crate::codec::Attachments;
 use crate::error::{ChildFailure, Error, ErrorKind, Result};
@@ -50,10 +54,16 @@ pub(crate) type Encoded = (usize, Vec<u8>, Attachments);
 /// bytes (they fit in a socket buffer, so a send never blocks on a busy worker).
 const PIPELINE_BYTES: usize = 64 * 1024;
 
-/// Batches a worker holds at most. Enough small batches queued that a worker never waits for
-/// the parent between two of them (one item per batch runs at socket speed, not at the speed
-/// of a wake-up per item); few enough that work does not pile up behind one slow worker.
-pub(crate) const PIPELINE_DEPTH: usize = 8;
+/// Batches a worker holds at most, when they are quick.
+pub(crate) const MAX_DEPTH: usize = 32;
+
+/// Batches a worker holds at least (when it has work): the one it runs and the next, so that
+/// it never waits for the parent between two.
+const MIN_DEPTH: usize = 2;
+
+/// About how much work a worker holds, in time: its depth is this over how long its batches
+/// take, within `MIN_DEPTH..=MAX_DEPTH`.
+const QUEUED_WORK: Duration = Duration::from_millis(1);
 
 /// A pool's initializer: its name, and its arguments encoded (spawn, forkserver) or moved
 /// (fork).
@@ -120,6 +130,9 @@ struct Worker {
     in_flight: VecDeque<Batch>,
     /// When the first batch in flight started running.
     head_started: Option<Instant>,
+    /// How long its batches take, on average (recent ones weigh most); `None` before the
+    /// first has finished.
+    batch_time: Option<Duration>,
     items_sent: u64,
     /// Our sending side is shut: the worker exits once it has answered what it holds.
     retiring: bool,
@@ -178,6 +191,7 @@ impl Worker {
             ready: false,
             in_flight: VecDeque::new(),
             head_started: None,
+            batch_time: None,
             items_sent: 0,
             retiring: false,
             unusable: false,
@@ -194,6 +208,17 @@ impl Worker {
         let _ = self.child.signal(libc::SIGKILL);
     }
 
+    /// How many batches the worker may hold.
+    fn depth(&self) -> usize {
+        depth_for(self.batch_time)
+    }
+
+    /// Whether the worker is low enough on work to be given more (up to its depth): idle, or
+    /// down to half its depth.
+    fn wants_more(&self) -> bool {
+        self.ready && !self.retiring && !self.unusable && self.in_flight.len() <= self.depth() / 2
+    }
+
     /// Whether `batch` may be sent now, given `max_tasks` per worker.
     fn accepts(&self, batch: &Batch, max_tasks: Option<u64>) -> bool {
         if !self.ready || self.retiring || self.unusable {
@@ -204,12 +229,59 @@ impl Worker {
         }
         match self.in_flight.len() {
             0 => true,
-            n if n < PIPELINE_DEPTH => {
+            n if n < self.depth() => {
                 let held: usize = self.in_flight.iter().map(Batch::size).sum();
                 held + batch.size() <= PIPELINE_BYTES
             }
             _ => false,
         }
+    }
+
+    /// Sends the batches in flight from the `first` on, in one write. If that fails, the
+    /// worker is gone or going and gets nothing more; the batches it did not get whole are
+    /// taken back and returned.
+    fn send_from(&mut self, first: usize) -> Vec<Batch> {
+        if first >= self.in_flight.len() {
+            return Vec::new();
+        }
+        let sent = {
+            let batches: Vec<&Batch> = self.in_flight.range(first..).collect();
+            let heads = batches
+                .iter()
+                .map(|b| wire::head(&ToWorker::Batch { id: b.id, task: b.task.to_owned() }))
+                .collect::<std::result::Result<Vec<_>, _>>();
+            match heads {
+                Ok(heads) => {
+                    let fds: Vec<_> =
+                        batches.iter().map(|b| b.attachments.borrowed_fds()).collect();
+                    let bodies: Vec<[&[u8]; 2]> =
+                        batches.iter().zip(&heads).map(|(b, head)| [&head[..], &b.args]).collect();
+                    let frames: Vec<OutFrame<'_>> = batches
+                        .iter()
+                        .zip(&bodies)
+                        .zip(&fds)
+                        .map(|((b, body), fds)| OutFrame {
+                            body,
+                            fds,
+                            blocks: &b.attachments.blocks,
+                        })
+                        .collect();
+                    self.channel
+                        .send_frames(&frames, None, Some(self.child.pidfd()))
+                        .map_err(|(whole, e)| (whole, e.to_string()))
+                }
+                Err(e) => Err((0, e.to_string())),
+            }
+        };
+        let Err((whole, error)) = sent else { return Vec::new() };
+        tracing::debug!(worker = %self.label, %error, "pool send failed");
+        self.unusable = true;
+        let back: Vec<Batch> = self.in_flight.drain(first + whole..).collect();
+        self.items_sent -= back.iter().map(|b| b.count as u64).sum::<u64>();
+        if self.in_flight.is_empty() {
+            self.head_started = None;
+        }
+        back
     }
 
     /// Reads the frames that have arrived, without blocking. With `drain`, reads until the
@@ -288,7 +360,15 @@ impl Worker {
         if let Some(batch) = self.in_flight.pop_front() {
             results.finish(batch.id, outcome);
         }
-        self.head_started = (!self.in_flight.is_empty()).then(Instant::now);
+        let now = Instant::now();
+        if let Some(started) = self.head_started {
+            // Results read in a burst make one long time and several short ones; the average
+            // over them is what counts.
+            let took = now - started;
+            self.batch_time =
+                Some(self.batch_time.map_or(took, |average| (average * 7 + took) / 8));
+        }
+        self.head_started = (!self.in_flight.is_empty()).then_some(now);
     }
 
     /// When the batch this worker runs must be done by, under `timeout` per item.
@@ -296,6 +376,15 @@ impl Worker {
         let (timeout, started, head) = (timeout?, self.head_started?, self.in_flight.front()?);
         (!self.timed_out).then(|| started + timeout * head.count.max(1) as u32)
     }
+}
+
+/// How many batches a worker whose batches take `batch_time` may hold: about
+/// [`QUEUED_WORK`] of them, within `MIN_DEPTH..=MAX_DEPTH`; the least before any has finished.
+fn depth_for(batch_time: Option<Duration>) -> usize {
+    batch_time.map_or(MIN_DEPTH, |time| {
+        let fits = QUEUED_WORK.as_nanos() / time.as_nanos().max(1);
+        usize::try_from(fits).unwrap_or(MAX_DEPTH).clamp(MIN_DEPTH, MAX_DEPTH)
+    })
 }
 
 /// Finished batches, kept until their handle takes them.
@@ -447,42 +536,39 @@ impl Engine {
         }
     }
 
-    /// Sends queued batches to workers that can take them, the least busy first.
+    /// Sends queued batches to workers that can take them, the least busy first; what one
+    /// worker gets goes in one write.
     fn dispatch(&mut self, config: &Config) {
-        while let Some(batch) = self.pending.front() {
-            let max = config.max_tasks_per_child;
-            let Some(worker) = self
-                .workers
-                .iter_mut()
-                .filter(|w| w.accepts(batch, max))
-                .min_by_key(|w| w.in_flight.len())
-            else {
-                return;
-            };
-            let batch = self.pending.pop_front().expect("front exists");
-            let message = ToWorker::Batch { id: batch.id, task: batch.task.to_owned() };
-            let fds = batch.attachments.borrowed_fds();
-            let sent = wire::send(
-                &worker.channel,
-                &message,
-                &batch.args,
-                &fds,
-                &batch.attachments.blocks,
-                None,
-                Some(worker.child.pidfd()),
-            );
-            match sent {
-                Ok(()) => {
-                    worker.items_sent += batch.count as u64;
-                    worker.head_started.get_or_insert_with(Instant::now);
-                    worker.in_flight.push_back(batch);
-                }
-                Err(e) => {
-                    // The worker is gone or going; the batch waits for another one.
-                    tracing::debug!(worker = %worker.label, error = %e, "pool send failed");
-                    worker.unusable = true;
+        loop {
+            let unsent: Vec<usize> = self.workers.iter().map(|w| w.in_flight.len()).collect();
+            let open: Vec<bool> = self.workers.iter().map(Worker::wants_more).collect();
+            while let Some(batch) = self.pending.front() {
+                let max = config.max_tasks_per_child;
+                let Some(worker) = self
+                    .workers
+                    .iter_mut()
+                    .zip(&open)
+                    .filter(|(w, open)| **open && w.accepts(batch, max))
+                    .map(|(w, _)| w)
+                    .min_by_key(|w| w.in_flight.len())
+                else {
+                    break;
+                };
+                let batch = self.pending.pop_front().expect("front exists");
+                worker.items_sent += batch.count as u64;
+                worker.head_started.get_or_insert_with(Instant::now);
+                worker.in_flight.push_back(batch);
+            }
+            let mut returned = false;
+            for (worker, first) in self.workers.iter_mut().zip(unsent) {
+                // A worker that is gone or going gives back what it did not get, for another.
+                for batch in worker.send_from(first).into_iter().rev() {
                     self.pending.push_front(batch);
+                    returned = true;
                 }
+            }
+            if !returned {
+                return;
             }
         }
     }
@@ -763,5 +849,21 @@ impl Shared {
         if engine.driving {
             self.wake_driver();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn quick_batches_queue_deep_and_slow_ones_shallow() {
+        let depth = |micros| depth_for(Some(Duration::from_micros(micros)));
+        assert_eq!(depth_for(None), MIN_DEPTH, "unknown: as few as keep a worker busy");
+        assert_eq!(depth(0), MAX_DEPTH);
+        assert_eq!(depth(3), MAX_DEPTH);
+        assert_eq!(depth(100), 10, "about a millisecond of work");
+        assert_eq!(depth(1_000), MIN_DEPTH);
+        assert_eq!(depth(10_000_000), MIN_DEPTH);
     }
 }

@@ -270,8 +270,9 @@ impl<S: 'static> Pool<S> {
 
     /// Runs `task` on the items lazily, yielding each item's own result in order.
     ///
-    /// The input is consumed as results are taken, with at most a few batches per worker in
-    /// flight, so an endless iterator works. Batches are `chunksize` items (default 1).
+    /// The input is consumed as results are taken, so an endless iterator works: at most 32
+    /// batches per worker and one more are read ahead of the results taken, fewer once they
+    /// hold a megabyte of encoded arguments. Batches are `chunksize` items (default 1).
     pub fn imap<A: Portable, R: Portable, I: IntoIterator<Item = A>>(
         &self,
         task: Task<A, R, S>,
@@ -546,6 +547,9 @@ impl<T> fmt::Debug for AsyncResult<T> {
     }
 }
 
+/// How many bytes of encoded arguments an `imap` keeps in flight beyond one batch per worker.
+const WINDOW_BYTES: usize = 1 << 20;
+
 /// The iterator of [`Pool::imap`] and [`Pool::imap_unordered`]: one `Result` per item.
 pub struct IMap<A, R, I> {
     shared: Arc<Shared>,
@@ -554,10 +558,17 @@ pub struct IMap<A, R, I> {
     chunksize: usize,
     /// Batches allowed in flight at once.
     window: usize,
-    /// Submitted and not yet taken: `(batch, item count, index of its first item)`.
-    submitted: VecDeque<(BatchId, usize, usize)>,
+    /// Batches in flight whatever their size: one per worker and one ready to go.
+    min_window: usize,
+    /// Submitted and not yet taken: `(batch, item count, index of its first item, bytes)`.
+    submitted: VecDeque<(BatchId, usize, usize, usize)>,
+    /// Bytes the batches in flight hold, encoded.
+    submitted_bytes: usize,
     next_index: usize,
     ready: VecDeque<Result<R>>,
+    /// Items that could not be encoded or submitted, in order, and why: the input ends with
+    /// them.
+    failed: Vec<(Error, usize)>,
     ordered: bool,
     _args: PhantomData<fn(A)>,
 }
@@ -570,39 +581,75 @@ impl<A: Portable, R: Portable, I: Iterator<Item = A>> IMap<A, R, I> {
             input: Some(input),
             chunksize: pool.limit_chunk(pool.chunksize.unwrap_or(1)),
             // Enough batches to fill every worker's pipeline, plus one ready to go.
-            window: engine::PIPELINE_DEPTH * pool.processes() + 1,
+            window: engine::MAX_DEPTH * pool.processes() + 1,
+            min_window: pool.processes() + 1,
             submitted: VecDeque::new(),
+            submitted_bytes: 0,
             next_index: 0,
             ready: VecDeque::new(),
+            failed: Vec::new(),
             ordered,
             _args: PhantomData,
         }
     }
 
-    /// Takes items from the input and submits batches until the window is full.
+    /// Takes items from the input and submits batches: once half the window is free, enough
+    /// to fill it, in one submission, so that each worker gets several batches in one write
+    /// instead of one write per batch (with chunksize 1, per item). Beyond one batch per
+    /// worker, the window also ends at [`WINDOW_BYTES`] of encoded arguments.
     fn fill(&mut self) {
-        while self.submitted.len() < self.window {
-            let Some(input) = self.input.as_mut() else { return };
+        if self.submitted.len() > self.window / 2 {
+            return;
+        }
+        let mut batches: Vec<engine::Encoded> = Vec::new();
+        let mut spans = Vec::new();
+        let mut bytes = self.submitted_bytes;
+        loop {
+            let count = self.submitted.len() + batches.len();
+            if count >= self.window || (count >= self.min_window && bytes >= WINDOW_BYTES) {
+                break;
+            }
+            let Some(input) = self.input.as_mut() else { break };
             let chunk: Vec<A> = input.by_ref().take(self.chunksize).collect();
             if chunk.len() < self.chunksize {
                 self.input = None;
             }
             if chunk.is_empty() {
-                return;
+                break;
             }
             let first = self.next_index;
             self.next_index += chunk.len();
-            let submitted = encode_chunks(self.task, &chunk, chunk.len())
-                .and_then(|batches| self.shared.submit(self.task, batches));
-            match submitted {
-                Ok(ids) => {
-                    self.submitted.extend(ids.into_iter().map(|id| (id, chunk.len(), first)))
+            match encode_chunks(self.task, &chunk, chunk.len()) {
+                Ok(encoded) => {
+                    let size: usize =
+                        encoded.iter().map(|(_, args, att)| args.len() + att.block_bytes()).sum();
+                    bytes += size;
+                    batches.extend(encoded);
+                    spans.push((chunk.len(), first, size));
                 }
                 Err(error) => {
-                    self.ready.extend((0..chunk.len()).map(|_| Err(error.duplicate())));
+                    self.failed.push((error, chunk.len()));
                     self.input = None;
-                    return;
                 }
+            }
+        }
+        if batches.is_empty() {
+            return;
+        }
+        match self.shared.submit(self.task, batches) {
+            Ok(ids) => {
+                self.submitted_bytes = bytes;
+                self.submitted.extend(
+                    ids.into_iter()
+                        .zip(spans)
+                        .map(|(id, (count, first, size))| (id, count, first, size)),
+                )
+            }
+            Err(error) => {
+                // These items come before any that could not be encoded.
+                let count = spans.iter().map(|(count, _, _)| count).sum::<usize>();
+                self.failed.insert(0, (error, count));
+                self.input = None;
             }
         }
     }
@@ -618,6 +665,10 @@ impl<A: Portable, R: Portable, I: Iterator<Item = A>> Iterator for IMap<A, R, I>
             }
             self.fill();
             if self.submitted.is_empty() {
+                // The items that could not be submitted come last, after every earlier result.
+                for (error, count) in self.failed.drain(..) {
+                    self.ready.extend((0..count).map(|_| Err(error.duplicate())));
+                }
                 return self.ready.pop_front();
             }
             let submitted = &self.submitted;
@@ -625,14 +676,16 @@ impl<A: Portable, R: Portable, I: Iterator<Item = A>> Iterator for IMap<A, R, I>
             let mut found = None;
             self.shared.drive_until(None, |engine| {
                 found = if ordered {
-                    submitted.front().filter(|(id, _, _)| engine.is_done(*id)).map(|_| 0)
+                    submitted.front().filter(|(id, ..)| engine.is_done(*id)).map(|_| 0)
                 } else {
-                    submitted.iter().position(|(id, _, _)| engine.is_done(*id))
+                    submitted.iter().position(|(id, ..)| engine.is_done(*id))
                 };
                 found.is_some()
             });
             let position = found.expect("drive_until returns once found");
-            let (id, count, first) = self.submitted.remove(position).expect("position exists");
+            let (id, count, first, size) =
+                self.submitted.remove(position).expect("position exists");
+            self.submitted_bytes -= size;
             let outcome = self.shared.lock().take(id).unwrap_or_else(|| {
                 Err(Error::new(ErrorKind::Protocol, "a pool batch result went missing"))
             });
@@ -644,7 +697,7 @@ impl<A: Portable, R: Portable, I: Iterator<Item = A>> Iterator for IMap<A, R, I>
 impl<A, R, I> Drop for IMap<A, R, I> {
     fn drop(&mut self) {
         if !self.submitted.is_empty() {
-            self.shared.abandon(self.submitted.drain(..).map(|(id, _, _)| id));
+            self.shared.abandon(self.submitted.drain(..).map(|(id, ..)| id));
         }
     }
 }
