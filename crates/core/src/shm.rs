@@ -42,6 +42,17 @@ impl SharedMemory {
         Ok(SharedMemory { fd, map })
     }
 
+    /// Shared memory holding a copy of `data`, written into the memory file (`pwrite`)
+    /// before it is mapped: the kernel allocates the pages as it copies, instead of taking a
+    /// page fault for each one, as writing through the fresh mapping would.
+    fn with_contents(data: &[u8]) -> Result<SharedMemory> {
+        let fd =
+            sys::memfd("multiproc-shm", data.len()).map_err(|e| io_error("memfd_create", e))?;
+        sys::write_all_at(fd.as_fd(), data, 0).map_err(|e| io_error("write", e))?;
+        let map = Mapping::writable(fd.as_fd(), data.len()).map_err(|e| io_error("mmap", e))?;
+        Ok(SharedMemory { fd, map })
+    }
+
     /// Its size in bytes.
     pub fn len(&self) -> usize {
         self.map.len()
@@ -103,9 +114,7 @@ pub struct SealedMemory {
 impl SealedMemory {
     /// Sealed memory holding a copy of `data`.
     pub fn from_bytes(data: &[u8]) -> Result<SealedMemory> {
-        let memory = SharedMemory::new(data.len())?;
-        memory.write_at(0, data)?;
-        memory.seal()
+        SharedMemory::with_contents(data)?.seal()
     }
 
     /// The bytes.
@@ -213,9 +222,8 @@ impl<T: Pod> SharedSlice<T> {
 
     /// A shared copy of `values`.
     pub fn from_slice(values: &[T]) -> Result<Self> {
-        let slice = Self::new(values.len())?;
-        slice.write(0, values)?;
-        Ok(slice)
+        let memory = SharedMemory::with_contents(bytemuck::cast_slice(values))?;
+        Ok(SharedSlice { memory, len: values.len(), _elements: PhantomData })
     }
 
     /// The number of values.

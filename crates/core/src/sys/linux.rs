@@ -656,12 +656,22 @@ pub fn memfd(name: &str, len: usize) -> io::Result<OwnedFd> {
 
 /// The size of the file behind `fd` (`fstat`).
 pub fn file_size(fd: BorrowedFd<'_>) -> io::Result<u64> {
-    let file = std::mem::ManuallyDrop::new(
-        // SAFETY: the File is never dropped (ManuallyDrop), so it does not close the borrowed
-        // descriptor; it is only used for fstat while the borrow lasts.
-        unsafe { std::fs::File::from_raw_fd(fd.as_raw_fd()) },
-    );
-    Ok(file.metadata()?.len())
+    Ok(borrowed_file(fd).metadata()?.len())
+}
+
+/// Writes all of `data` at `offset` in the file behind `fd` (`pwrite`). Into a memfd, the
+/// kernel allocates the pages as it copies: no page fault per page, as writing through a fresh
+/// mapping takes.
+pub fn write_all_at(fd: BorrowedFd<'_>, data: &[u8], offset: u64) -> io::Result<()> {
+    std::os::unix::fs::FileExt::write_all_at(&*borrowed_file(fd), data, offset)
+}
+
+/// The file behind a borrowed descriptor, for the standard library's file calls; never
+/// dropped, so it never closes the descriptor.
+fn borrowed_file(fd: BorrowedFd<'_>) -> std::mem::ManuallyDrop<std::fs::File> {
+    // SAFETY: the File is never dropped (ManuallyDrop), so it does not close the borrowed
+    // descriptor; callers use it only while the borrow lasts.
+    std::mem::ManuallyDrop::new(unsafe { std::fs::File::from_raw_fd(fd.as_raw_fd()) })
 }
 
 /// Seals `fd` against writing, shrinking and growing, and against further sealing
