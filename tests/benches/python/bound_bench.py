@@ -1,15 +1,18 @@
 """Python's multiprocessing on the bound-data workload of tests/benches/bound.rs.
 
-`python3 -I -S bound_bench.py METHOD PROCESSES LEN` prints `name <seconds>` lines for 10 tasks
-that each sum every step-th element of a LEN-element list: `none` (each worker builds the list
-in its initializer), `argument` (the list sent with every task) and `initializer` (the list
-handed to each worker once through the initializer). Each time covers starting the pool and
-running the tasks.
+`python3 -I -S bound_bench.py METHOD PROCESSES LEN RUNS` prints `name <seconds>` lines, each
+the median of RUNS after a warm-up, for 10 tasks that each sum every step-th element of a
+LEN-element list: `none` (each worker builds the list in its initializer), `argument` (the
+list sent with every task) and `initializer` (the list handed to each worker once through the
+initializer). Each time covers starting the pool and running the tasks.
 """
 
 import multiprocessing as mp
+import os
 import sys
-import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from benchlib import median_time  # noqa: E402
 
 DATA = None
 
@@ -31,14 +34,8 @@ def strided_sum_of(data, step):
     return sum(data[::step])
 
 
-def timed(body):
-    started = time.perf_counter()
-    body()
-    return time.perf_counter() - started
-
-
 def main():
-    method, processes, length = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+    method, processes, length, runs = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
     ctx = mp.get_context(method)
     data = list(range(length))
     steps = list(range(1, 11))
@@ -55,9 +52,9 @@ def main():
         with ctx.Pool(processes, initializer=keep, initargs=(data,)) as pool:
             pool.map(strided_sum, steps, chunksize=1)
 
-    print(f"none {timed(none)}")
-    print(f"argument {timed(argument)}")
-    print(f"initializer {timed(initializer)}")
+    print(f"none {median_time(runs, none)}")
+    print(f"argument {median_time(runs, argument)}")
+    print(f"initializer {median_time(runs, initializer)}")
 
 
 if __name__ == "__main__":
