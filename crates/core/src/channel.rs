@@ -75,6 +75,12 @@ pub struct OutFrame<'a> {
 }
 
 impl OutFrame<'_> {
+    /// Bytes of the body and the blocks.
+    fn len(&self) -> usize {
+        self.body.iter().map(|part| part.len()).sum::<usize>()
+            + self.blocks.iter().map(|block| block.len()).sum::<usize>()
+    }
+
     /// The frame's fixed header, and its table of block lengths (empty without blocks: no
     /// allocation).
     fn head(&self) -> ([u8; HEADER_LEN], Vec<u8>) {
@@ -304,19 +310,26 @@ impl Channel {
             let count = |f: &OutFrame<'_>| 2 + f.body.len() + f.blocks.len();
             let mut parts: Vec<&[u8]> =
                 Vec::with_capacity(frames[start..end].iter().map(count).sum());
-            // Where each frame of this call ends, in bytes from the call's start.
-            let mut ends = Vec::with_capacity(end - start);
             for (frame, (header, table)) in frames[start..end].iter().zip(&heads[start..end]) {
                 assert!(frame.blocks.len() <= MAX_BLOCKS, "the encoder never collects more blocks");
                 parts.push(header);
                 parts.push(table);
                 parts.extend(frame.body.iter().copied());
                 parts.extend(frame.blocks.iter().map(|block| block.as_slice()));
-                ends.push(parts.iter().map(|part| part.len()).sum::<usize>());
             }
             parts.retain(|part| !part.is_empty());
             self.write_parts(&parts, frames[start].fds, deadline, abort).map_err(|(sent, e)| {
-                (start + ends.iter().take_while(|&&end| end <= sent).count(), e)
+                // The frames of this call whose last byte went out.
+                let mut written = 0;
+                let whole = frames[start..end]
+                    .iter()
+                    .zip(&heads[start..end])
+                    .take_while(|(frame, (header, table))| {
+                        written += header.len() + table.len() + frame.len();
+                        written <= sent
+                    })
+                    .count();
+                (start + whole, e)
             })?;
             start = end;
         }

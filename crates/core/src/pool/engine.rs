@@ -539,7 +539,7 @@ impl Engine {
     /// Sends queued batches to workers that can take them, the least busy first; what one
     /// worker gets goes in one write.
     fn dispatch(&mut self, config: &Config) {
-        loop {
+        while !self.pending.is_empty() {
             let unsent: Vec<usize> = self.workers.iter().map(|w| w.in_flight.len()).collect();
             let open: Vec<bool> = self.workers.iter().map(Worker::wants_more).collect();
             while let Some(batch) = self.pending.front() {
