@@ -228,19 +228,23 @@ impl<S: 'static> Pool<S> {
     ) -> Result<AsyncResult<Vec<R>>> {
         let items: Vec<A> = items.into_iter().collect();
         let chunksize = self.chunksize.unwrap_or_else(|| self.auto_chunksize(items.len()));
-        let chunks = encode_chunks(task.name(), &items, self.limit_chunk(chunksize))?;
-        let counts: Vec<usize> = chunks.iter().map(|(count, _, _)| *count).collect();
-        let ids = self.shared.submit(task.name(), chunks)?;
-        let name = task.name();
-        Ok(AsyncResult::new(&self.shared, ids, counts, move |outcomes, counts| {
-            let mut results = VecDeque::new();
-            let mut first = 0;
-            for (outcome, count) in outcomes.into_iter().zip(counts) {
-                decode_batch::<R>(outcome, *count, name, first, &mut results);
-                first += count;
-            }
-            results.into_iter().collect()
-        }))
+        let chunksize = self.limit_chunk(chunksize).max(1);
+        let mut result = AsyncResult::new(
+            &self.shared,
+            Items::new(task.name(), |results: VecDeque<Result<R>>| results.into_iter().collect()),
+        );
+        // Submitted as they are encoded, in up to 64 groups, so that the workers start on the
+        // first batches while the rest are being encoded. If one fails, dropping `result`
+        // cancels those already queued.
+        let batches = items.len().div_ceil(chunksize);
+        let group = batches.div_ceil(64).max(1) * chunksize;
+        for items in items.chunks(group) {
+            let chunks = encode_chunks(task.name(), items, chunksize)?;
+            let counts: Vec<usize> = chunks.iter().map(|(count, _, _)| *count).collect();
+            let ids = self.shared.submit(task.name(), chunks)?;
+            result.batches.extend(ids.into_iter().zip(counts));
+        }
+        Ok(result)
     }
 
     /// Runs `task(args)` in a worker and waits for its result.
@@ -255,17 +259,21 @@ impl<S: 'static> Pool<S> {
         args: A,
     ) -> Result<AsyncResult<R>> {
         let chunks = encode_chunks(task.name(), std::slice::from_ref(&args), 1)?;
-        let ids = self.shared.submit(task.name(), chunks)?;
         let name = task.name();
-        Ok(AsyncResult::new(&self.shared, ids, vec![1], move |outcomes, _| {
-            let mut results = VecDeque::new();
-            for outcome in outcomes {
-                decode_batch::<R>(outcome, 1, name, 0, &mut results);
-            }
-            results.pop_front().unwrap_or_else(|| {
-                Err(Error::new(ErrorKind::Protocol, format!("no result for pool task `{name}`")))
-            })
-        }))
+        let mut result = AsyncResult::new(
+            &self.shared,
+            Items::new(name, move |mut results: VecDeque<Result<R>>| {
+                results.pop_front().unwrap_or_else(|| {
+                    Err(Error::new(
+                        ErrorKind::Protocol,
+                        format!("no result for pool task `{name}`"),
+                    ))
+                })
+            }),
+        );
+        let ids = self.shared.submit(name, chunks)?;
+        result.batches.extend(ids.into_iter().map(|id| (id, 1)));
+        Ok(result)
     }
 
     /// Runs `task` on the items lazily, yielding each item's own result in order.
@@ -455,33 +463,59 @@ fn item_result<R>(item: ItemResult<R>, task: &str, index: usize) -> Result<R> {
     }
 }
 
-/// Turns the outcomes of a call's batches into its result.
-type Finish<T> = Box<dyn FnOnce(Vec<BatchOutcome>, &[usize]) -> Result<T> + Send>;
+/// What a call makes of its batches' outcomes: it decodes each as it is taken, in item
+/// order, then gives the call's result.
+trait Collect<T>: Send {
+    /// Takes the outcome of the next batch, of `count` items.
+    fn batch(&mut self, outcome: BatchOutcome, count: usize);
+    /// The call's result, once every batch is in.
+    fn finish(self: Box<Self>) -> Result<T>;
+}
+
+/// Every item's result, decoded batch by batch; `finish` makes the call's result of them.
+struct Items<R, F> {
+    task: &'static str,
+    results: VecDeque<Result<R>>,
+    finish: F,
+}
+
+impl<R, F> Items<R, F> {
+    fn new(task: &'static str, finish: F) -> Box<Self> {
+        Box::new(Items { task, results: VecDeque::new(), finish })
+    }
+}
+
+impl<R: Portable, T, F: FnOnce(VecDeque<Result<R>>) -> Result<T> + Send> Collect<T>
+    for Items<R, F>
+{
+    fn batch(&mut self, outcome: BatchOutcome, count: usize) {
+        let first = self.results.len();
+        decode_batch::<R>(outcome, count, self.task, first, &mut self.results);
+    }
+
+    fn finish(self: Box<Self>) -> Result<T> {
+        (self.finish)(self.results)
+    }
+}
 
 /// The pending result of [`Pool::apply_async`] or [`Pool::map_async`].
 ///
 /// Dropping it before the result arrived cancels what has not started and discards the rest.
 pub struct AsyncResult<T> {
     shared: Arc<Shared>,
-    ids: Vec<BatchId>,
-    counts: Vec<usize>,
-    finish: Option<Finish<T>>,
+    /// The batches not yet taken, with their item counts, in item order.
+    batches: VecDeque<(BatchId, usize)>,
+    collect: Option<Box<dyn Collect<T>>>,
 }
 
 impl<T> AsyncResult<T> {
-    fn new(
-        shared: &Arc<Shared>,
-        ids: Vec<BatchId>,
-        counts: Vec<usize>,
-        finish: impl FnOnce(Vec<BatchOutcome>, &[usize]) -> Result<T> + Send + 'static,
-    ) -> Self {
-        AsyncResult { shared: Arc::clone(shared), ids, counts, finish: Some(Box::new(finish)) }
+    fn new(shared: &Arc<Shared>, collect: Box<dyn Collect<T>>) -> Self {
+        AsyncResult { shared: Arc::clone(shared), batches: VecDeque::new(), collect: Some(collect) }
     }
 
     /// Waits for the result.
     pub fn get(mut self) -> Result<T> {
-        self.wait_until(None);
-        self.take()
+        self.take(true)
     }
 
     /// Waits at most `timeout`: `Ok(None)` if the result is not there by then.
@@ -489,10 +523,10 @@ impl<T> AsyncResult<T> {
     /// Once this has returned the result (or its error), a later call gives an
     /// [`ErrorKind::ResultTaken`] error.
     pub fn get_timeout(&mut self, timeout: Duration) -> Result<Option<T>> {
-        if self.finish.is_some() && !self.wait_until(Some(Instant::now() + timeout)) {
+        if self.collect.is_some() && !self.wait_until(Some(Instant::now() + timeout)) {
             return Ok(None);
         }
-        self.take().map(Some)
+        self.take(false).map(Some)
     }
 
     /// Whether the result has arrived (never blocks).
@@ -511,39 +545,41 @@ impl<T> AsyncResult<T> {
     }
 
     fn wait_until(&self, deadline: Option<Instant>) -> bool {
-        self.shared.drive_until(deadline, |engine| self.ids.iter().all(|id| engine.is_done(*id)))
+        self.shared
+            .drive_until(deadline, |engine| self.batches.iter().all(|(id, _)| engine.is_done(*id)))
     }
 
-    fn take(&mut self) -> Result<T> {
-        let Some(finish) = self.finish.take() else {
+    /// Takes the batches in order and makes the result; with `wait`, waits for each in turn
+    /// and decodes it while later ones still run.
+    fn take(&mut self, wait: bool) -> Result<T> {
+        let Some(mut collect) = self.collect.take() else {
             return Err(Error::new(ErrorKind::ResultTaken, "this pool result was already taken"));
         };
-        let outcomes: Vec<BatchOutcome> = {
-            let mut engine = self.shared.lock();
-            self.ids
-                .drain(..)
-                .map(|id| {
-                    engine.take(id).unwrap_or_else(|| {
-                        Err(Error::new(ErrorKind::Protocol, "a pool batch result went missing"))
-                    })
-                })
-                .collect()
-        };
-        finish(outcomes, &self.counts)
+        while let Some(&(id, count)) = self.batches.front() {
+            if wait {
+                self.shared.drive_until(None, |engine| engine.is_done(id));
+            }
+            let outcome = self.shared.lock().take(id).unwrap_or_else(|| {
+                Err(Error::new(ErrorKind::Protocol, "a pool batch result went missing"))
+            });
+            self.batches.pop_front();
+            collect.batch(outcome, count);
+        }
+        collect.finish()
     }
 }
 
 impl<T> Drop for AsyncResult<T> {
     fn drop(&mut self) {
-        if !self.ids.is_empty() {
-            self.shared.abandon(self.ids.drain(..));
+        if !self.batches.is_empty() {
+            self.shared.abandon(self.batches.drain(..).map(|(id, _)| id));
         }
     }
 }
 
 impl<T> fmt::Debug for AsyncResult<T> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("AsyncResult").field("batches", &self.ids.len()).finish()
+        f.debug_struct("AsyncResult").field("batches", &self.batches.len()).finish()
     }
 }
 
