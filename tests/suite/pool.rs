@@ -27,6 +27,7 @@ pub const SCENARIOS: &[Scenario] = &[
     ("pool_apply_async_get_timeout_ready_wait", apply_async),
     ("pool_panic_fails_only_its_item", panic_per_item),
     ("pool_killed_worker_fails_its_item_and_is_replaced", killed_worker),
+    ("pool_worker_death_loses_no_result_it_held_back", death_keeps_held_results),
     ("pool_unencodable_result_fails_its_item", unencodable_item),
     ("pool_imap_unencodable_argument_comes_after_earlier_results", unencodable_argument),
     ("pool_exit_and_undecodable_results_fail_their_batch_only", exit_and_undecodable),
@@ -254,6 +255,50 @@ fn killed_worker(ctx: &Context) -> Result<(), Failed> {
                 format!("workers {pids:?} after {victim} was killed")
             })?;
             ensure(pool.apply(add, (1, 1))? == 2, || "pool after replacement".into())
+        },
+    )
+}
+
+/// Returns `x`, except that at 300 its worker process exits at once, with code 3. From 200
+/// on, each item takes 20 µs: still quick enough for its result to be held back, and slow
+/// enough that the parent, waiting for the worker, is asleep when the worker dies.
+#[task]
+fn exit_at_300(x: u64) -> u64 {
+    if x == 300 {
+        sys::exit_immediately(3);
+    }
+    if x >= 200 {
+        let started = Instant::now();
+        while started.elapsed() < Duration::from_micros(20) {
+            std::hint::spin_loop();
+        }
+    }
+    x
+}
+
+fn death_keeps_held_results(ctx: &Context) -> Result<(), Failed> {
+    with_pool(
+        ctx,
+        // One worker: nothing else wakes the parent, so it sees the death before it has read
+        // what the worker held back.
+        || ctx.pool().processes(1).build(),
+        |pool| {
+            // Quick items, one per batch: a worker holds back the results of batches it runs
+            // while the next is already in hand, so it dies with finished results not yet
+            // sent. Every one of them must still arrive; only item 300 fails.
+            let results: Vec<_> = pool.imap(exit_at_300, 0..2000u64).collect();
+            ensure(results.len() == 2000, || format!("{} results", results.len()))?;
+            for (i, result) in results.iter().enumerate() {
+                match result {
+                    Ok(value) if i != 300 && *value == i as u64 => {}
+                    Err(e)
+                        if i == 300
+                            && e.kind() == ErrorKind::ChildExited
+                            && e.exit_status() == Some(ExitStatus::Exited(3)) => {}
+                    other => return Err(format!("item {i}: {other:?}").into()),
+                }
+            }
+            Ok(())
         },
     )
 }

@@ -16,6 +16,7 @@ use std::time::{Duration, Instant};
 use crate::channel::{Channel, FrameError};
 use crate::codec::{self, Attachments};
 use crate::error::{ErrorKind, RemotePanic};
+use crate::pool::ring::{HOLD_BELOW, MAX_HELD, Ring};
 use crate::registry::{self, CallError, State};
 use crate::role::Role;
 use crate::sys::{self, POLLRDHUP, PollFd};
@@ -137,10 +138,16 @@ fn run_worker(
         Ok(Err((reason, message))) => finish(&channel, Outcome::Failed(reason, message)),
         Err(panic) => finish(&channel, Outcome::Panicked(panic)),
     };
-    if wire::send(&channel, &ToParent::Ready, &[], &[], &[], None, None).is_err() {
+    // The ring for results held back (see `pool::ring`) travels with `Ready`; without one
+    // (it could not be made), every result goes to the socket.
+    let mut ring = Ring::create().ok();
+    let ring_fd: Vec<_> = ring.iter().map(Ring::fd).collect();
+    if wire::send(&channel, &ToParent::Ready, &[], &ring_fd, &[], None, None).is_err() {
         sys::exit_immediately(EXIT_FAILED);
     }
+    drop(ring_fd);
     let mut out = Vec::new();
+    let mut held = 0;
     loop {
         let mut frame = match channel.recv(None, None) {
             Ok(frame) => frame,
@@ -161,6 +168,7 @@ fn run_worker(
             ),
         };
         out.clear();
+        let started = Instant::now();
         let (reply, attachments) = codec::collecting(|| match registry::lookup(&task) {
             Ok(entry) => {
                 let run = || (entry.run_batch)(&*state, args, &mut out);
@@ -178,8 +186,21 @@ fn run_worker(
             }
         });
         let payload: &[u8] = if matches!(reply, ToParent::BatchDone { .. }) { &out } else { &[] };
+        let head = wire::head(&reply).unwrap_or_else(|_| sys::exit_immediately(EXIT_FAILED));
+        // Held back while the next batch is already here and this one was quick: the result
+        // of the last batch at hand goes to the socket and wakes the parent.
+        let hold = held < MAX_HELD
+            && started.elapsed() < HOLD_BELOW
+            && attachments.fds.is_empty()
+            && attachments.blocks.is_empty()
+            && channel.has_buffered_frame();
+        if hold && ring.as_mut().is_some_and(|ring| ring.push(&[&head, payload])) {
+            held += 1;
+            continue;
+        }
+        held = 0;
         let out_fds = attachments.borrowed_fds();
-        let sent = wire::send(&channel, &reply, payload, &out_fds, &attachments.blocks, None, None);
+        let sent = channel.send(&[&head, payload], &out_fds, &attachments.blocks, None, None);
         if sent.is_err() {
             sys::exit_immediately(EXIT_FAILED);
         }

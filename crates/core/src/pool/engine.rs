@@ -30,6 +30,7 @@ use crate::child;
 use crate::codec::Attachments;
 use crate::error::{ChildFailure, Error, ErrorKind, Result};
 use crate::method::{ChildHandle, StartMethod};
+use crate::pool::ring::Ring;
 use crate::process::{Launched, Work, check_hello, fail_kind, launch, start_message};
 use crate::registry::{CallError, State};
 use crate::status::ExitStatus;
@@ -143,6 +144,11 @@ struct Worker {
     /// Why the worker is being stopped, when it misbehaved or failed to initialize.
     failure: Option<Error>,
     status: Option<ExitStatus>,
+    /// Where the worker holds back results (see `ring`), once it said `Ready`.
+    ring: Option<Ring>,
+    /// A result taken from the ring before it was due: a result before it, sent to the
+    /// socket, has not been read yet.
+    ring_next: Option<Frame>,
 }
 
 impl Worker {
@@ -199,6 +205,8 @@ impl Worker {
             timed_out: false,
             failure: None,
             status: None,
+            ring: None,
+            ring_next: None,
         })
     }
 
@@ -292,12 +300,14 @@ impl Worker {
         while !self.eof {
             match self.channel.try_recv() {
                 Ok(Some(frame)) => {
+                    // Results held in the ring before this one come first.
+                    self.take_ring(results);
                     self.on_frame(frame, results);
                     if !drain && !self.channel.has_buffered_frame() {
-                        return;
+                        break;
                     }
                 }
-                Ok(None) => return,
+                Ok(None) => break,
                 // Cut short: the worker died while sending (its exit status tells how), which
                 // is reported like any other death with a batch in flight.
                 Err(FrameError::Disconnected | FrameError::Truncated { .. }) => self.eof = true,
@@ -307,6 +317,39 @@ impl Worker {
                     self.kill(Error::new(ErrorKind::Protocol, why));
                 }
             }
+        }
+        self.take_ring(results);
+    }
+
+    /// Takes the results the worker holds in its ring that are due: each once every result
+    /// before it has been taken, wherever that one travelled (the socket or the ring), so that
+    /// results are taken in the order of the batches.
+    fn take_ring(&mut self, results: &mut Results) {
+        loop {
+            let Some(ring) = self.ring.as_mut() else { return };
+            if self.ring_next.is_none() {
+                match ring.pop() {
+                    Ok(Some(body)) => self.ring_next = Some(Frame { body, ..Frame::default() }),
+                    Ok(None) => return,
+                    Err(e) => {
+                        self.ring = None;
+                        let why = format!("{} left nonsense in its result ring: {e}", self.label);
+                        return self.kill(Error::new(ErrorKind::Protocol, why));
+                    }
+                }
+            }
+            let due = match self.ring_next.as_ref().map(wire::decode::<ToParent>) {
+                Some(Ok((ToParent::BatchDone { id } | ToParent::BatchFailed { id, .. }, _))) => {
+                    self.in_flight.front().is_some_and(|batch| batch.id == id)
+                }
+                // Anything else is handled (as out of order, or undecodable) right away.
+                _ => true,
+            };
+            if !due {
+                return;
+            }
+            let frame = self.ring_next.take().expect("checked above");
+            self.on_frame(frame, results);
         }
     }
 
@@ -325,7 +368,19 @@ impl Worker {
                     self.kill(error);
                 }
             }
-            ToParent::Ready if self.hello && !self.ready => self.ready = true,
+            ToParent::Ready if self.hello && !self.ready => {
+                self.ready = true;
+                if let Some(fd) = frame.fds.into_iter().next() {
+                    match Ring::adopt(fd) {
+                        Ok(ring) => self.ring = Some(ring),
+                        Err(e) => {
+                            let why =
+                                format!("{} sent a result ring it cannot use: {e}", self.label);
+                            self.kill(Error::new(ErrorKind::Protocol, why));
+                        }
+                    }
+                }
+            }
             ToParent::BatchDone { id } if self.in_flight.front().is_some_and(|b| b.id == id) => {
                 self.finish_head(results, Ok((frame, offset)));
             }
@@ -448,6 +503,9 @@ impl Engine {
             let exited = ready.exited.contains(&worker.id);
             if exited || ready.readable.contains(&worker.id) {
                 worker.pump(&mut self.results, exited);
+            } else {
+                // Held results may be due without the worker having written to its socket.
+                worker.take_ring(&mut self.results);
             }
             if worker.deadline(config.task_timeout).is_some_and(|deadline| now >= deadline) {
                 worker.timed_out = true;

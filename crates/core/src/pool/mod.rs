@@ -17,6 +17,7 @@
 //! in `pool/engine.rs`; it has no helper thread (ARCHITECTURE.md says why).
 
 mod engine;
+pub(crate) mod ring;
 
 use std::collections::VecDeque;
 use std::fmt;

@@ -682,6 +682,22 @@ pub fn seal_read_only(fd: BorrowedFd<'_>) -> io::Result<()> {
     cvt(unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_ADD_SEALS, seals) }).map(drop)
 }
 
+/// Seals `fd` against shrinking and growing, and against further sealing: a process that
+/// maps it can never fault past its end, whoever else holds it.
+pub fn seal_size(fd: BorrowedFd<'_>) -> io::Result<()> {
+    let seals = libc::F_SEAL_SHRINK | libc::F_SEAL_GROW | libc::F_SEAL_SEAL;
+    // SAFETY: F_ADD_SEALS reads no memory; `fd` is open.
+    cvt(unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_ADD_SEALS, seals) }).map(drop)
+}
+
+/// Whether `fd` is sealed so that its size can never change again.
+pub fn is_size_sealed(fd: BorrowedFd<'_>) -> io::Result<bool> {
+    // SAFETY: F_GET_SEALS reads no memory; `fd` is open.
+    let seals = cvt(unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_GET_SEALS) })?;
+    let needed = libc::F_SEAL_SHRINK | libc::F_SEAL_GROW;
+    Ok(seals & needed == needed)
+}
+
 /// Whether `fd` is sealed so that its contents and size can never change again.
 pub fn is_sealed_read_only(fd: BorrowedFd<'_>) -> io::Result<bool> {
     // SAFETY: F_GET_SEALS reads no memory; `fd` is open.
