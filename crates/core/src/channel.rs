@@ -726,13 +726,18 @@ mod tests {
         drop(x);
         let first = b.recv(soon(), None).unwrap();
         assert_eq!(first.fds.len(), 1);
-        let mut passed = UnixStream::from(first.fds.into_iter().next().unwrap());
+        assert_connects(first.fds.into_iter().next().unwrap(), &mut y);
+        assert!(b.recv(soon(), None).unwrap().fds.is_empty());
+    }
+
+    /// Checks that `passed` is the other end of `peer`: what is written to it comes out there.
+    fn assert_connects(passed: OwnedFd, peer: &mut UnixStream) {
+        let mut passed = UnixStream::from(passed);
         passed.write_all(b"via passed fd").unwrap();
         drop(passed);
         let mut got = String::new();
-        std::io::Read::read_to_string(&mut y, &mut got).unwrap();
+        std::io::Read::read_to_string(peer, &mut got).unwrap();
         assert_eq!(got, "via passed fd");
-        assert!(b.recv(soon(), None).unwrap().fds.is_empty());
     }
 
     #[test]
@@ -757,12 +762,7 @@ mod tests {
         assert!(two.body == b"two" && two.fds.is_empty() && two.blocks == [vec![7u8; 100_000]]);
         let three = b.recv(soon(), None).unwrap();
         assert!(three.body == b"three" && three.fds.len() == 1);
-        let mut passed = UnixStream::from(three.fds.into_iter().next().unwrap());
-        passed.write_all(b"!").unwrap();
-        drop(passed);
-        let mut got = String::new();
-        std::io::Read::read_to_string(&mut y, &mut got).unwrap();
-        assert_eq!(got, "!");
+        assert_connects(three.fds.into_iter().next().unwrap(), &mut y);
         assert!(b.recv(soon(), None).unwrap().body.is_empty());
     }
 
