@@ -28,6 +28,10 @@ pub const SCENARIOS: &[Scenario] = &[
     ("pool_panic_fails_only_its_item", panic_per_item),
     ("pool_killed_worker_fails_its_item_and_is_replaced", killed_worker),
     ("pool_worker_death_loses_no_result_it_held_back", death_keeps_held_results),
+    (
+        "pool_held_back_results_do_not_wait_for_a_slow_batch",
+        held_results_arrive_during_a_slow_batch,
+    ),
     ("pool_unencodable_result_fails_its_item", unencodable_item),
     ("pool_imap_unencodable_argument_comes_after_earlier_results", unencodable_argument),
     ("pool_exit_and_undecodable_results_fail_their_batch_only", exit_and_undecodable),
@@ -299,6 +303,63 @@ fn death_keeps_held_results(ctx: &Context) -> Result<(), Failed> {
                 }
             }
             Ok(())
+        },
+    )
+}
+
+/// Returns the first value that arrives on `release`: a task that runs until the test lets
+/// it finish.
+#[task]
+fn wait_for(release: multiproc::Queue<u64>) -> u64 {
+    release.get_timeout(DEADLINE).expect("released within the deadline")
+}
+
+/// The square of `x`, after 60 µs: quick enough for its result to be held back, slow enough
+/// that the parent has gone back to sleep by the time the first one is done.
+#[task]
+fn brief_square(x: u64) -> u64 {
+    let started = Instant::now();
+    while started.elapsed() < Duration::from_micros(60) {
+        std::hint::spin_loop();
+    }
+    x * x
+}
+
+fn held_results_arrive_during_a_slow_batch(ctx: &Context) -> Result<(), Failed> {
+    with_pool(
+        ctx,
+        || ctx.pool().processes(1).build(),
+        |pool| {
+            // Quick batches first: the engine learns to queue several behind a running one.
+            for i in 0..50 {
+                pool.apply(square, i)?;
+            }
+            let (first, second) = (ctx.queue::<u64>()?, ctx.queue::<u64>()?);
+            let a = pool.apply_async(wait_for, first.clone())?;
+            let quick = (0..10u64).map(|i| pool.apply_async(brief_square, i)).collect::<Vec<_>>();
+            let b = pool.apply_async(wait_for, second.clone())?;
+            // The worker finds the quick batches and `b` waiting in its socket once `a` ends:
+            // it holds the quick results back while the next batch is in hand (after we have
+            // read `a`'s result), then blocks in `b`. Those results must reach us while `b`
+            // still runs.
+            first.put(&1)?;
+            // Well within the time `b` waits for its release (DEADLINE), which would end it.
+            let due = Instant::now() + DEADLINE / 4;
+            for (i, result) in quick.into_iter().enumerate() {
+                let left = due.saturating_duration_since(Instant::now());
+                let got = result?.get_timeout(left)?;
+                ensure(got == Some(i as u64 * i as u64), || format!("quick item {i}: {got:?}"))?;
+            }
+            // A wait that runs out looks at the ring as it ends: the results must have come
+            // before that, not thanks to it.
+            ensure(Instant::now() < due, || {
+                "the quick results came only when the wait for them ran out".into()
+            })?;
+            let mut a = a;
+            ensure(a.get_timeout(DEADLINE)? == Some(1), || "the first slow task".into())?;
+            second.put(&2)?;
+            let mut b = b;
+            ensure(b.get_timeout(DEADLINE)? == Some(2), || "the second slow task".into())
         },
     )
 }

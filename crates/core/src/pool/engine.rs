@@ -66,6 +66,13 @@ const MIN_DEPTH: usize = 2;
 /// take, within `MIN_DEPTH..=MAX_DEPTH`.
 const QUEUED_WORK: Duration = Duration::from_millis(1);
 
+/// How long the driver sleeps at most while a worker may be holding results back in its
+/// ring: as long as the worker's batches take on average, within these bounds (so that
+/// quick results are late by at most about a batch, and a pool of slow tasks wakes the driver
+/// only ten times a second).
+const RING_CHECK: std::ops::RangeInclusive<Duration> =
+    Duration::from_millis(1)..=Duration::from_millis(100);
+
 /// A pool's initializer: its name, and its arguments encoded (spawn, forkserver) or moved
 /// (fork).
 pub(crate) struct Initializer {
@@ -662,9 +669,17 @@ impl Engine {
         }
     }
 
-    /// When the driver must wake up at the latest to kill an overdue worker.
+    /// When the driver must wake up at the latest: to kill an overdue worker, or to look in
+    /// the result ring of a worker that may be holding results back (it holds only while it
+    /// has a next batch in hand), so that a held result never waits for a slow batch run
+    /// after it much longer than the worker's batches take on average (within [`RING_CHECK`]).
     fn next_deadline(&self, timeout: Option<Duration>) -> Option<Instant> {
-        self.workers.iter().filter_map(|w| w.deadline(timeout)).min()
+        let now = Instant::now();
+        let ring_checks =
+            self.workers.iter().filter(|w| w.ring.is_some() && w.in_flight.len() >= 2).map(|w| {
+                now + w.batch_time.unwrap_or_default().clamp(*RING_CHECK.start(), *RING_CHECK.end())
+            });
+        self.workers.iter().filter_map(|w| w.deadline(timeout)).chain(ring_checks).min()
     }
 }
 
