@@ -89,14 +89,22 @@ pub trait ChildHandle: Send + fmt::Debug {
 
     /// Waits until the child has ended or `deadline` passes.
     fn wait_deadline(&mut self, deadline: Option<Instant>) -> io::Result<Option<ExitStatus>> {
-        loop {
-            if let Some(status) = self.try_wait()? {
-                return Ok(Some(status));
-            }
-            let mut set = [PollFd::new(self.sentinel(), POLLIN)];
-            if sys::poll(&mut set, deadline)? == 0 {
-                return Ok(None);
-            }
+        poll_until_ended(self, deadline)
+    }
+}
+
+/// [`ChildHandle::wait_deadline`] by polling the child's sentinel between tries to reap it.
+fn poll_until_ended<C: ChildHandle + ?Sized>(
+    child: &mut C,
+    deadline: Option<Instant>,
+) -> io::Result<Option<ExitStatus>> {
+    loop {
+        if let Some(status) = child.try_wait()? {
+            return Ok(Some(status));
+        }
+        let mut set = [PollFd::new(child.sentinel(), POLLIN)];
+        if sys::poll(&mut set, deadline)? == 0 {
+            return Ok(None);
         }
     }
 }
@@ -133,6 +141,17 @@ impl ChildHandle for DirectChild {
             self.status = sys::pidfd_wait(self.pidfd.as_fd(), false)?;
         }
         Ok(self.status)
+    }
+
+    fn wait_deadline(&mut self, deadline: Option<Instant>) -> io::Result<Option<ExitStatus>> {
+        if deadline.is_none() && self.status.is_none() {
+            // Nothing else to watch: wait in waitid itself, not in a poll and a second waitid.
+            self.status = sys::pidfd_wait(self.pidfd.as_fd(), true)?;
+        }
+        match self.status {
+            Some(status) => Ok(Some(status)),
+            None => poll_until_ended(self, deadline),
+        }
     }
 
     fn signal(&self, signal: i32) -> io::Result<()> {

@@ -328,11 +328,17 @@ impl<R: Portable> Process<R> {
         loop {
             self.pump();
             if self.status.is_none() {
-                let label = self.label();
+                // Everything read and no deadline: all that is left is the exit, and waiting
+                // for it in waitid itself saves a poll and a second waitid.
+                let block = !self.reading && deadline.is_none();
                 let child = self.child.as_mut().expect("the child handle lives until drop");
-                self.status =
-                    child.try_wait().map_err(|e| Error::io(format!("waitid on {label}"), e))?;
+                let waited = if block { child.wait_deadline(None) } else { child.try_wait() };
+                self.status = match waited {
+                    Ok(status) => status,
+                    Err(e) => return Err(Error::io(format!("waitid on {}", self.label()), e)),
+                };
                 if let Some(status) = self.status {
+                    let child = self.child.as_ref().expect("the child handle lives until drop");
                     tracing::debug!(pid = child.pid(), name = %self.name, %status, "process exited");
                     // Whatever the child wrote before it ended is in the socket now.
                     self.pump();
