@@ -409,7 +409,9 @@ impl Channel {
             // wait is in poll, not in recvmsg, because a reader blocked in recvmsg is also woken
             // each time the peer reads what this end sent (the kernel's "room to write"
             // wake-up, which poll filters out by event and a blocked recvmsg does not): two
-            // context switches for nothing per round trip.
+            // context switches for nothing per round trip. Measured: a pool `apply` round trip
+            // 21.8 -> 20.4 us; a pipe ping-pong, 18 us steadily, where a blocking recvmsg gave
+            // 14 us or 22 us depending on where the scheduler put the two processes.
             if !self.has_buffered_frame() && !self.eof {
                 self.wait(POLLIN, None, None)?;
             }
