@@ -454,6 +454,11 @@ fn exit_and_undecodable(ctx: &Context) -> Result<(), Failed> {
                     other => return Err(format!("item {i}: {other:?}").into()),
                 }
             }
+            // map: the batch that did not decode part-way through (its first item did) fails
+            // as a whole, and that is map's error; the batches around it decoded.
+            let mapped = pool.map(picky, [0u8, 0, 0, 9, 0, 0]).expect_err("a batch did not decode");
+            ensure(mapped.kind() == ErrorKind::Decode, || format!("{mapped:?}"))?;
+            ensure(pool.map(picky, [0u8; 5])?.len() == 5, || "map after a failed one".into())?;
             ensure(pool.apply(add, (2, 2))? == 4, || "the pool after both".into())?;
             ensure(pool.pids().len() == 2, || format!("workers {:?}", pool.pids()))
         },
