@@ -272,12 +272,17 @@ fn exit_at_300(x: u64) -> u64 {
         sys::exit_immediately(3);
     }
     if x >= 200 {
-        let started = Instant::now();
-        while started.elapsed() < Duration::from_micros(20) {
-            std::hint::spin_loop();
-        }
+        spin_for(Duration::from_micros(20));
     }
     x
+}
+
+/// Keeps the CPU busy for `time` (a task that takes that long, without sleeping).
+fn spin_for(time: Duration) {
+    let started = Instant::now();
+    while started.elapsed() < time {
+        std::hint::spin_loop();
+    }
 }
 
 fn death_keeps_held_results(ctx: &Context) -> Result<(), Failed> {
@@ -318,10 +323,7 @@ fn wait_for(release: multiproc::Queue<u64>) -> u64 {
 /// that the parent has gone back to sleep by the time the first one is done.
 #[task]
 fn brief_square(x: u64) -> u64 {
-    let started = Instant::now();
-    while started.elapsed() < Duration::from_micros(60) {
-        std::hint::spin_loop();
-    }
+    spin_for(Duration::from_micros(60));
     x * x
 }
 
