@@ -153,9 +153,10 @@ struct Worker {
     status: Option<ExitStatus>,
     /// Where the worker holds back results (see `ring`), once it said `Ready`.
     ring: Option<Ring>,
-    /// A result taken from the ring before it was due: a result before it, sent to the
-    /// socket, has not been read yet.
-    ring_next: Option<Frame>,
+    /// A result taken from the ring before it was due (a result before it, sent to the
+    /// socket, has not been read yet), with the batch it answers (`None`: not an answer to a
+    /// batch, handled at once).
+    ring_next: Option<(Frame, Option<BatchId>)>,
 }
 
 impl Worker {
@@ -336,7 +337,19 @@ impl Worker {
             let Some(ring) = self.ring.as_mut() else { return };
             if self.ring_next.is_none() {
                 match ring.pop() {
-                    Ok(Some(body)) => self.ring_next = Some(Frame { body, ..Frame::default() }),
+                    Ok(Some(body)) => {
+                        // Decoded once here for its batch, not on every look while it waits.
+                        let frame = Frame { body, ..Frame::default() };
+                        let answers = match wire::decode::<ToParent>(&frame) {
+                            Ok((
+                                ToParent::BatchDone { id } | ToParent::BatchFailed { id, .. },
+                                _,
+                            )) => Some(id),
+                            // Anything else is handled (as out of order, or undecodable) at once.
+                            _ => None,
+                        };
+                        self.ring_next = Some((frame, answers));
+                    }
                     Ok(None) => return,
                     Err(e) => {
                         self.ring = None;
@@ -345,17 +358,13 @@ impl Worker {
                     }
                 }
             }
-            let due = match self.ring_next.as_ref().map(wire::decode::<ToParent>) {
-                Some(Ok((ToParent::BatchDone { id } | ToParent::BatchFailed { id, .. }, _))) => {
-                    self.in_flight.front().is_some_and(|batch| batch.id == id)
+            let front = self.in_flight.front().map(|batch| batch.id);
+            if let Some((_, Some(id))) = &self.ring_next {
+                if front != Some(*id) {
+                    return;
                 }
-                // Anything else is handled (as out of order, or undecodable) right away.
-                _ => true,
-            };
-            if !due {
-                return;
             }
-            let frame = self.ring_next.take().expect("checked above");
+            let (frame, _) = self.ring_next.take().expect("checked above");
             self.on_frame(frame, results);
         }
     }
@@ -674,12 +683,14 @@ impl Engine {
     /// has a next batch in hand), so that a held result never waits for a slow batch run
     /// after it much longer than the worker's batches take on average (within [`RING_CHECK`]).
     fn next_deadline(&self, timeout: Option<Duration>) -> Option<Instant> {
-        let now = Instant::now();
-        let ring_checks =
-            self.workers.iter().filter(|w| w.ring.is_some() && w.in_flight.len() >= 2).map(|w| {
-                now + w.batch_time.unwrap_or_default().clamp(*RING_CHECK.start(), *RING_CHECK.end())
-            });
-        self.workers.iter().filter_map(|w| w.deadline(timeout)).chain(ring_checks).min()
+        let ring_check = self
+            .workers
+            .iter()
+            .filter(|w| w.ring.is_some() && w.in_flight.len() >= 2)
+            .map(|w| w.batch_time.unwrap_or_default().clamp(*RING_CHECK.start(), *RING_CHECK.end()))
+            .min()
+            .map(|wait| Instant::now() + wait);
+        self.workers.iter().filter_map(|w| w.deadline(timeout)).chain(ring_check).min()
     }
 }
 
