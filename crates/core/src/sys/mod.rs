@@ -12,6 +12,11 @@ mod linux;
 #[cfg(target_os = "linux")]
 pub use linux::*;
 
+#[allow(unsafe_code)]
+mod same_type;
+
+pub use same_type::{as_slice, vec_as};
+
 #[cfg(not(target_os = "linux"))]
 compile_error!("multiproc supports Linux only for now; see ARCHITECTURE.md, section `sys`");
 

@@ -1,0 +1,412 @@
+//! The decoding half of the codec: bincode's primitives back into serde's data model.
+//!
+//! The input is always a slice in memory, so a length the bytes claim is checked against the
+//! bytes that are actually left before anything is allocated for it: a string or a packed
+//! sequence is borrowed from the input first and copied only once it is known to be there,
+//! and the size hint an element-wise sequence gives its visitor never exceeds the bytes left.
+//! No byte limit is needed, and none is paid for per element.
+
+use bincode::de::read::{BorrowReader, Reader};
+use bincode::de::{BorrowDecode, DecoderImpl};
+use bincode::error::DecodeError;
+use serde::de::{self, DeserializeSeed, IntoDeserializer, Visitor};
+
+use super::packed::{self, Kind};
+use super::{CodecError, config};
+
+/// A sequence may claim more elements than there are bytes left only if its elements take no
+/// bytes (a `Vec<()>`); beyond this many, such a claim is taken for what it almost surely is, a
+/// corrupt length, rather than looped over.
+const MAX_EMPTY_ELEMENTS: usize = 1 << 24;
+
+/// What is left of the input.
+struct Cursor<'de>(&'de [u8]);
+
+impl Reader for Cursor<'_> {
+    #[inline]
+    fn read(&mut self, bytes: &mut [u8]) -> Result<(), DecodeError> {
+        let taken = self.take_bytes(bytes.len())?;
+        bytes.copy_from_slice(taken);
+        Ok(())
+    }
+
+    #[inline]
+    fn peek_read(&mut self, n: usize) -> Option<&[u8]> {
+        self.0.get(..n)
+    }
+
+    #[inline]
+    fn consume(&mut self, n: usize) {
+        self.0 = self.0.get(n..).unwrap_or_default();
+    }
+}
+
+impl<'de> BorrowReader<'de> for Cursor<'de> {
+    #[inline]
+    fn take_bytes(&mut self, length: usize) -> Result<&'de [u8], DecodeError> {
+        if length > self.0.len() {
+            return Err(DecodeError::UnexpectedEnd { additional: length - self.0.len() });
+        }
+        let (taken, rest) = self.0.split_at(length);
+        self.0 = rest;
+        Ok(taken)
+    }
+}
+
+/// A serde `Deserializer` reading from a slice.
+pub(super) struct Decoder<'de> {
+    rest: &'de [u8],
+}
+
+impl<'de> Decoder<'de> {
+    pub(super) fn new(input: &'de [u8]) -> Self {
+        Decoder { rest: input }
+    }
+
+    /// Bytes not decoded yet.
+    pub(super) fn left(&self) -> usize {
+        self.rest.len()
+    }
+
+    /// Reads a `T` the way bincode writes it.
+    #[inline]
+    fn get<T: BorrowDecode<'de, ()>>(&mut self) -> Result<T, CodecError> {
+        let mut inner = DecoderImpl::new(Cursor(self.rest), config(), ());
+        let value = T::borrow_decode(&mut inner).map_err(decode_error)?;
+        self.rest = bincode::de::Decoder::reader(&mut inner).0;
+        Ok(value)
+    }
+
+    /// Reads a sequence or map length, refusing one that the bytes left cannot hold.
+    fn get_len(&mut self) -> Result<usize, CodecError> {
+        let len = usize::try_from(self.get::<u64>()?)
+            .map_err(|_| CodecError::new("a length does not fit in memory"))?;
+        if len > self.rest.len() && len > MAX_EMPTY_ELEMENTS {
+            return Err(CodecError::new(format!(
+                "the bytes claim {len} elements with only {} bytes left",
+                self.rest.len()
+            )));
+        }
+        Ok(len)
+    }
+
+    /// Takes the next `len` bytes.
+    fn take(&mut self, len: usize) -> Result<&'de [u8], CodecError> {
+        let mut cursor = Cursor(self.rest);
+        let taken = cursor.take_bytes(len).map_err(decode_error)?;
+        self.rest = cursor.0;
+        Ok(taken)
+    }
+
+    /// `visitor` over `len` elements written one after another.
+    fn elements<V: Visitor<'de>>(
+        &mut self,
+        len: usize,
+        visitor: V,
+    ) -> Result<V::Value, CodecError> {
+        visitor.visit_seq(Elements { de: self, len })
+    }
+}
+
+fn decode_error(e: DecodeError) -> CodecError {
+    CodecError::new(e.to_string())
+}
+
+impl de::Error for CodecError {
+    fn custom<T: std::fmt::Display>(message: T) -> Self {
+        CodecError::new(message.to_string())
+    }
+}
+
+macro_rules! primitives {
+    ($($method:ident => $visit:ident($ty:ty)),* $(,)?) => {
+        $(
+            #[inline]
+            fn $method<V: Visitor<'de>>(self, visitor: V) -> Result<V::Value, CodecError> {
+                visitor.$visit(self.get::<$ty>()?)
+            }
+        )*
+    };
+}
+
+impl<'de> de::Deserializer<'de> for &mut Decoder<'de> {
+    type Error = CodecError;
+
+    primitives! {
+        deserialize_bool => visit_bool(bool), deserialize_char => visit_char(char),
+        deserialize_u8 => visit_u8(u8), deserialize_u16 => visit_u16(u16),
+        deserialize_u32 => visit_u32(u32), deserialize_u64 => visit_u64(u64),
+        deserialize_u128 => visit_u128(u128), deserialize_i8 => visit_i8(i8),
+        deserialize_i16 => visit_i16(i16), deserialize_i32 => visit_i32(i32),
+        deserialize_i64 => visit_i64(i64), deserialize_i128 => visit_i128(i128),
+        deserialize_f32 => visit_f32(f32), deserialize_f64 => visit_f64(f64),
+        deserialize_str => visit_borrowed_str(&'de str),
+        deserialize_string => visit_borrowed_str(&'de str),
+        deserialize_bytes => visit_borrowed_bytes(&'de [u8]),
+        deserialize_byte_buf => visit_borrowed_bytes(&'de [u8]),
+    }
+
+    fn deserialize_any<V: Visitor<'de>>(self, _visitor: V) -> Result<V::Value, CodecError> {
+        Err(CodecError::new("the format is not self-describing: the type must say what comes"))
+    }
+
+    fn deserialize_ignored_any<V: Visitor<'de>>(self, visitor: V) -> Result<V::Value, CodecError> {
+        self.deserialize_any(visitor)
+    }
+
+    fn deserialize_identifier<V: Visitor<'de>>(self, visitor: V) -> Result<V::Value, CodecError> {
+        self.deserialize_u32(visitor)
+    }
+
+    fn deserialize_option<V: Visitor<'de>>(self, visitor: V) -> Result<V::Value, CodecError> {
+        match self.get::<u8>()? {
+            0 => visitor.visit_none(),
+            1 => visitor.visit_some(self),
+            tag => Err(CodecError::new(format!("an option's tag is {tag}, not 0 or 1"))),
+        }
+    }
+
+    fn deserialize_unit<V: Visitor<'de>>(self, visitor: V) -> Result<V::Value, CodecError> {
+        visitor.visit_unit()
+    }
+
+    fn deserialize_unit_struct<V: Visitor<'de>>(
+        self,
+        _name: &'static str,
+        visitor: V,
+    ) -> Result<V::Value, CodecError> {
+        visitor.visit_unit()
+    }
+
+    fn deserialize_newtype_struct<V: Visitor<'de>>(
+        self,
+        _name: &'static str,
+        visitor: V,
+    ) -> Result<V::Value, CodecError> {
+        visitor.visit_newtype_struct(self)
+    }
+
+    /// A packed sequence becomes the `Vec` its visitor wants in one copy, when that is a `Vec`
+    /// of its very element type; otherwise its elements are handed over one by one.
+    fn deserialize_seq<V: Visitor<'de>>(self, visitor: V) -> Result<V::Value, CodecError> {
+        if self.rest.first() != Some(&packed::PACKED) {
+            let len = self.get_len()?;
+            return self.elements(len, visitor);
+        }
+        self.take(1)?;
+        let byte = self.get::<u8>()?;
+        let kind = Kind::from_byte(byte)
+            .ok_or_else(|| CodecError::new(format!("unknown packed element kind {byte}")))?;
+        let len = usize::try_from(self.get::<u64>()?).unwrap_or(usize::MAX);
+        let size = len
+            .checked_mul(kind.width())
+            .filter(|size| *size <= self.rest.len())
+            .ok_or_else(|| {
+                CodecError::new(format!(
+                    "the bytes claim {len} packed elements with only {} bytes left",
+                    self.rest.len()
+                ))
+            })?;
+        let bytes = self.take(size)?;
+        match packed::to_vec::<V::Value>(kind, bytes) {
+            Some(vec) => Ok(vec),
+            None => visitor.visit_seq(Packed { kind, bytes }),
+        }
+    }
+
+    fn deserialize_tuple<V: Visitor<'de>>(
+        self,
+        len: usize,
+        visitor: V,
+    ) -> Result<V::Value, CodecError> {
+        self.elements(len, visitor)
+    }
+
+    fn deserialize_tuple_struct<V: Visitor<'de>>(
+        self,
+        _name: &'static str,
+        len: usize,
+        visitor: V,
+    ) -> Result<V::Value, CodecError> {
+        self.elements(len, visitor)
+    }
+
+    fn deserialize_map<V: Visitor<'de>>(self, visitor: V) -> Result<V::Value, CodecError> {
+        let len = self.get_len()?;
+        visitor.visit_map(Elements { de: self, len })
+    }
+
+    fn deserialize_struct<V: Visitor<'de>>(
+        self,
+        _name: &'static str,
+        fields: &'static [&'static str],
+        visitor: V,
+    ) -> Result<V::Value, CodecError> {
+        self.elements(fields.len(), visitor)
+    }
+
+    fn deserialize_enum<V: Visitor<'de>>(
+        self,
+        _name: &'static str,
+        _variants: &'static [&'static str],
+        visitor: V,
+    ) -> Result<V::Value, CodecError> {
+        visitor.visit_enum(self)
+    }
+
+    fn is_human_readable(&self) -> bool {
+        false
+    }
+}
+
+/// The elements of a sequence, tuple or struct, or the entries of a map, one after another.
+struct Elements<'a, 'de> {
+    de: &'a mut Decoder<'de>,
+    len: usize,
+}
+
+impl Elements<'_, '_> {
+    /// What is left to decode, but never more than there are bytes left: a visitor that
+    /// allocates for it cannot be made to allocate more than the input could fill.
+    fn size_hint(&self) -> Option<usize> {
+        Some(self.len.min(self.de.left()))
+    }
+}
+
+impl<'de> de::SeqAccess<'de> for Elements<'_, 'de> {
+    type Error = CodecError;
+
+    fn next_element_seed<T: DeserializeSeed<'de>>(
+        &mut self,
+        seed: T,
+    ) -> Result<Option<T::Value>, CodecError> {
+        if self.len == 0 {
+            return Ok(None);
+        }
+        self.len -= 1;
+        seed.deserialize(&mut *self.de).map(Some)
+    }
+
+    fn size_hint(&self) -> Option<usize> {
+        Elements::size_hint(self)
+    }
+}
+
+impl<'de> de::MapAccess<'de> for Elements<'_, 'de> {
+    type Error = CodecError;
+
+    fn next_key_seed<K: DeserializeSeed<'de>>(
+        &mut self,
+        seed: K,
+    ) -> Result<Option<K::Value>, CodecError> {
+        if self.len == 0 {
+            return Ok(None);
+        }
+        self.len -= 1;
+        seed.deserialize(&mut *self.de).map(Some)
+    }
+
+    fn next_value_seed<V: DeserializeSeed<'de>>(
+        &mut self,
+        seed: V,
+    ) -> Result<V::Value, CodecError> {
+        seed.deserialize(&mut *self.de)
+    }
+
+    fn size_hint(&self) -> Option<usize> {
+        Elements::size_hint(self)
+    }
+}
+
+impl<'de> de::EnumAccess<'de> for &mut Decoder<'de> {
+    type Error = CodecError;
+    type Variant = Self;
+
+    fn variant_seed<V: DeserializeSeed<'de>>(
+        self,
+        seed: V,
+    ) -> Result<(V::Value, Self), CodecError> {
+        let index = self.get::<u32>()?;
+        let variant = seed.deserialize(IntoDeserializer::<CodecError>::into_deserializer(index))?;
+        Ok((variant, self))
+    }
+}
+
+impl<'de> de::VariantAccess<'de> for &mut Decoder<'de> {
+    type Error = CodecError;
+
+    fn unit_variant(self) -> Result<(), CodecError> {
+        Ok(())
+    }
+
+    fn newtype_variant_seed<T: DeserializeSeed<'de>>(
+        self,
+        seed: T,
+    ) -> Result<T::Value, CodecError> {
+        seed.deserialize(self)
+    }
+
+    fn tuple_variant<V: Visitor<'de>>(
+        self,
+        len: usize,
+        visitor: V,
+    ) -> Result<V::Value, CodecError> {
+        self.elements(len, visitor)
+    }
+
+    fn struct_variant<V: Visitor<'de>>(
+        self,
+        fields: &'static [&'static str],
+        visitor: V,
+    ) -> Result<V::Value, CodecError> {
+        self.elements(fields.len(), visitor)
+    }
+}
+
+/// The elements of a packed sequence, one by one, for a visitor that wants something other
+/// than a `Vec` of their type.
+struct Packed<'de> {
+    kind: Kind,
+    /// The elements not handed over yet.
+    bytes: &'de [u8],
+}
+
+impl<'de> de::SeqAccess<'de> for Packed<'de> {
+    type Error = CodecError;
+
+    fn next_element_seed<T: DeserializeSeed<'de>>(
+        &mut self,
+        seed: T,
+    ) -> Result<Option<T::Value>, CodecError> {
+        if self.bytes.is_empty() {
+            return Ok(None);
+        }
+        let (element, rest) = self.bytes.split_at(self.kind.width());
+        self.bytes = rest;
+        seed.deserialize(Number { kind: self.kind, bytes: element }).map(Some)
+    }
+
+    fn size_hint(&self) -> Option<usize> {
+        Some(self.bytes.len() / self.kind.width())
+    }
+}
+
+/// One element of a packed sequence, as a deserializer of its own.
+struct Number<'a> {
+    kind: Kind,
+    bytes: &'a [u8],
+}
+
+impl<'de> de::Deserializer<'de> for Number<'_> {
+    type Error = CodecError;
+
+    fn deserialize_any<V: Visitor<'de>>(self, visitor: V) -> Result<V::Value, CodecError> {
+        packed::visit(self.kind, self.bytes, visitor)
+    }
+
+    serde::forward_to_deserialize_any! {
+        bool i8 i16 i32 i64 i128 u8 u16 u32 u64 u128 f32 f64 char str string bytes byte_buf
+        option unit unit_struct newtype_struct seq tuple tuple_struct map struct enum identifier
+        ignored_any
+    }
+}
