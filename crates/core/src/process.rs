@@ -76,7 +76,7 @@ impl<A: Portable, R: Portable> ProcessBuilder<A, R> {
             let bytes = bytes.map_err(|e| {
                 Error::new(ErrorKind::Encode, format!("arguments of task `{}`: {e}", start.task))
             })?;
-            Work::Sent(bytes, attachments)
+            Work::Sent(Arc::new(bytes), attachments)
         };
         let Launched { child, channel } = launch(&*self.method, &start, work)?;
         Ok(Process {
@@ -120,8 +120,9 @@ pub(crate) fn start_message(
 /// How a new child gets its work.
 pub(crate) enum Work {
     /// Encoded arguments and what travels beside them, sent with the `Start` message (spawn,
-    /// forkserver).
-    Sent(Vec<u8>, Attachments),
+    /// forkserver); shared, so that every worker of a pool is sent one copy of its
+    /// initializer's arguments.
+    Sent(Arc<Vec<u8>>, Attachments),
     /// The child's body, run in a forked copy of this process (fork).
     Moved(ChildMain),
 }

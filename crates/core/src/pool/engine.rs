@@ -83,7 +83,7 @@ pub(crate) struct Initializer {
 /// The initializer's arguments, as the start method wants them.
 pub(crate) enum InitArgs {
     /// Sent in each worker's `Start` frame, with the descriptors and blocks the arguments hold.
-    Encoded(Vec<u8>, Attachments),
+    Encoded(Arc<Vec<u8>>, Attachments),
     /// Taken out of the forked worker's own copy of memory; with the pipe ends the arguments
     /// hold, which the worker keeps open.
     Moved(MoveInit, Vec<std::os::fd::RawFd>),
@@ -169,10 +169,10 @@ impl Worker {
                 let attachments = attachments
                     .try_clone()
                     .map_err(|e| Error::io("dup of an initializer argument's fd", e))?;
-                Work::Sent(args.clone(), attachments)
+                Work::Sent(Arc::clone(args), attachments)
             }
             None if !config.method.moves_arguments() => {
-                Work::Sent(Vec::new(), Attachments::default())
+                Work::Sent(Arc::default(), Attachments::default())
             }
             moved => {
                 let (make, kept): (MoveInit, &[std::os::fd::RawFd]) = match moved {

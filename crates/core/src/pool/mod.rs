@@ -98,7 +98,7 @@ impl PoolBuilder<()> {
             Ok(InitArgs::Moved(make, kept))
         } else {
             let (bytes, attachments) = codec::collecting(|| codec::encode(&args));
-            bytes.map(|bytes| InitArgs::Encoded(bytes, attachments)).map_err(|e| {
+            bytes.map(|bytes| InitArgs::Encoded(Arc::new(bytes), attachments)).map_err(|e| {
                 Error::new(
                     ErrorKind::Encode,
                     format!("arguments of initializer `{}`: {e}", task.name()),
