@@ -22,6 +22,10 @@ use crate::common::{
 pub const SCENARIOS: &[Scenario] = &[
     ("pool_map_returns_results_in_order", map_in_order),
     ("pool_initializer_state_is_built_once_per_worker", initializer_state),
+    (
+        "pool_large_initializer_arguments_reach_every_worker_and_replacement",
+        large_initializer_arguments,
+    ),
     ("pool_imap_consumes_an_endless_input_lazily", imap_lazy),
     ("pool_imap_unordered_yields_every_result", imap_unordered),
     ("pool_apply_async_get_timeout_ready_wait", apply_async),
@@ -116,6 +120,52 @@ fn initializer_state(ctx: &Context) -> Result<(), Failed> {
             let workers: HashSet<u32> = counts.iter().map(|(_, _, pid)| *pid).collect();
             let pool_pids: HashSet<u32> = pool.pids().into_iter().collect();
             ensure(workers.is_subset(&pool_pids), || format!("{workers:?} vs {pool_pids:?}"))
+        },
+    )
+}
+
+/// Initializer state: a large vector, and shared memory whose descriptor travels beside it.
+#[task]
+fn keep_large(
+    data: (Vec<u64>, multiproc::SealedSlice<u32>),
+) -> (Vec<u64>, multiproc::SealedSlice<u32>) {
+    data
+}
+
+/// Reads element `i` of both parts of the state, and says which process did.
+#[task]
+fn read_large(state: &(Vec<u64>, multiproc::SealedSlice<u32>), i: usize) -> (u64, u32, usize, u32) {
+    (state.0[i], state.1[i % state.1.len()], state.0.len(), std::process::id())
+}
+
+fn large_initializer_arguments(ctx: &Context) -> Result<(), Failed> {
+    // 4 MB encoded: past the size at which spawn and forkserver hand the arguments over in
+    // shared memory; the slice's descriptor must keep its index beside the memory's own.
+    let len = 500_000usize;
+    let values: Vec<u64> = (0..len as u64).map(|v| v * 3).collect();
+    with_pool(
+        ctx,
+        || {
+            let small = multiproc::SealedSlice::from_slice(&[7u32, 8, 9])?;
+            ctx.pool()
+                .processes(2)
+                .max_tasks_per_child(3)
+                .chunksize(1)
+                .initializer(keep_large, (values.clone(), small))
+                .build()
+        },
+        |pool| {
+            let picks: Vec<usize> = (0..12).map(|k| k * 41_659).collect();
+            let seen = pool.map(read_large, picks.clone())?;
+            for (i, (value, small, seen_len, _)) in picks.iter().zip(&seen) {
+                ensure(*value == values[*i] && *seen_len == len, || {
+                    format!("item {i}: {value} of {seen_len} elements")
+                })?;
+                ensure(*small == [7, 8, 9][i % 3], || format!("item {i}: slice gave {small}"))?;
+            }
+            // 12 tasks at 3 per worker: replacements were started, and got the state too.
+            let workers: HashSet<u32> = seen.iter().map(|(_, _, _, pid)| *pid).collect();
+            ensure(workers.len() >= 4, || format!("only {} workers ran tasks", workers.len()))
         },
     )
 }

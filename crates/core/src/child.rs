@@ -82,11 +82,20 @@ pub fn serve(mut channel: Channel) -> ! {
     if let Some(setup) = &start.worker {
         prepare(&start, &channel);
         let initializer = setup.initializer.clone();
+        let in_memory = setup.args_in_memory;
         run_worker(channel, move || match initializer {
             Some(name) => {
                 let entry =
                     registry::lookup(&name).map_err(|e| (lookup_failure(&e), e.to_string()))?;
-                codec::with_attachments(fds, blocks, || (entry.make_state)(args))
+                let make_state = || {
+                    if !in_memory {
+                        return (entry.make_state)(args);
+                    }
+                    let memory: crate::SealedMemory =
+                        codec::decode(args).map_err(registry::CallError::Args)?;
+                    (entry.make_state)(memory.as_slice())
+                };
+                codec::with_attachments(fds, blocks, make_state)
                     .map_err(|e| (call_failure(&e), e.to_string()))
             }
             None => Ok(Box::new(())),

@@ -16,7 +16,7 @@ use crate::codec::{self, Block, CodecError};
 use crate::error::RemotePanic;
 
 /// The protocol version both sides announce; a mismatch fails the handshake.
-pub const PROTOCOL_VERSION: u32 = 3;
+pub const PROTOCOL_VERSION: u32 = 4;
 
 /// Parent to child: what to run. The task's encoded arguments follow as the frame's payload.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -44,6 +44,9 @@ pub struct WorkerSetup {
     /// The registered name of the initializer whose return value is the worker's state; its
     /// encoded arguments are the `Start` frame's payload. `None`: the state is `()`.
     pub initializer: Option<String>,
+    /// The payload is a [`SealedMemory`](crate::SealedMemory) that holds the encoded arguments
+    /// (large ones: every worker maps one copy instead of being sent its own).
+    pub args_in_memory: bool,
 }
 
 /// Parent to pool worker, after the worker said [`ToParent::Ready`].
@@ -207,7 +210,7 @@ mod tests {
             name: "adder".into(),
             daemon: true,
             log: Some("debug".into()),
-            worker: Some(WorkerSetup { initializer: Some("m::init".into()) }),
+            worker: Some(WorkerSetup { initializer: Some("m::init".into()), args_in_memory: true }),
         };
         let deadline = Some(Instant::now() + Duration::from_secs(5));
         send(&a, &start, b"ARGS", &[], &[], deadline, None).unwrap();

@@ -82,8 +82,9 @@ pub(crate) struct Initializer {
 
 /// The initializer's arguments, as the start method wants them.
 pub(crate) enum InitArgs {
-    /// Sent in each worker's `Start` frame, with the descriptors and blocks the arguments hold.
-    Encoded(Arc<Vec<u8>>, Attachments),
+    /// Sent in each worker's `Start` frame, with the descriptors and blocks the arguments hold;
+    /// `in_memory`: `bytes` encode a `SealedMemory` that holds the encoded arguments.
+    Encoded { bytes: Arc<Vec<u8>>, attachments: Attachments, in_memory: bool },
     /// Taken out of the forked worker's own copy of memory; with the pipe ends the arguments
     /// hold, which the worker keeps open.
     Moved(MoveInit, Vec<std::os::fd::RawFd>),
@@ -162,14 +163,19 @@ struct Worker {
 impl Worker {
     fn start(config: &Config, id: u64) -> Result<Worker> {
         let name = format!("PoolWorker-{id}");
-        let setup = WorkerSetup { initializer: config.initializer.as_ref().map(|i| i.task.into()) };
+        let args_in_memory = matches!(
+            config.initializer,
+            Some(Initializer { args: InitArgs::Encoded { in_memory: true, .. }, .. })
+        );
+        let initializer = config.initializer.as_ref().map(|i| i.task.into());
+        let setup = WorkerSetup { initializer, args_in_memory };
         let start = start_message("multiproc::pool::worker", &name, true, Some(setup));
         let work = match config.initializer.as_ref().map(|i| &i.args) {
-            Some(InitArgs::Encoded(args, attachments)) => {
+            Some(InitArgs::Encoded { bytes, attachments, .. }) => {
                 let attachments = attachments
                     .try_clone()
                     .map_err(|e| Error::io("dup of an initializer argument's fd", e))?;
-                Work::Sent(Arc::clone(args), attachments)
+                Work::Sent(Arc::clone(bytes), attachments)
             }
             None if !config.method.moves_arguments() => {
                 Work::Sent(Arc::default(), Attachments::default())

@@ -34,8 +34,14 @@ use crate::codec;
 use crate::error::{ChildFailure, Error, ErrorKind, Result};
 use crate::method::StartMethod;
 use crate::registry::{self, State};
+use crate::shm::SealedMemory;
 use crate::task::{Portable, Task};
 use crate::wire::ItemResult;
+
+/// Encoded initializer arguments of at least this many bytes reach the workers through one
+/// sealed memory file that each maps, instead of a copy through every worker's socket (which
+/// the parent writes worker by worker, each receiving into fresh memory).
+const SHARED_ARGS_MIN: usize = 1 << 20;
 
 /// Configures a pool before its workers start: `ctx.pool().processes(4).build()`.
 ///
@@ -74,7 +80,9 @@ impl PoolBuilder<()> {
     /// runs (`fn t(state: &S, item: A)`), never sent again.
     ///
     /// The arguments are encoded once here and sent to each worker (spawn, forkserver), or
-    /// moved into each forked worker without being serialized (fork). If the initializer
+    /// moved into each forked worker without being serialized (fork). Encoded arguments of a
+    /// megabyte or more are written once into sealed shared memory, which every worker maps
+    /// and decodes from, instead of being sent through each worker's socket. If the initializer
     /// panics, `build()` fails with that panic; if it panics in a replacement worker, the pool
     /// stops replacing workers (no endless respawn loop) and finishes with those it has.
     pub fn initializer<A: Portable, S: Send + 'static>(
@@ -97,12 +105,27 @@ impl PoolBuilder<()> {
             });
             Ok(InitArgs::Moved(make, kept))
         } else {
-            let (bytes, attachments) = codec::collecting(|| codec::encode(&args));
-            bytes.map(|bytes| InitArgs::Encoded(Arc::new(bytes), attachments)).map_err(|e| {
-                Error::new(
-                    ErrorKind::Encode,
-                    format!("arguments of initializer `{}`: {e}", task.name()),
-                )
+            let (encoded, attachments) = codec::collecting(|| {
+                let bytes = codec::encode(&args).map_err(|e| {
+                    Error::new(
+                        ErrorKind::Encode,
+                        format!("arguments of initializer `{}`: {e}", task.name()),
+                    )
+                })?;
+                if bytes.len() < SHARED_ARGS_MIN {
+                    return Ok((bytes, false));
+                }
+                // Inside the same collection, so that the memory's descriptor comes after
+                // those the arguments hold and their indices stay as encoded.
+                let memory = SealedMemory::from_bytes(&bytes)?;
+                let handle = codec::encode(&memory)
+                    .map_err(|e| Error::new(ErrorKind::Encode, format!("{e}")))?;
+                Ok((handle, true))
+            });
+            encoded.map(|(bytes, in_memory)| InitArgs::Encoded {
+                bytes: Arc::new(bytes),
+                attachments,
+                in_memory,
             })
         };
         let (initializer, error) = match args {
