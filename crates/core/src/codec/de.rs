@@ -265,7 +265,16 @@ struct Elements<'a, 'de> {
     len: usize,
 }
 
-impl Elements<'_, '_> {
+impl<'de> Elements<'_, 'de> {
+    /// The next element (or map key), if any is left.
+    fn next<T: DeserializeSeed<'de>>(&mut self, seed: T) -> Result<Option<T::Value>, CodecError> {
+        if self.len == 0 {
+            return Ok(None);
+        }
+        self.len -= 1;
+        seed.deserialize(&mut *self.de).map(Some)
+    }
+
     /// What is left to decode, but never more than there are bytes left: a visitor that
     /// allocates for it cannot be made to allocate more than the input could fill.
     fn size_hint(&self) -> Option<usize> {
@@ -280,11 +289,7 @@ impl<'de> de::SeqAccess<'de> for Elements<'_, 'de> {
         &mut self,
         seed: T,
     ) -> Result<Option<T::Value>, CodecError> {
-        if self.len == 0 {
-            return Ok(None);
-        }
-        self.len -= 1;
-        seed.deserialize(&mut *self.de).map(Some)
+        self.next(seed)
     }
 
     fn size_hint(&self) -> Option<usize> {
@@ -299,11 +304,7 @@ impl<'de> de::MapAccess<'de> for Elements<'_, 'de> {
         &mut self,
         seed: K,
     ) -> Result<Option<K::Value>, CodecError> {
-        if self.len == 0 {
-            return Ok(None);
-        }
-        self.len -= 1;
-        seed.deserialize(&mut *self.de).map(Some)
+        self.next(seed)
     }
 
     fn next_value_seed<V: DeserializeSeed<'de>>(

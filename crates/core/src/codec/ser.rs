@@ -28,6 +28,12 @@ impl<W: Writer> Encoder<W> {
         value.encode(&mut self.inner).map_err(encode_error)
     }
 
+    /// Starts a variant with fields: its index, then the fields as they come.
+    fn begin_variant(&mut self, index: u32) -> Result<&mut Self, CodecError> {
+        self.put(&index)?;
+        Ok(self)
+    }
+
     /// Writes a sequence or map length.
     fn put_len(&mut self, len: Option<usize>) -> Result<(), CodecError> {
         let len = len.ok_or_else(|| CodecError::new("a sequence must know its length"))?;
@@ -160,8 +166,7 @@ impl<W: Writer> ser::Serializer for &mut Encoder<W> {
         _variant: &'static str,
         _len: usize,
     ) -> Result<Self, CodecError> {
-        self.put(&index)?;
-        Ok(self)
+        self.begin_variant(index)
     }
 
     fn serialize_map(self, len: Option<usize>) -> Result<Self, CodecError> {
@@ -180,8 +185,7 @@ impl<W: Writer> ser::Serializer for &mut Encoder<W> {
         _variant: &'static str,
         _len: usize,
     ) -> Result<Self, CodecError> {
-        self.put(&index)?;
-        Ok(self)
+        self.begin_variant(index)
     }
 
     fn is_human_readable(&self) -> bool {
