@@ -1,10 +1,10 @@
 //! The value codec: serde's data model over bincode's primitives, behind a few functions so
 //! that the format can be replaced.
 //!
-//! [`ser`] and [`de`] map serde's shapes the way bincode's own serde support does (varint
+//! `ser` and `de` map serde's shapes the way bincode's own serde support does (varint
 //! integers, length-prefixed strings and sequences, variant indices), with two differences
 //! that matter for speed. A slice of plain numbers is written whole and read back into a
-//! `Vec` in one copy ([`packed`]). And a decode needs no byte limit: the input is always a
+//! `Vec` in one copy (`packed`). And a decode needs no byte limit: the input is always a
 //! slice in memory, so every length is checked against the bytes actually left before
 //! anything is allocated for it (bincode's own decoder allocates a claimed string length
 //! first, and with a limit, pays for counting on every element).
