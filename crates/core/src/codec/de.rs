@@ -55,36 +55,41 @@ impl<'de> BorrowReader<'de> for Cursor<'de> {
 
 /// A serde `Deserializer` reading from a slice.
 pub(super) struct Decoder<'de> {
-    rest: &'de [u8],
+    /// bincode's decoder over what is left of the input, kept for the whole decode (building
+    /// one per primitive costs a store-forwarding stall on every element).
+    inner: DecoderImpl<Cursor<'de>, bincode::config::Configuration, ()>,
 }
 
 impl<'de> Decoder<'de> {
     pub(super) fn new(input: &'de [u8]) -> Self {
-        Decoder { rest: input }
+        Decoder { inner: DecoderImpl::new(Cursor(input), config(), ()) }
+    }
+
+    /// What is left of the input.
+    #[inline]
+    fn rest(&mut self) -> &mut Cursor<'de> {
+        bincode::de::Decoder::reader(&mut self.inner)
     }
 
     /// Bytes not decoded yet.
-    pub(super) fn left(&self) -> usize {
-        self.rest.len()
+    pub(super) fn left(&mut self) -> usize {
+        self.rest().0.len()
     }
 
     /// Reads a `T` the way bincode writes it.
     #[inline]
     fn get<T: BorrowDecode<'de, ()>>(&mut self) -> Result<T, CodecError> {
-        let mut inner = DecoderImpl::new(Cursor(self.rest), config(), ());
-        let value = T::borrow_decode(&mut inner).map_err(decode_error)?;
-        self.rest = bincode::de::Decoder::reader(&mut inner).0;
-        Ok(value)
+        T::borrow_decode(&mut self.inner).map_err(decode_error)
     }
 
     /// Reads a sequence or map length, refusing one that the bytes left cannot hold.
     fn get_len(&mut self) -> Result<usize, CodecError> {
         let len = usize::try_from(self.get::<u64>()?)
             .map_err(|_| CodecError::new("a length does not fit in memory"))?;
-        if len > self.rest.len() && len > MAX_EMPTY_ELEMENTS {
+        let left = self.left();
+        if len > left && len > MAX_EMPTY_ELEMENTS {
             return Err(CodecError::new(format!(
-                "the bytes claim {len} elements with only {} bytes left",
-                self.rest.len()
+                "the bytes claim {len} elements with only {left} bytes left"
             )));
         }
         Ok(len)
@@ -92,10 +97,7 @@ impl<'de> Decoder<'de> {
 
     /// Takes the next `len` bytes.
     fn take(&mut self, len: usize) -> Result<&'de [u8], CodecError> {
-        let mut cursor = Cursor(self.rest);
-        let taken = cursor.take_bytes(len).map_err(decode_error)?;
-        self.rest = cursor.0;
-        Ok(taken)
+        self.rest().take_bytes(len).map_err(decode_error)
     }
 
     /// `visitor` over `len` elements written one after another.
@@ -104,7 +106,7 @@ impl<'de> Decoder<'de> {
         len: usize,
         visitor: V,
     ) -> Result<V::Value, CodecError> {
-        visitor.visit_seq(Elements { de: self, len })
+        visitor.visit_seq(Elements::new(self, len))
     }
 }
 
@@ -189,7 +191,7 @@ impl<'de> de::Deserializer<'de> for &mut Decoder<'de> {
     /// A packed sequence becomes the `Vec` its visitor wants in one copy, when that is a `Vec`
     /// of its very element type; otherwise its elements are handed over one by one.
     fn deserialize_seq<V: Visitor<'de>>(self, visitor: V) -> Result<V::Value, CodecError> {
-        if self.rest.first() != Some(&packed::PACKED) {
+        if self.rest().0.first() != Some(&packed::PACKED) {
             let len = self.get_len()?;
             return self.elements(len, visitor);
         }
@@ -198,15 +200,12 @@ impl<'de> de::Deserializer<'de> for &mut Decoder<'de> {
         let kind = Kind::from_byte(byte)
             .ok_or_else(|| CodecError::new(format!("unknown packed element kind {byte}")))?;
         let len = usize::try_from(self.get::<u64>()?).unwrap_or(usize::MAX);
-        let size = len
-            .checked_mul(kind.width())
-            .filter(|size| *size <= self.rest.len())
-            .ok_or_else(|| {
-                CodecError::new(format!(
-                    "the bytes claim {len} packed elements with only {} bytes left",
-                    self.rest.len()
-                ))
-            })?;
+        let left = self.left();
+        let size = len.checked_mul(kind.width()).filter(|size| *size <= left).ok_or_else(|| {
+            CodecError::new(format!(
+                "the bytes claim {len} packed elements with only {left} bytes left"
+            ))
+        })?;
         let bytes = self.take(size)?;
         match packed::to_vec::<V::Value>(kind, bytes) {
             Some(vec) => Ok(vec),
@@ -233,7 +232,7 @@ impl<'de> de::Deserializer<'de> for &mut Decoder<'de> {
 
     fn deserialize_map<V: Visitor<'de>>(self, visitor: V) -> Result<V::Value, CodecError> {
         let len = self.get_len()?;
-        visitor.visit_map(Elements { de: self, len })
+        visitor.visit_map(Elements::new(self, len))
     }
 
     fn deserialize_struct<V: Visitor<'de>>(
@@ -263,9 +262,17 @@ impl<'de> de::Deserializer<'de> for &mut Decoder<'de> {
 struct Elements<'a, 'de> {
     de: &'a mut Decoder<'de>,
     len: usize,
+    /// The bytes that were left when the elements began: no more elements can follow than
+    /// that (bar zero-size ones, which need no room).
+    room: usize,
 }
 
-impl<'de> Elements<'_, 'de> {
+impl<'a, 'de> Elements<'a, 'de> {
+    fn new(de: &'a mut Decoder<'de>, len: usize) -> Self {
+        let room = de.left();
+        Elements { de, len, room }
+    }
+
     /// The next element (or map key), if any is left.
     fn next<T: DeserializeSeed<'de>>(&mut self, seed: T) -> Result<Option<T::Value>, CodecError> {
         if self.len == 0 {
@@ -278,7 +285,7 @@ impl<'de> Elements<'_, 'de> {
     /// What is left to decode, but never more than there are bytes left: a visitor that
     /// allocates for it cannot be made to allocate more than the input could fill.
     fn size_hint(&self) -> Option<usize> {
-        Some(self.len.min(self.de.left()))
+        Some(self.len.min(self.room))
     }
 }
 
