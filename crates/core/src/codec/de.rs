@@ -95,6 +95,38 @@ impl<'de> Decoder<'de> {
         Ok(len)
     }
 
+    /// The kind and elements of a packed sequence, if one comes next (see `packed`).
+    fn get_packed(&mut self) -> Result<Option<(Kind, &'de [u8])>, CodecError> {
+        if self.rest().0.first() != Some(&packed::PACKED) {
+            return Ok(None);
+        }
+        self.take(1)?;
+        let byte = self.get::<u8>()?;
+        let kind = Kind::from_byte(byte)
+            .ok_or_else(|| CodecError::new(format!("unknown packed element kind {byte}")))?;
+        let len = usize::try_from(self.get::<u64>()?).unwrap_or(usize::MAX);
+        let left = self.left();
+        let size = len.checked_mul(kind.width()).filter(|size| *size <= left).ok_or_else(|| {
+            CodecError::new(format!(
+                "the bytes claim {len} packed elements with only {left} bytes left"
+            ))
+        })?;
+        self.take(size).map(|bytes| Some((kind, bytes)))
+    }
+
+    /// A byte string: length-prefixed, or a packed sequence of `u8`, which is what a `Vec<u8>`
+    /// or `&[u8]` is written as (so a `Vec<u8>` still reads as `serde_bytes` or `Bytes`, as it
+    /// did with bincode).
+    fn get_bytes(&mut self) -> Result<&'de [u8], CodecError> {
+        match self.get_packed()? {
+            None => self.get::<&'de [u8]>(),
+            Some((Kind::U8, bytes)) => Ok(bytes),
+            Some((kind, _)) => {
+                Err(CodecError::new(format!("expected bytes, found packed {kind:?} elements")))
+            }
+        }
+    }
+
     /// Takes the next `len` bytes.
     fn take(&mut self, len: usize) -> Result<&'de [u8], CodecError> {
         self.rest().take_bytes(len).map_err(decode_error)
@@ -144,8 +176,14 @@ impl<'de> de::Deserializer<'de> for &mut Decoder<'de> {
         deserialize_f32 => visit_f32(f32), deserialize_f64 => visit_f64(f64),
         deserialize_str => visit_borrowed_str(&'de str),
         deserialize_string => visit_borrowed_str(&'de str),
-        deserialize_bytes => visit_borrowed_bytes(&'de [u8]),
-        deserialize_byte_buf => visit_borrowed_bytes(&'de [u8]),
+    }
+
+    fn deserialize_bytes<V: Visitor<'de>>(self, visitor: V) -> Result<V::Value, CodecError> {
+        visitor.visit_borrowed_bytes(self.get_bytes()?)
+    }
+
+    fn deserialize_byte_buf<V: Visitor<'de>>(self, visitor: V) -> Result<V::Value, CodecError> {
+        visitor.visit_borrowed_bytes(self.get_bytes()?)
     }
 
     fn deserialize_any<V: Visitor<'de>>(self, _visitor: V) -> Result<V::Value, CodecError> {
@@ -191,22 +229,10 @@ impl<'de> de::Deserializer<'de> for &mut Decoder<'de> {
     /// A packed sequence becomes the `Vec` its visitor wants in one copy, when that is a `Vec`
     /// of its very element type; otherwise its elements are handed over one by one.
     fn deserialize_seq<V: Visitor<'de>>(self, visitor: V) -> Result<V::Value, CodecError> {
-        if self.rest().0.first() != Some(&packed::PACKED) {
+        let Some((kind, bytes)) = self.get_packed()? else {
             let len = self.get_len()?;
             return self.elements(len, visitor);
-        }
-        self.take(1)?;
-        let byte = self.get::<u8>()?;
-        let kind = Kind::from_byte(byte)
-            .ok_or_else(|| CodecError::new(format!("unknown packed element kind {byte}")))?;
-        let len = usize::try_from(self.get::<u64>()?).unwrap_or(usize::MAX);
-        let left = self.left();
-        let size = len.checked_mul(kind.width()).filter(|size| *size <= left).ok_or_else(|| {
-            CodecError::new(format!(
-                "the bytes claim {len} packed elements with only {left} bytes left"
-            ))
-        })?;
-        let bytes = self.take(size)?;
+        };
         match packed::to_vec::<V::Value>(kind, bytes) {
             Some(vec) => Ok(vec),
             None => visitor.visit_seq(Packed { kind, bytes }),

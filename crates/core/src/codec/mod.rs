@@ -463,6 +463,44 @@ mod tests {
     }
 
     #[test]
+    fn a_vec_of_bytes_still_reads_as_a_byte_string() {
+        /// What `serde_bytes::ByteBuf` is: a byte string read through `deserialize_byte_buf`.
+        #[derive(Debug)]
+        struct ByteString(Vec<u8>);
+        impl<'de> serde::Deserialize<'de> for ByteString {
+            fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+                struct Visit;
+                impl serde::de::Visitor<'_> for Visit {
+                    type Value = ByteString;
+                    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                        f.write_str("bytes")
+                    }
+                    fn visit_bytes<E>(self, bytes: &[u8]) -> Result<ByteString, E> {
+                        Ok(ByteString(bytes.to_vec()))
+                    }
+                }
+                d.deserialize_byte_buf(Visit)
+            }
+        }
+        let bytes = encode(&vec![1u8, 2, 3]).unwrap();
+        assert_eq!(decode::<ByteString>(&bytes).unwrap().0, [1, 2, 3]);
+        let err = decode::<ByteString>(&encode(&vec![1u16, 2]).unwrap()).unwrap_err();
+        assert!(err.to_string().contains("packed U16"), "{err}");
+        // And the other way: a byte string reads as a Vec<u8>.
+        let written = encode(&Inline(&[4, 5])).unwrap();
+        assert_eq!(decode::<Vec<u8>>(&written).unwrap(), [4, 5]);
+    }
+
+    /// A byte string written through `serialize_bytes`.
+    struct Inline<'a>(&'a [u8]);
+
+    impl Serialize for Inline<'_> {
+        fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+            s.serialize_bytes(self.0)
+        }
+    }
+
+    #[test]
     fn lying_packed_headers_are_errors_not_allocations() {
         let mut bytes = encode(&vec![1u64; 4]).unwrap();
         bytes.truncate(bytes.len() - 1);
