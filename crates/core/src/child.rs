@@ -47,6 +47,21 @@ pub fn fingerprint() -> u64 {
     *FINGERPRINT.get_or_init(|| sys::executable_fingerprint().unwrap_or(0))
 }
 
+/// Sets up, in a process about to fork, the state that every child runtime would otherwise
+/// set up in its own copy: the task index, the calling thread's handle, the codec's
+/// thread-local tables (whose destructors are registered on first use), stdout's buffer.
+///
+/// A forked child shares its parent's memory only until it writes to it. Each of these, done
+/// first in the child, cost it page faults (copies of the pages it wrote, lazy symbol binding
+/// inside libc, the registry's hash map): about fifteen per child, each some microseconds on a
+/// virtual machine. Done once here, they cost every later child nothing.
+pub fn warm_up() {
+    registry::build_index_now();
+    let _ = thread::current();
+    codec::warm_up();
+    let _ = std::io::stdout();
+}
+
 /// What the task did, ready to be sent.
 enum Outcome {
     /// The encoded value and what travels beside it.

@@ -144,6 +144,15 @@ enum Slot {
     Duplicate(usize),
 }
 
+/// Builds the name index now, if it is not built yet.
+///
+/// The forkserver calls this before its first fork, so that its children inherit the index
+/// instead of each building one (a hash map of every task, seeded from `getrandom`) before it
+/// can look its task up.
+pub fn build_index_now() {
+    index();
+}
+
 fn index() -> &'static HashMap<&'static str, Slot> {
     static INDEX: OnceLock<HashMap<&'static str, Slot>> = OnceLock::new();
     INDEX.get_or_init(|| build_index(&TASKS))

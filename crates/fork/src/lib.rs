@@ -10,7 +10,7 @@
 use multiproc_core::channel::Channel;
 use multiproc_core::sys::{self, Forked};
 use multiproc_core::{
-    ChildHandle, DirectChild, Error, ErrorKind, Payload, Result, StartMethod, StartRequest,
+    ChildHandle, DirectChild, Error, ErrorKind, Payload, Result, StartMethod, StartRequest, child,
 };
 
 pub use multiproc_core::MultithreadedForkPermit;
@@ -47,6 +47,7 @@ impl StartMethod for Fork {
         let Payload::Moved(main) = request.payload else {
             return Err(Error::new(ErrorKind::Io, "the fork start method needs a moved payload"));
         };
+        child::warm_up();
         let close_in_child = [request.parent_end];
         let forked = match self.permit {
             Some(permit) => {

@@ -32,6 +32,7 @@ struct Served {
 
 fn serve(control: OwnedFd) -> ! {
     sys::ignore_signal(libc::SIGINT);
+    child::warm_up();
     let control = Channel::from_fd(control);
     let hello = Reply::Hello { version: VERSION, fingerprint: child::fingerprint() };
     if wire::send(&control, &hello, &[], &[], &[], None, None).is_err() {
@@ -39,6 +40,8 @@ fn serve(control: OwnedFd) -> ! {
     }
     let mut control = control;
     let mut children: Vec<Served> = Vec::new();
+    // What each child must reset; asked again after a preload, whose code may install handlers.
+    let mut to_reset = sys::signals_not_default();
     loop {
         let ready = {
             let mut set: Vec<PollFd<'_>> = Vec::with_capacity(children.len() + 1);
@@ -65,9 +68,12 @@ fn serve(control: OwnedFd) -> ! {
                 match wire::decode::<Request>(&frame) {
                     Ok((Request::Preload { task }, args)) if children.is_empty() => {
                         run_preload(&task, args, &control);
+                        to_reset = sys::signals_not_default();
+                        child::warm_up();
                     }
                     Ok((Request::Fork, _)) => {
-                        fork_one(frame, &control, frames.as_slice(), &mut children);
+                        let later = frames.as_slice();
+                        fork_one(frame, &control, later, &mut children, &to_reset);
                     }
                     // A malformed or out-of-order request is dropped, with its fds.
                     _ => {}
@@ -126,7 +132,13 @@ fn run_preload(task: &str, args: &[u8], control: &Channel) {
     }
 }
 
-fn fork_one(frame: Frame, control: &Channel, later: &[Frame], children: &mut Vec<Served>) {
+fn fork_one(
+    frame: Frame,
+    control: &Channel,
+    later: &[Frame],
+    children: &mut Vec<Served>,
+    to_reset: &[i32],
+) {
     let mut fds = frame.fds.into_iter();
     let (Some(channel), Some(status), None) = (fds.next(), fds.next(), fds.next()) else {
         return;
@@ -148,7 +160,7 @@ fn fork_one(frame: Frame, control: &Channel, later: &[Frame], children: &mut Vec
     };
     match forked {
         Ok(Forked::Child) => {
-            sys::reset_signals();
+            sys::reset_signals(to_reset);
             child::serve(Channel::from_fd(channel))
         }
         Ok(Forked::Parent(pid)) => {

@@ -100,6 +100,16 @@ thread_local! {
     static PROBE: RefCell<Option<Vec<RawFd>>> = const { RefCell::new(None) };
 }
 
+/// Touches this thread's side tables, which registers their destructors with the C runtime.
+///
+/// A process that forks calls this first (see `child::warm_up`), so that each child finds them
+/// registered instead of doing it in its own copy of memory.
+pub(crate) fn warm_up() {
+    OUTGOING.with(|_| ());
+    INCOMING.with(|_| ());
+    PROBE.with(|_| ());
+}
+
 /// The descriptor numbers that `value` holds (its `Fd`s, `Connection`s, shared memory),
 /// found by encoding it into nothing; no descriptor is duplicated.
 pub fn fds_in<T: Serialize + ?Sized>(value: &T) -> Vec<RawFd> {

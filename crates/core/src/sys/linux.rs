@@ -572,15 +572,30 @@ pub fn take_env(name: &str) -> Option<OsString> {
     Some(value)
 }
 
-/// Resets every catchable signal to its default disposition and unblocks all signals.
+/// The catchable signals whose disposition is not `SIG_DFL`: those ignored or handled.
 ///
-/// Used in a forkserver child so that the server's own choices (it ignores SIGINT) do not leak
-/// into user code.
-pub fn reset_signals() {
-    for signal in 1..libc::SIGRTMAX() {
-        if signal == libc::SIGKILL || signal == libc::SIGSTOP {
-            continue;
-        }
+/// One `sigaction` query per signal. The forkserver asks once, whenever its dispositions may
+/// have changed, so that each child resets only these instead of making some sixty calls.
+pub fn signals_not_default() -> Vec<i32> {
+    (1..libc::SIGRTMAX())
+        .filter(|&signal| signal != libc::SIGKILL && signal != libc::SIGSTOP)
+        .filter(|&signal| {
+            let mut old = MaybeUninit::<libc::sigaction>::uninit();
+            // SAFETY: a null new action only reads the disposition, which the kernel writes
+            // into `old`; `old` is read only after the call succeeded.
+            let queried = unsafe { libc::sigaction(signal, ptr::null(), old.as_mut_ptr()) == 0 };
+            // SAFETY: initialised by the successful sigaction above.
+            queried && unsafe { old.assume_init() }.sa_sigaction != libc::SIG_DFL
+        })
+        .collect()
+}
+
+/// Resets each of `signals` to its default disposition and unblocks all signals.
+///
+/// Used in a forkserver child, with the server's [`signals_not_default`], so that the server's
+/// own choices (it ignores SIGINT) do not leak into user code.
+pub fn reset_signals(signals: &[i32]) {
+    for &signal in signals {
         // SAFETY: installing SIG_DFL for a valid signal number has no memory preconditions.
         unsafe { libc::signal(signal, libc::SIG_DFL) };
     }
