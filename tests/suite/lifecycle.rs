@@ -9,7 +9,7 @@ use multiproc_core::sys::{self, POLLIN, PollFd};
 
 use crate::Scenario;
 use crate::common::{
-    DEADLINE, add, ensure, fd_count, join, nap, wait_gone, whoami, zombie_children,
+    DEADLINE, add, ensure, fd_count, join, nap, wait_gone, warm_up, whoami, zombie_children,
 };
 
 pub const SCENARIOS: &[Scenario] = &[
@@ -22,6 +22,7 @@ pub const SCENARIOS: &[Scenario] = &[
     ("dropping_a_running_daemon_kills_it", dropping_a_running_daemon_kills_it),
     ("daemon_exits_when_its_parent_dies", daemon_exits_when_its_parent_dies),
     ("sequential_starts_leak_nothing", sequential_starts_leak_nothing),
+    ("arguments_around_the_presend_bound", arguments_around_the_presend_bound),
     ("concurrent_starts_from_8_threads", concurrent_starts_from_8_threads),
 ];
 
@@ -139,6 +140,27 @@ fn daemon_exits_when_its_parent_dies(ctx: &Context) -> Result<(), Failed> {
         }
         None => Err(format!("daemon grandchild {grandchild} outlived its parent by 10 s").into()),
     }
+}
+
+/// The length and byte sum of `bytes`.
+#[multiproc::task]
+fn measure(bytes: Vec<u8>) -> (usize, u64) {
+    (bytes.len(), bytes.iter().map(|&b| u64::from(b)).sum())
+}
+
+/// Arguments small enough to be written before the child exists (2 KiB with the message), and
+/// larger ones written after, reach the child whole.
+fn arguments_around_the_presend_bound(ctx: &Context) -> Result<(), Failed> {
+    warm_up(ctx)?;
+    let before = fd_count();
+    for len in [0, 1, 1900, 2000, 2048, 2100, 70_000] {
+        let bytes: Vec<u8> = (0..len).map(|i| (i % 251) as u8).collect();
+        let expected = (bytes.len(), bytes.iter().map(|&b| u64::from(b)).sum::<u64>());
+        let got = join(ctx.process(measure, bytes).start()?)??;
+        ensure(got == expected, || format!("{len} bytes: got {got:?}, expected {expected:?}"))?;
+    }
+    ensure(fd_count() == before, || format!("fds before {before}, after {}", fd_count()))?;
+    ensure(zombie_children().is_empty(), || "zombies left".into())
 }
 
 fn sequential_starts_leak_nothing(ctx: &Context) -> Result<(), Failed> {

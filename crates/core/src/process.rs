@@ -133,6 +133,12 @@ pub(crate) struct Launched {
     pub(crate) channel: Channel,
 }
 
+/// The largest `Start` message with its arguments that [`launch`] writes before the child
+/// exists. A Unix stream socket takes a first write of up to half its send buffer, less 64
+/// bytes, as one buffer without waiting; the smallest send buffer Linux allows is above 4 KiB,
+/// so this much and the 16-byte frame header always fit.
+const PRESEND_MAX: usize = 2048;
+
 /// Starts a child with `method` and hands it `start` and its work.
 ///
 /// A child that dies before it reads its work is not an error here: whoever waits for it
@@ -141,10 +147,18 @@ pub(crate) fn launch(method: &dyn StartMethod, start: &Start, work: Work) -> Res
     let name = &start.name;
     let (parent_end, child_end) =
         Channel::pair().map_err(|e| Error::io(format!("socketpair for {name}"), e))?;
-    let (payload, sent_args) = match work {
+    let (payload, mut sent_args) = match work {
         Work::Moved(main) => (Payload::Moved(main), None),
         Work::Sent(args, attachments) => (Payload::Sent, Some((args, attachments))),
     };
+    // A small `Start` goes into the channel before the child exists, so that a child forked by
+    // the forkserver finds its task as soon as it runs, instead of waiting for us to learn its
+    // pid and then write: that saves a round trip through this process on every start.
+    if let Some((args, attachments)) = &sent_args
+        && presend(&parent_end, start, args, attachments)?
+    {
+        sent_args = None;
+    }
     let request =
         StartRequest { channel: child_end.into_fd(), parent_end: parent_end.as_fd(), payload };
     let child = method.start(request)?;
@@ -167,6 +181,29 @@ pub(crate) fn launch(method: &dyn StartMethod, start: &Start, work: Work) -> Res
         }
     }
     Ok(Launched { child, channel: parent_end })
+}
+
+/// Writes `start` and its arguments into a new child's channel if they fit its buffer whole, so
+/// that the write cannot block before anyone reads; true if it did.
+fn presend(
+    channel: &Channel,
+    start: &Start,
+    args: &[u8],
+    attachments: &Attachments,
+) -> Result<bool> {
+    if !attachments.blocks.is_empty() || args.len() > PRESEND_MAX {
+        return Ok(false);
+    }
+    let head = wire::head(start).map_err(|e| {
+        Error::new(ErrorKind::Encode, format!("the start message of {}: {e}", start.name))
+    })?;
+    if head.len() + args.len() > PRESEND_MAX {
+        return Ok(false);
+    }
+    channel.send(&[&head, args], &attachments.borrowed_fds(), &[], None, None).map_err(|e| {
+        Error::new(ErrorKind::Io, format!("writing the task of {}: {e}", start.name))
+    })?;
+    Ok(true)
 }
 
 /// The parent's side of the handshake: `None` if the child's `Hello` matches us.
