@@ -153,6 +153,12 @@ pub fn check_in(path: &std::path::Path, value: u64) -> u64 {
     value
 }
 
+/// Checks in at the gate at `path`, waits for the test's word, then returns `value`.
+#[task]
+pub fn gated(path: std::path::PathBuf, value: u64) -> u64 {
+    check_in(&path, value)
+}
+
 /// Reads the pid a child sent with [`check_in`].
 pub fn read_pid(stream: &mut std::os::unix::net::UnixStream) -> Result<u32, Failed> {
     use std::io::Read;

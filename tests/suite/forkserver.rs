@@ -16,7 +16,8 @@ use multiproc_core::sys::{self, POLLIN, PollFd};
 
 use crate::Scenario;
 use crate::common::{
-    DEADLINE, add, ensure, fd_count, join, living_children, nap, wait_gone, zombie_children,
+    DEADLINE, Gate, add, ensure, fd_count, gated, join, living_children, nap, read_pid, wait_gone,
+    zombie_children,
 };
 
 pub const SCENARIOS: &[Scenario] = &[
@@ -28,6 +29,7 @@ pub const SCENARIOS: &[Scenario] = &[
     ("preload_panic_fails_every_start_without_relaunch", preload_panic),
     ("server_ignores_sigint_and_children_do_not", sigint),
     ("children_hold_only_stdio_and_their_channel", children_fds),
+    ("join_does_not_wait_for_the_servers_report", join_without_report),
 ];
 
 fn busy_threads(ctx: &Context) -> Result<(), Failed> {
@@ -350,4 +352,30 @@ fn children_fds(ctx: &Context) -> Result<(), Failed> {
         })?;
     }
     Ok(())
+}
+
+/// `join` of a child that returned needs only the child to be gone, not the server's report of
+/// its status: with the server stopped, join still returns the value; continued, the server
+/// reaps the child.
+fn join_without_report(ctx: &Context) -> Result<(), Failed> {
+    use std::io::Write;
+    join(ctx.process(add, (0, 0)).start()?)??;
+    let server = multiproc::forkserver_pid().ok_or("no forkserver after a start")?;
+    let server = sys::pidfd_open(server)?;
+    let gate = Gate::new("report")?;
+    let process = ctx.process(gated, (gate.path(), 7)).start()?;
+    let mut conn = gate.accept()?;
+    let child = read_pid(&mut conn)?;
+    sys::pidfd_send_signal(server.as_fd(), libc::SIGSTOP)?;
+    let (tx, rx) = std::sync::mpsc::channel();
+    let joiner = std::thread::spawn(move || {
+        let _ = tx.send(process.join().map_err(|e| e.to_string()));
+    });
+    conn.write_all(&[1])?;
+    let joined = rx.recv_timeout(DEADLINE);
+    // Whatever happened, the server goes on: a join that waited for it returns now.
+    sys::pidfd_send_signal(server.as_fd(), libc::SIGCONT)?;
+    let _ = joiner.join();
+    ensure(joined == Ok(Ok(7)), || format!("join with the server stopped: {joined:?}"))?;
+    ensure(wait_gone(child, DEADLINE).is_some(), || format!("child {child} was not reaped"))
 }

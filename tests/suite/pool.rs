@@ -4,7 +4,6 @@
 use std::collections::{BTreeMap, HashSet};
 use std::io::Write;
 use std::os::fd::AsFd;
-use std::path::PathBuf;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
@@ -15,7 +14,7 @@ use serde::{Serialize, Serializer};
 
 use crate::Scenario;
 use crate::common::{
-    DEADLINE, Gate, add, check_in, ensure, fd_count, living_children, nap, read_pid, wait_gone,
+    DEADLINE, Gate, add, ensure, fd_count, gated, living_children, nap, read_pid, wait_gone,
     warm_up, whoami, zombie_children,
 };
 
@@ -206,12 +205,6 @@ fn imap_unordered(ctx: &Context) -> Result<(), Failed> {
             })
         },
     )
-}
-
-/// Checks in at the gate, waits for the test's word, then returns `value`.
-#[task]
-fn gated(path: PathBuf, value: u64) -> u64 {
-    check_in(&path, value)
 }
 
 fn apply_async(ctx: &Context) -> Result<(), Failed> {

@@ -81,6 +81,12 @@ pub trait ChildHandle: Send + fmt::Debug {
         self.sentinel()
     }
 
+    /// Whether another process reaps the child (the forkserver does its children), so that
+    /// dropping this handle once the child has ended leaves no zombie of ours behind.
+    fn reaped_elsewhere(&self) -> bool {
+        false
+    }
+
     /// The child's exit status if it has ended, reaping it; never blocks.
     fn try_wait(&mut self) -> io::Result<Option<ExitStatus>>;
 

@@ -91,6 +91,7 @@ impl<A: Portable, R: Portable> ProcessBuilder<A, R> {
             broken: None,
             cut_short: None,
             status: None,
+            gone: false,
             result_taken: false,
             signalled: false,
             _result: PhantomData,
@@ -225,6 +226,15 @@ fn next_default_name() -> String {
     format!("Process-{}", COUNTER.fetch_add(1, Ordering::Relaxed))
 }
 
+/// What a wait must establish before it returns.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Need {
+    /// How the child ended: `join_timeout`, and everything that reports a status later.
+    Status,
+    /// Only that it ended and what it sent: `join`, which consumes the handle.
+    End,
+}
+
 /// What the child sent after its hello.
 #[derive(Debug)]
 enum Reply {
@@ -254,6 +264,8 @@ pub struct Process<R> {
     /// or, if it exited cleanly, it wrote a frame it did not finish.
     cut_short: Option<FrameError>,
     status: Option<ExitStatus>,
+    /// The process is known to have ended, its status not yet reported (see [`Need::End`]).
+    gone: bool,
     result_taken: bool,
     signalled: bool,
     _result: PhantomData<fn() -> R>,
@@ -325,7 +337,7 @@ impl<R: Portable> Process<R> {
     /// do not decode are all errors; [`Error::kind`] tells them apart and
     /// [`Error::exit_status`] says how the child ended.
     pub fn join(mut self) -> Result<R> {
-        self.wait_until(None)?;
+        self.wait_until(None, Need::End)?;
         self.take_result()
     }
 
@@ -334,7 +346,7 @@ impl<R: Portable> Process<R> {
     /// Once it has returned `Ok(Some(_))` or an error, the result is gone: a later `join` gives
     /// an [`ErrorKind::ResultTaken`] error.
     pub fn join_timeout(&mut self, timeout: Duration) -> Result<Option<R>> {
-        if self.wait_until(Some(Instant::now() + timeout))? {
+        if self.wait_until(Some(Instant::now() + timeout), Need::Status)? {
             self.take_result().map(Some)
         } else {
             Ok(None)
@@ -356,15 +368,32 @@ impl<R: Portable> Process<R> {
 
     /// Non-blocking: reads what the child sent so far and reaps it if it ended.
     fn poll_status(&mut self) -> Option<ExitStatus> {
-        let _ = self.wait_until(Some(Instant::now()));
+        let _ = self.wait_until(Some(Instant::now()), Need::Status);
         self.status
     }
 
     /// Reads replies and waits for the exit status until `deadline`; true once the child has
     /// ended and everything it sent has been read.
-    fn wait_until(&mut self, deadline: Option<Instant>) -> Result<bool> {
+    ///
+    /// With [`Need::End`], a child that returned a value and is reaped by another process (the
+    /// forkserver's) counts as ended once it is gone: its status, which the value does not
+    /// depend on, would take one more hop through that process.
+    fn wait_until(&mut self, deadline: Option<Instant>, need: Need) -> Result<bool> {
         loop {
             self.pump();
+            let returned = matches!(self.reply, Some(Reply::Returned(..)));
+            if self.status.is_none()
+                && need == Need::End
+                && returned
+                && !self.reading
+                && self.handle().reaped_elsewhere()
+            {
+                let mut set = [PollFd::new(self.handle().pidfd(), POLLIN)];
+                let gone = sys::poll(&mut set, deadline)
+                    .map_err(|e| Error::io(format!("poll on {}", self.label()), e))?;
+                self.gone = gone > 0;
+                return Ok(self.gone);
+            }
             if self.status.is_none() {
                 // Everything read and no deadline: all that is left is the exit, and waiting
                 // for it in waitid itself saves a poll and a second waitid.
@@ -544,7 +573,7 @@ impl<R> Drop for Process<R> {
         let Some(mut child) = self.child.take() else {
             return;
         };
-        if self.status.is_some() || matches!(child.try_wait(), Ok(Some(_))) {
+        if self.status.is_some() || self.gone || matches!(child.try_wait(), Ok(Some(_))) {
             return;
         }
         if self.daemon {

@@ -291,6 +291,10 @@ impl ChildHandle for ServedChild {
         self.pidfd.as_fd()
     }
 
+    fn reaped_elsewhere(&self) -> bool {
+        true
+    }
+
     fn try_wait(&mut self) -> io::Result<Option<ExitStatus>> {
         if self.status.is_some() {
             return Ok(self.status);
