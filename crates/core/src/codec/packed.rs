@@ -111,9 +111,7 @@ macro_rules! numbers {
         pub(super) fn to_vec<V>(kind: Kind, bytes: &[u8]) -> Option<V> {
             $(
                 if kind == $kind && unty::type_equal::<V, Vec<$ty>>() {
-                    let mut vec = vec![<$ty>::default(); bytes.len() / size_of::<$ty>()];
-                    bytemuck::cast_slice_mut::<$ty, u8>(&mut vec).copy_from_slice(bytes);
-                    return sys::vec_as::<V, $ty>(vec).ok();
+                    return sys::vec_as::<V, $ty>(sys::vec_from_bytes(bytes)).ok();
                 }
             )*
             None

@@ -772,6 +772,50 @@ pub fn large_buffer(len: usize) -> Vec<u8> {
     buf
 }
 
+/// Below this many bytes, memory is left to be faulted in page by page as it is filled.
+const PREFAULT_MIN: usize = 1 << 20;
+
+/// `madvise(MADV_POPULATE_WRITE)` over the whole pages inside `spare`—maps them writable in one
+/// call, just before the caller fills them.
+///
+/// Filling fresh memory otherwise takes one page fault per 4 KiB. On the virtual machines we
+/// measure on a fault costs about 1.8 µs, and for 80 MB, populating first and then copying took
+/// 31 ms where copying into unmapped pages took 42 ms. Nothing under 1 MiB is touched, and a
+/// kernel without the advice (before 5.14) simply leaves the faults to happen.
+pub fn prefault<T>(spare: &mut [MaybeUninit<T>]) {
+    const PAGE: usize = 4096;
+    let len = size_of_val(spare);
+    if len < PREFAULT_MIN {
+        return;
+    }
+    let start = (spare.as_ptr() as usize).next_multiple_of(PAGE);
+    let end = (spare.as_ptr() as usize + len) / PAGE * PAGE;
+    if end > start {
+        // SAFETY: [start, end) lies inside `spare`, which we borrow mutably, so no one else
+        // uses it; MADV_POPULATE_WRITE faults pages in as a write would, changing no byte.
+        unsafe {
+            libc::madvise(start as *mut libc::c_void, end - start, libc::MADV_POPULATE_WRITE)
+        };
+    }
+}
+
+/// A vector of the `P`s that `bytes` holds as they lie in memory (a whole number of them),
+/// copied into prefaulted memory.
+pub fn vec_from_bytes<P: bytemuck::Pod>(bytes: &[u8]) -> Vec<P> {
+    let count = bytes.len() / size_of::<P>();
+    assert_eq!(count * size_of::<P>(), bytes.len(), "a whole number of elements");
+    let mut vec = Vec::<P>::with_capacity(count);
+    prefault(vec.spare_capacity_mut());
+    // SAFETY: the vector has room for `count` elements, `count * size_of::<P>()` bytes, which
+    // is exactly `bytes.len()`; a fresh allocation cannot overlap `bytes`. Every bit pattern
+    // is a valid `P` (`Pod`), so once copied, all `count` elements are initialised.
+    unsafe {
+        std::ptr::copy_nonoverlapping(bytes.as_ptr(), vec.as_mut_ptr().cast::<u8>(), bytes.len());
+        vec.set_len(count);
+    }
+    vec
+}
+
 /// Whether `error` is `EMSGSIZE`: a record larger than the socket can ever take whole.
 pub fn is_message_too_long(error: &io::Error) -> bool {
     error.raw_os_error() == Some(libc::EMSGSIZE)

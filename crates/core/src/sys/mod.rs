@@ -75,6 +75,17 @@ mod tests {
     }
 
     #[test]
+    fn vec_from_bytes_copies_every_element_from_unaligned_bytes() {
+        // Past the prefault threshold, and one byte off alignment.
+        let values: Vec<u64> = (0..(3 << 20) / 8).map(|i| i * 0x9e37_79b9).collect();
+        let mut bytes = vec![0u8; 1];
+        bytes.extend_from_slice(bytemuck::cast_slice(&values));
+        assert_eq!(vec_from_bytes::<u64>(&bytes[1..]), values);
+        assert_eq!(vec_from_bytes::<u16>(&[1, 0, 2, 0]), [1, 2]);
+        assert!(vec_from_bytes::<u32>(&[]).is_empty());
+    }
+
+    #[test]
     fn signals_not_default_lists_an_ignored_signal_until_it_is_reset() {
         // SIGURG's default action is to do nothing, so ignoring it for a moment changes nothing
         // for the other tests of this process.
