@@ -6,7 +6,7 @@ use std::marker::PhantomData;
 use std::os::fd::BorrowedFd;
 use std::sync::Arc;
 use std::sync::Mutex;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use crate::channel::{Channel, Frame, FrameError};
@@ -590,16 +590,25 @@ impl<R> Drop for Process<R> {
 /// Children whose handles were dropped while they ran, reaped by later starts.
 static DETACHED: Mutex<Vec<Box<dyn ChildHandle>>> = Mutex::new(Vec::new());
 
+/// Whether [`DETACHED`] may hold a child: every start asks, and reading this, unlike taking
+/// the lock, writes nothing (a write is a copy-on-write fault after each fork).
+static ANY_DETACHED: AtomicBool = AtomicBool::new(false);
+
 fn detach(child: Box<dyn ChildHandle>) {
     if let Ok(mut detached) = DETACHED.lock() {
         detached.push(child);
+        ANY_DETACHED.store(true, Ordering::Release);
     }
 }
 
 /// Reaps detached children that have ended. A handle that cannot be waited on (as in a forked
 /// child, where the copied handles name its siblings) is dropped.
 fn reap_detached() {
+    if !ANY_DETACHED.load(Ordering::Acquire) {
+        return;
+    }
     if let Ok(mut detached) = DETACHED.lock() {
         detached.retain_mut(|child| matches!(child.try_wait(), Ok(None)));
+        ANY_DETACHED.store(!detached.is_empty(), Ordering::Release);
     }
 }

@@ -7,6 +7,7 @@
 
 use std::collections::BTreeSet;
 use std::os::fd::RawFd;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Mutex, MutexGuard};
 
 use serde::Serialize;
@@ -15,23 +16,35 @@ use crate::codec;
 
 static LIVE: Mutex<BTreeSet<RawFd>> = Mutex::new(BTreeSet::new());
 
+/// How many descriptors [`LIVE`] holds, kept beside it so that a program with none can tell
+/// without taking the lock: taking it writes to its page, which after every fork is a
+/// copy-on-write fault of its own.
+static COUNT: AtomicUsize = AtomicUsize::new(0);
+
 fn live() -> MutexGuard<'static, BTreeSet<RawFd>> {
     LIVE.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 /// Records `fd` as a pipe or queue descriptor owned by this process.
 pub fn track(fd: RawFd) {
-    live().insert(fd);
+    let mut live = live();
+    live.insert(fd);
+    COUNT.store(live.len(), Ordering::Release);
 }
 
 /// Forgets `fd`; called as its owner closes it.
 pub fn untrack(fd: RawFd) {
-    live().remove(&fd);
+    let mut live = live();
+    live.remove(&fd);
+    COUNT.store(live.len(), Ordering::Release);
 }
 
 /// The tracked descriptors that `keep` does not hold: what a forked child must close. Free when
 /// the program has none (`keep` is not walked then).
 pub fn to_close_in_child<K: Serialize + ?Sized>(keep: &K) -> Vec<RawFd> {
+    if COUNT.load(Ordering::Acquire) == 0 {
+        return Vec::new();
+    }
     let live: Vec<RawFd> = live().iter().copied().collect();
     if live.is_empty() {
         return live;
@@ -42,5 +55,8 @@ pub fn to_close_in_child<K: Serialize + ?Sized>(keep: &K) -> Vec<RawFd> {
 
 /// The tracked descriptors other than `kept`.
 pub fn other_than(kept: &[RawFd]) -> Vec<RawFd> {
+    if COUNT.load(Ordering::Acquire) == 0 {
+        return Vec::new();
+    }
     live().iter().copied().filter(|fd| !kept.contains(fd)).collect()
 }
