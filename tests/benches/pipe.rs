@@ -11,7 +11,8 @@ use std::io::{Read, Write};
 use std::time::{Duration, Instant};
 
 use common::{
-    Stats, Table, Target, Value, measure, python, python_time, raw_ping_pong, with_forked_peer,
+    Stats, Table, Target, Value, measure, on_one_cpu, python, python_time, raw_ping_pong,
+    with_forked_peer,
 };
 use multiproc::{Bytes, Connection, Context, RecvError, task};
 
@@ -110,6 +111,18 @@ fn main() -> Result<(), multiproc::Error> {
         Value::Time(ours.median),
         Value::Time(raw.median),
         python_time(&py, "rtt"),
+        Target::None,
+    );
+    let (ours_one, raw_one, py_one) = on_one_cpu(|| -> Result<_, multiproc::Error> {
+        let py = python("pipe_bench.py", &[runs.to_string(), "1".into()]);
+        Ok((ours_ping_pong(&ctx, runs)?, raw_ping_pong(runs), py))
+    })?;
+    table.row(
+        "round trip of a small message vs raw Unix-socket ping-pong, both on one CPU",
+        "any",
+        Value::Time(ours_one.median),
+        Value::Time(raw_one.median),
+        python_time(&py_one, "rtt"),
         Target::None,
     );
     for (size, count) in bulk {

@@ -8,7 +8,7 @@
 
 mod common;
 
-use common::{Table, Target, Value, measure, python, python_time, raw_ping_pong};
+use common::{Table, Target, Value, measure, on_one_cpu, python, python_time, raw_ping_pong};
 use multiproc::{Context, task};
 
 /// The trivial task.
@@ -98,7 +98,34 @@ fn main() -> Result<(), multiproc::Error> {
             vs_python(10.0, "≥ 10× Python (no claim against 3.11's forkserver)"),
         );
     }
+    // apply again with every process on one CPU, Python's included.
+    let ping_one = on_one_cpu(|| raw_ping_pong(applies));
+    for method in ["fork", "spawn", "forkserver"] {
+        let ctx = Context::new(method)?;
+        let (apply, py) = on_one_cpu(|| -> Result<_, multiproc::Error> {
+            let pool = ctx.pool().processes(processes).build()?;
+            let apply = measure(applies, || {
+                pool.apply(identity, 1).expect("apply");
+            });
+            drop(pool);
+            let args = [method.to_owned(), processes.to_string(), applies.to_string()];
+            let none = ["0", "0", "0", "0"].map(str::to_owned);
+            Ok((apply, python("pool_bench.py", &[args.as_slice(), &none].concat())))
+        })?;
+        table.row(
+            "apply round trip vs raw Unix-socket ping-pong, all on one CPU",
+            method,
+            Value::Time(apply.median),
+            Value::Time(ping_one.median),
+            python_time(&py, "apply"),
+            Target::AtMost(1.5),
+        );
+    }
     table.note("Python ÷ multiproc is Python's time over ours: above 1, multiproc is faster.");
+    table.note(
+        "\"All on one CPU\": this process, the workers and Python's are pinned to one CPU (see \
+         the start-up table).",
+    );
     table.note(
         "Python 3.11's forkserver re-runs the main module in every worker (fixed in 3.13); no \
          win is claimed from its rows.",

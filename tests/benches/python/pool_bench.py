@@ -4,7 +4,7 @@ Run by the Rust benchmark as
 `python3 -I -S pool_bench.py METHOD PROCESSES APPLY MAP IMAP MAP_RUNS IMAP_RUNS`; prints
 `apply <median round trip>`, `map <seconds>` and `imap <seconds>` lines. map and imap run once
 to warm up and then RUNS times, and the median is printed; IMAP_RUNS 0 means one run without a
-warm-up.
+warm-up, and MAP or IMAP 0 leaves that workload out.
 """
 
 import multiprocessing as mp
@@ -47,11 +47,18 @@ def main():
             count = sum(1 for _ in pool.imap(identity, range(imap_items), chunksize=1))
             assert count == imap_items
 
-        map_seconds = median_time(map_runs, run_map)
-        imap_seconds = median_time(imap_runs, run_imap) if imap_runs else timed(run_imap)
+        map_seconds = median_time(map_runs, run_map) if map_items else None
+        if not imap_items:
+            imap_seconds = None
+        elif imap_runs:
+            imap_seconds = median_time(imap_runs, run_imap)
+        else:
+            imap_seconds = timed(run_imap)
     print(f"apply {statistics.median(rtts)}")
-    print(f"map {map_seconds}")
-    print(f"imap {imap_seconds}")
+    if map_seconds is not None:
+        print(f"map {map_seconds}")
+    if imap_seconds is not None:
+        print(f"imap {imap_seconds}")
 
 
 if __name__ == "__main__":

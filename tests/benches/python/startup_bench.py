@@ -2,7 +2,7 @@
 
 `python3 -I -S startup_bench.py METHOD RUNS BURST BURST_RUNS` prints `start_join <median
 seconds>` for start -> join of a Process with a trivial target, one at a time, and `burst
-<median seconds>` for BURST processes started together, then joined.
+<median seconds>` for BURST processes started together, then joined (unless BURST_RUNS is 0).
 """
 
 import multiprocessing as mp
@@ -34,7 +34,8 @@ def main():
             p.join()
 
     print(f"start_join {median_time(runs, one)}")
-    print(f"burst {median_time(burst_runs, many)}")
+    if burst_runs:
+        print(f"burst {median_time(burst_runs, many)}")
 
 
 if __name__ == "__main__":

@@ -772,6 +772,37 @@ pub fn large_buffer(len: usize) -> Vec<u8> {
     buf
 }
 
+/// The CPUs the calling thread may run on (`sched_getaffinity(0)`), in ascending order.
+pub fn cpu_affinity() -> io::Result<Vec<usize>> {
+    let mut set = MaybeUninit::<libc::cpu_set_t>::zeroed();
+    // SAFETY: the kernel writes at most `size_of::<cpu_set_t>()` bytes into `set`, which
+    // starts zeroed, so every bit is initialised whatever it writes.
+    cvt(unsafe { libc::sched_getaffinity(0, size_of::<libc::cpu_set_t>(), set.as_mut_ptr()) })?;
+    // SAFETY: zeroed, then filled by the call above.
+    let set = unsafe { set.assume_init() };
+    // SAFETY: CPU_ISSET reads one bit of a live set, within CPU_SETSIZE.
+    Ok((0..libc::CPU_SETSIZE as usize)
+        .filter(|&cpu| unsafe { libc::CPU_ISSET(cpu, &set) })
+        .collect())
+}
+
+/// Lets the calling thread (and the processes it starts from now on, which inherit the mask)
+/// run only on `cpus` (`sched_setaffinity(0)`). The benchmarks use it to measure a round trip
+/// between processes that share one CPU.
+pub fn set_cpu_affinity(cpus: &[usize]) -> io::Result<()> {
+    // SAFETY: an all-zero cpu_set_t is the empty set.
+    let mut set: libc::cpu_set_t = unsafe { mem::zeroed() };
+    for &cpu in cpus {
+        if cpu >= libc::CPU_SETSIZE as usize {
+            return Err(io::Error::from_raw_os_error(libc::EINVAL));
+        }
+        // SAFETY: sets one bit of a live set; `cpu` is below CPU_SETSIZE (checked above).
+        unsafe { libc::CPU_SET(cpu, &mut set) };
+    }
+    // SAFETY: the kernel reads `size_of::<cpu_set_t>()` bytes from a live, initialised set.
+    cvt(unsafe { libc::sched_setaffinity(0, size_of::<libc::cpu_set_t>(), &set) }).map(drop)
+}
+
 /// Below this many bytes, memory is left to be faulted in page by page as it is filled.
 const PREFAULT_MIN: usize = 1 << 20;
 

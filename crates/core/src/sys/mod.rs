@@ -86,6 +86,22 @@ mod tests {
     }
 
     #[test]
+    fn cpu_affinity_can_be_narrowed_and_restored() {
+        let all = cpu_affinity().unwrap();
+        assert!(!all.is_empty());
+        // On a thread of its own, so that no other test runs pinned.
+        std::thread::spawn(move || {
+            set_cpu_affinity(&all[..1]).unwrap();
+            assert_eq!(cpu_affinity().unwrap(), all[..1]);
+            set_cpu_affinity(&all).unwrap();
+            assert_eq!(cpu_affinity().unwrap(), all);
+            assert!(set_cpu_affinity(&[libc::CPU_SETSIZE as usize]).is_err());
+        })
+        .join()
+        .unwrap();
+    }
+
+    #[test]
     fn signals_not_default_lists_an_ignored_signal_until_it_is_reset() {
         // SIGURG's default action is to do nothing, so ignoring it for a moment changes nothing
         // for the other tests of this process.
