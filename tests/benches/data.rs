@@ -9,7 +9,7 @@ mod common;
 
 use std::io::{Read, Write};
 
-use common::{Table, Target, Value, measure, python, python_time, with_forked_peer};
+use common::{Table, Target, Value, measure, measure_pair, python, python_time, with_forked_peer};
 use multiproc::{Bytes, Context, SharedMemory, task};
 
 /// Returns its argument.
@@ -94,11 +94,14 @@ fn main() -> Result<(), multiproc::Error> {
             assert_eq!(back.len(), size);
             held = Some(back);
         });
-        let nothing = measure(runs, || pool.apply(empty, ()).expect("empty"));
-        let shared = measure(runs, || {
-            let handle = memory.try_clone().expect("handle");
-            assert_eq!(pool.apply(touch, handle).expect("touch"), 2 * u32::from(b'x'));
-        });
+        let (shared, nothing) = measure_pair(
+            runs,
+            || {
+                let handle = memory.try_clone().expect("handle");
+                assert_eq!(pool.apply(touch, handle).expect("touch"), 2 * u32::from(b'x'));
+            },
+            || pool.apply(empty, ()).expect("empty"),
+        );
         drop(pool);
         let py = python("data_bench.py", &[method.into(), size.to_string(), runs.to_string()]);
         table.row(

@@ -11,8 +11,8 @@ use std::io::{Read, Write};
 use std::time::{Duration, Instant};
 
 use common::{
-    Stats, Table, Target, Value, measure, on_one_cpu, python, python_time, raw_ping_pong,
-    with_forked_peer,
+    Stats, Table, Target, Value, measure_pair, on_one_cpu, python, python_time, with_forked_peer,
+    with_raw_echo,
 };
 use multiproc::{Bytes, Connection, Context, RecvError, task};
 
@@ -35,12 +35,17 @@ fn sink(mut conn: Connection<Bytes>, count: usize) {
     conn.send(&Bytes::default()).expect("ack");
 }
 
-fn ours_ping_pong(ctx: &Context, runs: usize) -> Result<Stats, multiproc::Error> {
+/// Round trips through our pipe to an echo child and through a raw socket to a forked echo
+/// process, measured in alternation: (ours, raw).
+fn round_trips(ctx: &Context, runs: usize) -> Result<(Stats, Stats), multiproc::Error> {
     let (mut ours, theirs) = ctx.pipe::<u64>()?;
     let child = ctx.process(echo, theirs).start()?;
-    let stats = measure(runs, || {
-        ours.send(&7).expect("ping");
-        ours.recv().expect("pong");
+    let stats = with_raw_echo(|raw| {
+        let pipe = || {
+            ours.send(&7).expect("ping");
+            ours.recv().expect("pong");
+        };
+        measure_pair(runs, pipe, raw)
     });
     drop(ours);
     child.join()?;
@@ -103,8 +108,7 @@ fn main() -> Result<(), multiproc::Error> {
          (median of {repeats})",
         total >> 20
     ));
-    let raw = raw_ping_pong(runs);
-    let ours = ours_ping_pong(&ctx, runs)?;
+    let (ours, raw) = round_trips(&ctx, runs)?;
     table.row(
         "round trip of a small message vs raw Unix-socket ping-pong",
         "any",
@@ -113,9 +117,9 @@ fn main() -> Result<(), multiproc::Error> {
         python_time(&py, "rtt"),
         Target::None,
     );
-    let (ours_one, raw_one, py_one) = on_one_cpu(|| -> Result<_, multiproc::Error> {
+    let ((ours_one, raw_one), py_one) = on_one_cpu(|| -> Result<_, multiproc::Error> {
         let py = python("pipe_bench.py", &[runs.to_string(), "1".into()]);
-        Ok((ours_ping_pong(&ctx, runs)?, raw_ping_pong(runs), py))
+        Ok((round_trips(&ctx, runs)?, py))
     })?;
     table.row(
         "round trip of a small message vs raw Unix-socket ping-pong, both on one CPU",

@@ -8,13 +8,30 @@
 
 mod common;
 
-use common::{Table, Target, Value, measure, on_one_cpu, python, python_time, raw_ping_pong};
+use common::{
+    Stats, Table, Target, Value, measure, measure_pair, on_one_cpu, python, python_time,
+    with_raw_echo,
+};
 use multiproc::{Context, task};
 
 /// The trivial task.
 #[task]
 fn identity(x: u64) -> u64 {
     x
+}
+
+/// `apply` round trips on `pool` and raw socket round trips to a forked echo process, measured
+/// in alternation.
+fn apply_beside_raw(pool: &multiproc::Pool, runs: usize) -> (Stats, Stats) {
+    with_raw_echo(|round_trip| {
+        measure_pair(
+            runs,
+            || {
+                pool.apply(identity, 1).expect("apply");
+            },
+            round_trip,
+        )
+    })
 }
 
 fn main() -> Result<(), multiproc::Error> {
@@ -29,13 +46,10 @@ fn main() -> Result<(), multiproc::Error> {
          items (median of {map_runs}), imap (chunksize 1) of {imap_items} items (median of \
          {imap_runs})"
     ));
-    let ping = raw_ping_pong(applies);
     for method in ["fork", "spawn", "forkserver"] {
         let ctx = Context::new(method)?;
         let pool = ctx.pool().processes(processes).build()?;
-        let apply = measure(applies, || {
-            pool.apply(identity, 1).expect("apply");
-        });
+        let (apply, ping) = apply_beside_raw(&pool, applies);
         let map = measure(map_runs, || {
             let mapped = pool.map(identity, 0..map_items).expect("map");
             assert_eq!(mapped.len() as u64, map_items);
@@ -99,14 +113,11 @@ fn main() -> Result<(), multiproc::Error> {
         );
     }
     // apply again with every process on one CPU, Python's included.
-    let ping_one = on_one_cpu(|| raw_ping_pong(applies));
     for method in ["fork", "spawn", "forkserver"] {
         let ctx = Context::new(method)?;
-        let (apply, py) = on_one_cpu(|| -> Result<_, multiproc::Error> {
+        let ((apply, ping_one), py) = on_one_cpu(|| -> Result<_, multiproc::Error> {
             let pool = ctx.pool().processes(processes).build()?;
-            let apply = measure(applies, || {
-                pool.apply(identity, 1).expect("apply");
-            });
+            let apply = apply_beside_raw(&pool, applies);
             drop(pool);
             let args = [method.to_owned(), processes.to_string(), applies.to_string()];
             let none = ["0", "0", "0", "0"].map(str::to_owned);

@@ -7,7 +7,8 @@
 mod common;
 
 use common::{
-    Stats, Table, Target, Value, kill_forkserver, measure, on_one_cpu, python, python_time,
+    Stats, Table, Target, Value, kill_forkserver, measure, measure_pair, on_one_cpu, python,
+    python_time,
 };
 use multiproc::{Context, task};
 use multiproc_core::sys::{self, Forked};
@@ -70,14 +71,9 @@ fn main() {
         "Start → join of a trivial task (median of {runs}; bursts of {BURST}: median of \
          {burst_runs})"
     ));
-    let fork_base = measure(runs, || {
-        raw_fork().wait_deadline(None).expect("wait");
-    });
     let spawn_base = measure(runs, || {
         raw_spawn().wait_deadline(None).expect("wait");
     });
-    let fork_burst = measure(burst_runs, || raw_burst(BURST, raw_fork));
-    let spawn_burst = measure(burst_runs, || raw_burst(BURST, raw_spawn));
 
     // Cold start: the first process of a fresh forkserver, server launch included. Killing the
     // server between runs makes each run cold.
@@ -95,67 +91,53 @@ fn main() {
         Target::AtMost(3.0),
     );
 
-    for (method, base, base_burst, target) in [
-        ("fork", &fork_base, &fork_burst, 1.5),
-        ("spawn", &spawn_base, &spawn_burst, 1.25),
-        ("forkserver", &fork_base, &fork_burst, 2.5),
-    ] {
-        let ctx = Context::new(method).unwrap();
-        let one = measure(runs, || start_join(&ctx));
-        let many = measure(burst_runs, || burst(&ctx, BURST));
-        let py = python(
-            "startup_bench.py",
-            &[method.into(), runs.to_string(), BURST.to_string(), burst_runs.to_string()],
-        );
-        let base_name = if method == "spawn" { "raw posix_spawn" } else { "raw fork+_exit+waitid" };
-        table.row(
-            &format!("start → join vs {base_name}"),
-            method,
-            time(one),
-            Value::Time(base.median),
-            python_time(&py, "start_join"),
-            Target::AtMost(target),
-        );
-        table.row(
-            &format!("{BURST} started, then joined, vs {BURST} × {base_name}"),
-            method,
-            time(many),
-            Value::Time(base_burst.median),
-            python_time(&py, "burst"),
-            Target::None,
-        );
-    }
-    // The same, with every process on one CPU, Python's included.
-    let (fork_one, spawn_one) = on_one_cpu(|| {
-        let fork = measure(runs, || {
-            raw_fork().wait_deadline(None).expect("wait");
-        });
-        let spawn = measure(runs, || {
-            raw_spawn().wait_deadline(None).expect("wait");
-        });
-        (fork, spawn)
-    });
-    for (method, base, target) in
-        [("fork", &fork_one, 1.5), ("spawn", &spawn_one, 1.25), ("forkserver", &fork_one, 2.5)]
-    {
-        let ctx = Context::new(method).unwrap();
-        let (one, py) = on_one_cpu(|| {
-            let one = measure(runs, || start_join(&ctx));
-            let py = python(
-                "startup_bench.py",
-                &[method.into(), runs.to_string(), BURST.to_string(), "0".into()],
+    // Each method beside its raw baseline, measured in alternation: first with processes
+    // placed as the scheduler likes, then with every one (Python's included) on one CPU.
+    for one_cpu in [false, true] {
+        for (method, raw, target) in [
+            ("fork", raw_fork as fn() -> DirectChild, 1.5),
+            ("spawn", raw_spawn, 1.25),
+            ("forkserver", raw_fork, 2.5),
+        ] {
+            let ctx = Context::new(method).unwrap();
+            let measured = || {
+                let raw_one = || {
+                    raw().wait_deadline(None).expect("wait");
+                };
+                let one = measure_pair(runs, || start_join(&ctx), raw_one);
+                // Bursts only as the scheduler places them: on one CPU they say nothing new.
+                let bursts = if one_cpu { 0 } else { burst_runs };
+                let many = (bursts > 0)
+                    .then(|| measure_pair(bursts, || burst(&ctx, BURST), || raw_burst(BURST, raw)));
+                let py = python(
+                    "startup_bench.py",
+                    &[method.into(), runs.to_string(), BURST.to_string(), bursts.to_string()],
+                );
+                (one, many, py)
+            };
+            let ((one, base), many, py) = if one_cpu { on_one_cpu(measured) } else { measured() };
+            let base_name =
+                if method == "spawn" { "raw posix_spawn" } else { "raw fork+_exit+waitid" };
+            let placement = if one_cpu { ", all on one CPU" } else { "" };
+            table.row(
+                &format!("start → join vs {base_name}{placement}"),
+                method,
+                time(one),
+                Value::Time(base.median),
+                python_time(&py, "start_join"),
+                Target::AtMost(target),
             );
-            (one, py)
-        });
-        let base_name = if method == "spawn" { "raw posix_spawn" } else { "raw fork+_exit+waitid" };
-        table.row(
-            &format!("start → join vs {base_name}, all on one CPU"),
-            method,
-            time(one),
-            Value::Time(base.median),
-            python_time(&py, "start_join"),
-            Target::AtMost(target),
-        );
+            if let Some((many, base_burst)) = many {
+                table.row(
+                    &format!("{BURST} started, then joined, vs {BURST} × {base_name}"),
+                    method,
+                    time(many),
+                    Value::Time(base_burst.median),
+                    python_time(&py, "burst"),
+                    Target::None,
+                );
+            }
+        }
     }
     table.note(
         "The raw posix_spawn baseline runs this benchmark's own binary, which exits in main.",

@@ -215,7 +215,10 @@ fn report_header(quick: bool) -> String {
          **Python ÷ multiproc** is Python's time over ours, or our rate over Python's: above 1, \
          multiproc is faster. Targets are the project's (issue 6); a row says whether this run \
          met its target. On a shared machine, ratios move by ±0.3 or more between runs: \
-         compare the rows of one run with each other.\n\n",
+         compare the rows of one run with each other. Start → join, `apply`, the pipe round \
+         trip and the shared-memory row time ours and the baseline in alternation, a run of \
+         each in turn, so that the machine's drift falls on both; the rows marked \"on one \
+         CPU\" pin every process, Python's included, to one CPU.\n\n",
         flag = if quick { " --quick" } else { "" },
         mode = if quick { " (a smoke run: the numbers mean nothing)" } else { "" },
         date = output("date", &["-u", "+%Y-%m-%d %H:%M UTC"]),

@@ -70,6 +70,56 @@ pub fn kill_forkserver() {
     }
 }
 
+/// Times `ours` and `baseline` alternately, `runs` times each after a warm-up of each, and
+/// returns their statistics: the two sample the same moments of a machine whose speed drifts,
+/// so their ratio does not depend on which was measured first. The order within a pair
+/// alternates too.
+pub fn measure_pair(
+    runs: usize,
+    mut ours: impl FnMut(),
+    mut baseline: impl FnMut(),
+) -> (Stats, Stats) {
+    for _ in 0..runs.div_ceil(10) {
+        ours();
+        baseline();
+    }
+    let time = |f: &mut dyn FnMut()| {
+        let started = Instant::now();
+        f();
+        started.elapsed()
+    };
+    let (mut a, mut b) = (Vec::with_capacity(runs), Vec::with_capacity(runs));
+    for i in 0..runs {
+        if i % 2 == 0 {
+            a.push(time(&mut ours));
+            b.push(time(&mut baseline));
+        } else {
+            b.push(time(&mut baseline));
+            a.push(time(&mut ours));
+        }
+    }
+    (Stats::of(a), Stats::of(b))
+}
+
+/// Runs `f` with a forked echo process on the other end of a Unix socket; `f` gets a function
+/// that makes one raw round trip of 8 bytes.
+pub fn with_raw_echo<T>(f: impl FnOnce(&mut dyn FnMut()) -> T) -> T {
+    with_forked_peer(
+        |mut theirs| {
+            let mut buf = [0u8; 8];
+            while theirs.read_exact(&mut buf).is_ok() && theirs.write_all(&buf).is_ok() {}
+        },
+        |ours| {
+            let mut buf = [0u8; 8];
+            let mut round_trip = || {
+                ours.write_all(&buf).expect("ping");
+                ours.read_exact(&mut buf).expect("pong");
+            };
+            f(&mut round_trip)
+        },
+    )
+}
+
 /// Whether the benchmark runs in quick (smoke) mode.
 pub fn quick() -> bool {
     std::env::args().any(|arg| arg == "--quick")
@@ -96,23 +146,6 @@ pub fn with_forked_peer<T>(
     drop(ours);
     DirectChild::new(pid).expect("pidfd").wait_deadline(None).expect("reap");
     result
-}
-
-/// Round trips of 8 bytes between this process and a forked echo process over a Unix socket.
-pub fn raw_ping_pong(runs: usize) -> Stats {
-    with_forked_peer(
-        |mut theirs| {
-            let mut buf = [0u8; 8];
-            while theirs.read_exact(&mut buf).is_ok() && theirs.write_all(&buf).is_ok() {}
-        },
-        |ours| {
-            let mut buf = [0u8; 8];
-            measure(runs, || {
-                ours.write_all(&buf).expect("ping");
-                ours.read_exact(&mut buf).expect("pong");
-            })
-        },
-    )
 }
 
 /// A measured quantity, shown with its unit; ratios between two are taken on their cost (time,
