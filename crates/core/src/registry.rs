@@ -146,10 +146,10 @@ enum Slot {
 
 /// Builds the name index now, if it is not built yet.
 ///
-/// The forkserver calls this before its first fork, so that its children inherit the index
-/// instead of each building one (a hash map of every task, seeded from `getrandom`) before it
-/// can look its task up.
-pub fn build_index_now() {
+/// `child::warm_up` calls this before the forkserver's or the fork method's first fork, so that
+/// children inherit the index instead of each building one (a hash map of every task, seeded
+/// from `getrandom`) before it can look its task up.
+pub(crate) fn build_index_now() {
     index();
 }
 

@@ -69,7 +69,6 @@ fn serve(control: OwnedFd) -> ! {
                     Ok((Request::Preload { task }, args)) if children.is_empty() => {
                         run_preload(&task, args, &control);
                         to_reset = sys::signals_not_default();
-                        child::warm_up();
                     }
                     Ok((Request::Fork, _)) => {
                         let later = frames.as_slice();
