@@ -183,9 +183,10 @@ fn imap_lazy(ctx: &Context) -> Result<(), Failed> {
             ensure(first == (0..100u64).map(|x| x * x).collect::<Vec<_>>(), || {
                 "imap results".into()
             })?;
-            // Chunks of one, at most 32 per worker + 1 in flight beyond what was taken.
+            // Chunks of one, at most 128 per worker + 1 in flight beyond what was taken (the
+            // bound `Pool::imap` documents).
             let produced = produced.load(Ordering::Relaxed);
-            ensure(produced <= 100 + 32 * 2 + 1 + 1, || {
+            ensure(produced <= 100 + 128 * 2 + 1 + 1, || {
                 format!("imap took {produced} items from the input to yield 100")
             })
         },

@@ -306,7 +306,7 @@ impl<S: 'static> Pool<S> {
 
     /// Runs `task` on the items lazily, yielding each item's own result in order.
     ///
-    /// The input is consumed as results are taken, so an endless iterator works: at most 32
+    /// The input is consumed as results are taken, so an endless iterator works: at most 128
     /// batches per worker and one more are read ahead of the results taken, fewer once they
     /// hold a megabyte of encoded arguments. Batches are `chunksize` items (default 1).
     pub fn imap<A: Portable, R: Portable, I: IntoIterator<Item = A>>(
