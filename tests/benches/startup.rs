@@ -32,9 +32,17 @@ fn raw_fork() -> DirectChild {
     }
 }
 
+/// `posix_spawn` of this binary, with this process's environment (as the spawn method passes
+/// it) and [`EXIT_AT_ONCE`]: the dynamic loader's work depends on the environment (under
+/// `cargo bench`, `LD_LIBRARY_PATH` alone adds about 125 µs to every exec here), so both sides
+/// get the same one.
 fn raw_spawn() -> DirectChild {
     let argv = multiproc_spawn::own_argv().expect("argv");
-    let env = [std::ffi::CString::new(format!("{EXIT_AT_ONCE}=1")).unwrap()];
+    let env: Vec<std::ffi::CString> = std::env::vars()
+        .map(|(key, value)| format!("{key}={value}"))
+        .chain([format!("{EXIT_AT_ONCE}=1")])
+        .map(|entry| std::ffi::CString::new(entry).expect("no NUL in the environment"))
+        .collect();
     let (_keep, theirs) = std::os::unix::net::UnixStream::pair().unwrap();
     let pid = sys::spawn_self(&argv, &env, std::os::fd::AsFd::as_fd(&theirs)).expect("spawn");
     DirectChild::new(pid).expect("pidfd")
@@ -140,7 +148,9 @@ fn main() {
         }
     }
     table.note(
-        "The raw posix_spawn baseline runs this benchmark's own binary, which exits in main.",
+        "The raw posix_spawn baseline runs this benchmark's own binary, which exits in main, with \
+         the same environment as a spawned child: under `cargo bench` that includes \
+         `LD_LIBRARY_PATH`, whose directories the loader searches on every exec.",
     );
     table.note(
         "\"All on one CPU\": this process, its children and Python's are pinned to one CPU. On this \
