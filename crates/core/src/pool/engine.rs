@@ -523,7 +523,8 @@ impl Engine {
     /// Everything that can be done without blocking: read results, notice ended and
     /// overdue workers, replace them, send queued batches, let idle workers go.
     fn service(&mut self, config: &Config, ready: &Ready) {
-        let now = Instant::now();
+        // The clock is read only for a per-item timeout (a clock read is measurable per turn).
+        let now = config.task_timeout.map(|_| Instant::now());
         for worker in &mut self.workers {
             let exited = ready.exited.contains(&worker.id);
             if exited || ready.readable.contains(&worker.id) {
@@ -532,7 +533,7 @@ impl Engine {
                 // Held results may be due without the worker having written to its socket.
                 worker.take_ring(&mut self.results);
             }
-            if worker.deadline(config.task_timeout).is_some_and(|deadline| now >= deadline) {
+            if worker.deadline(config.task_timeout).zip(now).is_some_and(|(due, now)| now >= due) {
                 worker.timed_out = true;
                 let _ = worker.child.signal(libc::SIGKILL);
             }
@@ -546,11 +547,13 @@ impl Engine {
                 }
             }
         }
-        let (ended, alive): (Vec<Worker>, Vec<Worker>) =
-            std::mem::take(&mut self.workers).into_iter().partition(|w| w.status.is_some());
-        self.workers = alive;
-        for worker in ended {
-            self.bury(worker, config);
+        if self.workers.iter().any(|w| w.status.is_some()) {
+            let (ended, alive): (Vec<Worker>, Vec<Worker>) =
+                std::mem::take(&mut self.workers).into_iter().partition(|w| w.status.is_some());
+            self.workers = alive;
+            for worker in ended {
+                self.bury(worker, config);
+            }
         }
         self.replenish(config);
         self.dispatch(config);
