@@ -3,13 +3,18 @@
 `python3 -I -S pipe_bench.py RUNS REPEATS SIZE:COUNT...` prints `rtt <median seconds>` for the
 round trip of a small object, then per SIZE:COUNT `bulk_<size> <seconds>`: the median over
 REPEATS transfers of the time to send COUNT messages of SIZE bytes to a child that acknowledges
-the last one.
+the last one. With MULTIPROC_BENCH_CPUS=PARENT,PEER the round trip's echo runs on PEER and this
+process on PARENT (see `benchlib.peers_apart`).
 """
 
-import statistics
 import multiprocessing as mp
+import os
+import statistics
 import sys
 import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from benchlib import peers_apart  # noqa: E402
 
 
 def echo(other, conn):
@@ -32,8 +37,10 @@ def main():
     runs = int(sys.argv[1])
     ctx = mp.get_context("fork")
     ours, theirs = ctx.Pipe()
+    to_parent = peers_apart()
     child = ctx.Process(target=echo, args=(ours, theirs))
     child.start()
+    to_parent()
     theirs.close()
     rtts = []
     for i in range(runs):

@@ -4,7 +4,8 @@ Run by the Rust benchmark as
 `python3 -I -S pool_bench.py METHOD PROCESSES APPLY MAP IMAP MAP_RUNS IMAP_RUNS`; prints
 `apply <median round trip>`, `map <seconds>` and `imap <seconds>` lines. map and imap run once
 to warm up and then RUNS times, and the median is printed; IMAP_RUNS 0 means one run without a
-warm-up, and MAP or IMAP 0 leaves that workload out.
+warm-up, and MAP or IMAP 0 leaves that workload out. With MULTIPROC_BENCH_CPUS=PARENT,PEER
+the workers run on PEER and this process on PARENT (see `benchlib.peers_apart`).
 """
 
 import multiprocessing as mp
@@ -14,7 +15,7 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from benchlib import median_time  # noqa: E402
+from benchlib import median_time, peers_apart  # noqa: E402
 
 
 def identity(x):
@@ -31,7 +32,9 @@ def main():
     method = sys.argv[1]
     processes, applies, map_items, imap_items, map_runs, imap_runs = map(int, sys.argv[2:8])
     ctx = mp.get_context(method)
+    to_parent = peers_apart()
     with ctx.Pool(processes) as pool:
+        to_parent()
         pool.apply(identity, (0,))
         rtts = []
         for i in range(applies):
