@@ -115,30 +115,26 @@ fn main() -> Result<(), multiproc::Error> {
          (median of {repeats})",
         total >> 20
     ));
-    if let Some((cpus, apart)) = across_cpus(|settle| round_trips(&ctx, runs, settle)) {
-        let (ours, raw) = apart?;
-        let py = python_placed("pipe_bench.py", &[runs.to_string(), "1".into()], Some(&cpus));
+    let rtt_args = [runs.to_string(), "1".into()];
+    let rtt_row = |table: &mut Table, placement: &str, (ours, raw): (Stats, Stats), py| {
         table.row(
-            "round trip of a small message vs raw Unix-socket ping-pong, on two CPUs",
+            &format!("round trip of a small message vs raw Unix-socket ping-pong, {placement}"),
             "any",
             Value::Time(ours.median),
             Value::Time(raw.median),
             python_time(&py, "rtt"),
             Target::None,
         );
+    };
+    if let Some((cpus, apart)) = across_cpus(|settle| round_trips(&ctx, runs, settle)) {
+        let py = python_placed("pipe_bench.py", &rtt_args, Some(&cpus));
+        rtt_row(&mut table, "on two CPUs", apart?, py);
     }
-    let ((ours_one, raw_one), py_one) = on_one_cpu(|| -> Result<_, multiproc::Error> {
-        let py = python("pipe_bench.py", &[runs.to_string(), "1".into()]);
+    let (one, py_one) = on_one_cpu(|| -> Result<_, multiproc::Error> {
+        let py = python("pipe_bench.py", &rtt_args);
         Ok((round_trips(&ctx, runs, &|| {})?, py))
     })?;
-    table.row(
-        "round trip of a small message vs raw Unix-socket ping-pong, both on one CPU",
-        "any",
-        Value::Time(ours_one.median),
-        Value::Time(raw_one.median),
-        python_time(&py_one, "rtt"),
-        Target::None,
-    );
+    rtt_row(&mut table, "both on one CPU", one, py_one);
     for (size, count) in bulk {
         let bytes = (size * count) as f64;
         let (mut our_times, mut raw_times) = (Vec::new(), Vec::new());

@@ -38,9 +38,12 @@ fn raw_fork() -> DirectChild {
 /// get the same one.
 fn raw_spawn() -> DirectChild {
     let argv = multiproc_spawn::own_argv().expect("argv");
-    let env: Vec<std::ffi::CString> = std::env::vars()
-        .map(|(key, value)| format!("{key}={value}"))
-        .chain([format!("{EXIT_AT_ONCE}=1")])
+    let env: Vec<std::ffi::CString> = std::env::vars_os()
+        .map(|(key, value)| {
+            use std::os::unix::ffi::OsStrExt;
+            [key.as_bytes(), b"=", value.as_bytes()].concat()
+        })
+        .chain([format!("{EXIT_AT_ONCE}=1").into_bytes()])
         .map(|entry| std::ffi::CString::new(entry).expect("no NUL in the environment"))
         .collect();
     let (_keep, theirs) = std::os::unix::net::UnixStream::pair().unwrap();
