@@ -6,9 +6,10 @@ use std::time::{Duration, Instant};
 
 use libtest_mimic::Failed;
 use multiproc::Context;
-use multiproc_core::channel::Channel;
-use multiproc_core::wire::{self, FailReason, PROTOCOL_VERSION, Start, ToParent};
-use multiproc_core::{ChildHandle, ExitStatus, Payload, StartRequest, child};
+use multiproc_core::runtime::child;
+use multiproc_core::transport::channel::Channel;
+use multiproc_core::transport::wire::{self, FailReason, PROTOCOL_VERSION, Start, ToParent};
+use multiproc_core::{ChildHandle, ExitStatus, Payload, StartRequest};
 
 use crate::Scenario;
 use crate::common::{DEADLINE, ensure};

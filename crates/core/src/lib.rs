@@ -5,46 +5,32 @@
 //! once against `dyn StartMethod`. Users depend on `multiproc`, not on this crate; start-method
 //! crates depend on it. The only `unsafe` of the workspace lives in [`sys`].
 
-pub mod buffer;
-pub mod bytes;
-pub mod channel;
-pub mod child;
-pub mod codec;
 pub mod error;
-pub mod fd;
-pub mod listener;
-pub mod log;
-pub mod method;
-pub mod pipe;
+pub mod ipc;
 pub mod pool;
-pub mod preload;
 pub mod process;
-pub mod queue;
-pub mod registry;
-pub mod role;
-pub mod shm;
-pub mod status;
+pub mod runtime;
+pub mod shared;
 pub mod sys;
-pub mod task;
-pub mod tracked;
-pub mod wait;
-pub mod wire;
+pub mod transport;
 
-pub use bytes::Bytes;
 pub use error::{ChildFailure, Error, ErrorKind, RemotePanic, Result};
-pub use fd::Fd;
-pub use listener::{Client, Listener};
-pub use method::{ChildHandle, ChildMain, DirectChild, Payload, StartMethod, StartRequest};
-pub use pipe::{Connection, pipe};
+pub use ipc::listener::{Client, Listener};
+pub use ipc::pipe::{Connection, pipe};
+pub use ipc::queue::{JoinableQueue, Queue};
+pub use ipc::wait::{Waitable, wait};
 pub use pool::{AsyncResult, IMap, Pool, PoolBuilder};
-pub use preload::preloaded;
+pub use process::method::{
+    ChildHandle, ChildMain, DirectChild, Payload, StartMethod, StartRequest,
+};
+pub use process::status::ExitStatus;
 pub use process::{Process, ProcessBuilder};
-pub use queue::{JoinableQueue, Queue};
-pub use shm::{SealedMemory, SealedSlice, SharedMemory, SharedSlice};
-pub use status::ExitStatus;
+pub use runtime::preload::preloaded;
+pub use runtime::task::{Portable, Task};
+pub use shared::shm::{SealedMemory, SealedSlice, SharedMemory, SharedSlice};
 pub use sys::MultithreadedForkPermit;
-pub use task::{Portable, Task};
-pub use wait::{Waitable, wait};
+pub use transport::bytes::Bytes;
+pub use transport::fd::Fd;
 
 /// Takes the child or forkserver role if this process was started as one; returns at once in
 /// the user's program.
@@ -53,7 +39,7 @@ pub use wait::{Waitable, wait};
 /// is harmless. Builds that turn the feature off must call it first thing in `main`, before
 /// starting any thread.
 pub fn init() {
-    role::take_role();
+    runtime::role::take_role();
 }
 
 /// Re-exported for `#[multiproc::task]`; not a stable API.

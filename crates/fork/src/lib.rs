@@ -7,10 +7,11 @@
 //! gave it a [`MultithreadedForkPermit`], which takes `unsafe` to make; the forkserver is the
 //! safe way to start processes from a threaded program.
 
-use multiproc_core::channel::Channel;
+use multiproc_core::runtime::child;
 use multiproc_core::sys::{self, Forked};
+use multiproc_core::transport::channel::Channel;
 use multiproc_core::{
-    ChildHandle, DirectChild, Error, ErrorKind, Payload, Result, StartMethod, StartRequest, child,
+    ChildHandle, DirectChild, Error, ErrorKind, Payload, Result, StartMethod, StartRequest,
 };
 
 pub use multiproc_core::MultithreadedForkPermit;

@@ -5,13 +5,15 @@ use std::io;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::sync::Mutex;
 
-use multiproc_core::channel::{Channel, FrameError};
-use multiproc_core::method::ChildHandle;
-use multiproc_core::role::role_env_value;
+use multiproc_core::process::method::ChildHandle;
+use multiproc_core::runtime::role::role_env_value;
+use multiproc_core::runtime::{child, registry};
 use multiproc_core::sys::{self, POLLIN, PollFd, SPAWN_CHANNEL_FD};
+use multiproc_core::transport::channel::{Channel, FrameError};
+use multiproc_core::transport::{codec, wire};
 use multiproc_core::{
     ChildFailure, DirectChild, Error, ErrorKind, ExitStatus, Portable, RemotePanic, Result,
-    StartMethod, StartRequest, Task, child, codec, registry, wire,
+    StartMethod, StartRequest, Task,
 };
 
 use crate::protocol::{Reply, Request, VERSION, WireStatus};
@@ -323,6 +325,10 @@ impl ChildHandle for ServedChild {
     }
 
     fn signal(&self, signal: i32) -> io::Result<()> {
-        multiproc_core::method::signal_unless_ended(self.pidfd.as_fd(), self.status, signal)
+        multiproc_core::process::method::signal_unless_ended(
+            self.pidfd.as_fd(),
+            self.status,
+            signal,
+        )
     }
 }

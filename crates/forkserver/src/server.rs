@@ -10,18 +10,19 @@
 
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 
-use multiproc_core::channel::{Channel, Frame};
-use multiproc_core::registry;
-use multiproc_core::role::Role;
+use multiproc_core::runtime::registry;
+use multiproc_core::runtime::role::Role;
+use multiproc_core::runtime::{child, preload};
 use multiproc_core::sys::{self, Forked, POLLIN, PollFd};
-use multiproc_core::{child, preload, wire};
+use multiproc_core::transport::channel::{Channel, Frame};
+use multiproc_core::transport::wire;
 
 use crate::protocol::{Reply, Request, VERSION, WireStatus};
 
 // linkme places the entry with `#[link_section]`, which trips the unsafe_code lint; no unsafe
 // operation is involved.
 #[allow(unsafe_code)]
-#[linkme::distributed_slice(multiproc_core::role::ROLES)]
+#[linkme::distributed_slice(multiproc_core::runtime::role::ROLES)]
 static SERVER_ROLE: Role = Role { name: "forkserver", main: serve };
 
 /// A child the server forked and has not reaped yet.

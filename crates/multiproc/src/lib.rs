@@ -28,10 +28,10 @@ use std::fmt;
 use std::sync::Arc;
 
 pub use bytemuck::{self, Pod, Zeroable};
-pub use multiproc_core::log::log_to_stderr;
-pub use multiproc_core::pipe::{RecvError, RecvTimeoutError, SendError, TryRecvError};
+pub use multiproc_core::ipc::pipe::{RecvError, RecvTimeoutError, SendError, TryRecvError};
+pub use multiproc_core::ipc::queue::{GetTimeoutError, PutTimeoutError, TryGetError, TryPutError};
 pub use multiproc_core::preloaded;
-pub use multiproc_core::queue::{GetTimeoutError, PutTimeoutError, TryGetError, TryPutError};
+pub use multiproc_core::runtime::log::log_to_stderr;
 pub use multiproc_core::{
     AsyncResult, Bytes, ChildFailure, Client, Connection, Error, ErrorKind, ExitStatus, Fd, IMap,
     JoinableQueue, Listener, MultithreadedForkPermit, Pool, PoolBuilder, Portable, Process,
@@ -172,5 +172,7 @@ impl fmt::Debug for Context {
 #[doc(hidden)]
 pub mod __private {
     pub use multiproc_core::linkme;
-    pub use multiproc_core::registry::{TASKS, TaskEntry, make_state, run_batch, run_encoded};
+    pub use multiproc_core::runtime::registry::{
+        TASKS, TaskEntry, make_state, run_batch, run_encoded,
+    };
 }

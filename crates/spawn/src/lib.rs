@@ -3,7 +3,7 @@
 //! The child is `/proc/self/exe` run with the parent's argv and environment plus
 //! `MULTIPROC_ROLE=child:3`. It inherits only its bootstrap socket (at fd 3) and the standard
 //! output and error; stdin is `/dev/null`, every other descriptor is closed, signal dispositions
-//! are default. The role is taken before `main` (see `multiproc_core::role`), so the parent's
+//! are default. The role is taken before `main` (see `multiproc_core::runtime::role`), so the parent's
 //! `main` never runs in the child. Safe from any thread: nothing is forked but the exec itself
 //! (posix_spawn, a vfork-style clone).
 
@@ -11,7 +11,7 @@ use std::ffi::CString;
 use std::os::fd::AsFd;
 use std::os::unix::ffi::OsStrExt;
 
-use multiproc_core::role::{self, ROLE_ENV};
+use multiproc_core::runtime::role::{self, ROLE_ENV};
 use multiproc_core::sys::{self, SPAWN_CHANNEL_FD};
 use multiproc_core::{
     ChildHandle, DirectChild, Error, ErrorKind, Result, StartMethod, StartRequest,

@@ -25,17 +25,17 @@ use std::os::unix::net::UnixStream;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use crate::channel::{Channel, Frame, FrameError, OutFrame};
-use crate::child;
-use crate::codec::Attachments;
 use crate::error::{ChildFailure, Error, ErrorKind, Result};
-use crate::method::{ChildHandle, StartMethod};
-use crate::pool::ring::Ring;
-use crate::process::{Launched, Work, check_hello, fail_kind, launch, start_message};
-use crate::registry::{CallError, State};
-use crate::status::ExitStatus;
+use crate::process::handle::{Launched, Work, check_hello, fail_kind, launch, start_message};
+use crate::process::method::{ChildHandle, StartMethod};
+use crate::process::status::ExitStatus;
+use crate::runtime::child;
+use crate::runtime::registry::{CallError, State};
 use crate::sys::{self, POLLIN, PollFd};
-use crate::wire::{self, ToParent, ToWorker, WorkerSetup};
+use crate::transport::channel::{Channel, Frame, FrameError, OutFrame};
+use crate::transport::codec::Attachments;
+use crate::transport::ring::Ring;
+use crate::transport::wire::{self, ToParent, ToWorker, WorkerSetup};
 
 /// A batch's number, unique within its pool.
 pub(crate) type BatchId = u64;
@@ -188,7 +188,7 @@ impl Worker {
                     Some(InitArgs::Moved(make, kept)) => (Arc::clone(make), kept),
                     _ => (Arc::new(|| Ok(Box::new(()) as State)), &[]),
                 };
-                let close = crate::tracked::other_than(kept);
+                let close = crate::process::tracked::other_than(kept);
                 let settings = start.clone();
                 Work::Moved(Box::new(move |channel: Channel| -> Infallible {
                     sys::close_in_forked_child(&close);

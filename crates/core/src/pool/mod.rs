@@ -17,7 +17,6 @@
 //! in `pool/engine.rs`; it has no helper thread (ARCHITECTURE.md says why).
 
 mod engine;
-pub(crate) mod ring;
 
 use std::collections::VecDeque;
 use std::fmt;
@@ -29,14 +28,14 @@ use serde::de::{DeserializeSeed, Deserializer, SeqAccess, Visitor};
 
 use engine::{BatchId, BatchOutcome, Config, Encoded, InitArgs, Initializer, MoveInit, Shared};
 
-use crate::channel::Frame;
-use crate::codec;
 use crate::error::{ChildFailure, Error, ErrorKind, Result};
-use crate::method::StartMethod;
-use crate::registry::{self, State};
-use crate::shm::SealedMemory;
-use crate::task::{Portable, Task};
-use crate::wire::ItemResult;
+use crate::process::method::StartMethod;
+use crate::runtime::registry::{self, State};
+use crate::runtime::task::{Portable, Task};
+use crate::shared::shm::SealedMemory;
+use crate::transport::channel::Frame;
+use crate::transport::codec;
+use crate::transport::wire::ItemResult;
 
 /// Encoded initializer arguments of at least this many bytes reach the workers through one
 /// sealed memory file that each maps, instead of a copy through every worker's socket (which

@@ -14,7 +14,7 @@ use std::ptr;
 use std::sync::atomic::AtomicU32;
 use std::time::Instant;
 
-use crate::status::ExitStatus;
+use crate::process::status::ExitStatus;
 
 /// Turns a `-1` return into the thread's `errno`.
 fn cvt(ret: c_int) -> io::Result<c_int> {
@@ -645,7 +645,7 @@ extern "C" fn init_array_entry(
     _argv: *const *const c_char,
     _envp: *const *const c_char,
 ) {
-    crate::role::take_role();
+    crate::runtime::role::take_role();
 }
 
 /// Converts a string into a `CString`, mapping an interior NUL to an error.

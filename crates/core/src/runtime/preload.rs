@@ -8,7 +8,7 @@
 use std::any::Any;
 use std::sync::{Mutex, OnceLock};
 
-use crate::registry::State;
+use crate::runtime::registry::State;
 
 /// The value as the preload task returned it, until the first typed access.
 static HELD: Mutex<Option<State>> = Mutex::new(None);

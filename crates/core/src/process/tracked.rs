@@ -12,7 +12,7 @@ use std::sync::{Mutex, MutexGuard};
 
 use serde::Serialize;
 
-use crate::codec;
+use crate::transport::codec;
 
 static LIVE: Mutex<BTreeSet<RawFd>> = Mutex::new(BTreeSet::new());
 

@@ -9,16 +9,16 @@ use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use crate::channel::{Channel, Frame, FrameError};
-use crate::child::{self, fingerprint};
-use crate::codec::{self, Attachments};
 use crate::error::{ChildFailure, Error, ErrorKind, RemotePanic, Result};
-use crate::method::{ChildHandle, ChildMain, Payload, StartMethod, StartRequest};
-use crate::registry;
-use crate::status::ExitStatus;
+use crate::process::method::{ChildHandle, ChildMain, Payload, StartMethod, StartRequest};
+use crate::process::status::ExitStatus;
+use crate::runtime::child::{self, fingerprint};
+use crate::runtime::registry;
+use crate::runtime::task::{Portable, Task};
 use crate::sys::{self, POLLIN, PollFd};
-use crate::task::{Portable, Task};
-use crate::wire::{self, FailReason, PROTOCOL_VERSION, Start, ToParent, WorkerSetup};
+use crate::transport::channel::{Channel, Frame, FrameError};
+use crate::transport::codec::{self, Attachments};
+use crate::transport::wire::{self, FailReason, PROTOCOL_VERSION, Start, ToParent, WorkerSetup};
 
 /// Configures a child process before it starts: `ctx.process(task, args).name("x").start()`.
 #[must_use = "a process does not start until `start()` is called"]
@@ -62,7 +62,7 @@ impl<A: Portable, R: Portable> ProcessBuilder<A, R> {
         let start = start_message(self.task.name(), &name, self.daemon, None);
         let work = if self.method.moves_arguments() {
             let func = self.task.func();
-            let close = crate::tracked::to_close_in_child(&self.args);
+            let close = crate::process::tracked::to_close_in_child(&self.args);
             let args = self.args;
             let settings = start.clone();
             Work::Moved(Box::new(move |channel: Channel| -> Infallible {
@@ -113,7 +113,7 @@ pub(crate) fn start_message(
         task: task.to_owned(),
         name: name.to_owned(),
         daemon,
-        log: crate::log::inherited_level(),
+        log: crate::runtime::log::inherited_level(),
         worker,
     }
 }

@@ -45,7 +45,7 @@ impl CodecError {
 
 /// A large byte buffer that travels beside a message instead of inside it (see
 /// [`Bytes`](crate::Bytes)): shared, so that the message can hold it until it is written.
-pub type Block = Arc<crate::buffer::Buffer>;
+pub type Block = Arc<crate::transport::buffer::Buffer>;
 
 /// What travels beside a message's bytes: descriptors (SCM_RIGHTS) and large byte blocks.
 #[derive(Debug, Default)]
@@ -357,7 +357,7 @@ mod tests {
 
     #[test]
     fn a_nested_encode_leaves_the_outer_side_table_in_place() {
-        let large = crate::Bytes::from(vec![1u8; crate::bytes::BLOCK_MIN]);
+        let large = crate::Bytes::from(vec![1u8; crate::transport::bytes::BLOCK_MIN]);
         let (outer, attachments) = collecting(|| {
             // A task that starts a process of its own, while its result is being collected.
             let (_, inner) = collecting(|| encode(&large));
@@ -372,7 +372,7 @@ mod tests {
 
     #[test]
     fn a_probe_inside_an_encode_adds_no_blocks_to_it() {
-        let large = crate::Bytes::from(vec![1u8; crate::bytes::BLOCK_MIN]);
+        let large = crate::Bytes::from(vec![1u8; crate::transport::bytes::BLOCK_MIN]);
         let (_, attachments) = collecting(|| fds_in(&large));
         assert!(attachments.blocks.is_empty());
     }
@@ -551,8 +551,8 @@ mod tests {
             let _ = decode::<(Vec<u16>, std::collections::VecDeque<u64>)>(&bytes);
             let _ = decode::<(String, Vec<u64>, Option<(u8, i64)>)>(&bytes);
             let _ = decode::<Vec<String>>(&bytes);
-            let _ = decode::<crate::wire::ToParent>(&bytes);
-            let _ = decode::<crate::wire::Start>(&bytes);
+            let _ = decode::<crate::transport::wire::ToParent>(&bytes);
+            let _ = decode::<crate::transport::wire::Start>(&bytes);
         }
     }
 }

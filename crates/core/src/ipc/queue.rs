@@ -30,12 +30,12 @@ use std::time::{Duration, Instant};
 use serde::de::{DeserializeOwned, Error as _};
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
-use crate::codec;
 use crate::error::{Error, ErrorKind, Result};
-use crate::fd::Fd;
-use crate::shm::{SealedMemory, SharedMemory};
+use crate::process::tracked;
+use crate::shared::shm::{SealedMemory, SharedMemory};
 use crate::sys::{self, POLLIN, POLLOUT, PollFd};
-use crate::tracked;
+use crate::transport::codec;
+use crate::transport::fd::Fd;
 
 /// The largest encoded message sent inline in a record; larger ones travel in a sealed memory
 /// file.
@@ -716,10 +716,10 @@ mod tests {
     #[test]
     fn wait_sees_a_waiting_message() {
         let queue = Queue::<u8>::new().unwrap();
-        let none = crate::wait::wait(&[&queue], Some(Duration::from_millis(1))).unwrap();
+        let none = crate::ipc::wait::wait(&[&queue], Some(Duration::from_millis(1))).unwrap();
         assert!(none.is_empty());
         queue.put(&1).unwrap();
-        assert_eq!(crate::wait::wait(&[&queue], Some(Duration::from_secs(30))).unwrap(), [0]);
+        assert_eq!(crate::ipc::wait::wait(&[&queue], Some(Duration::from_secs(30))).unwrap(), [0]);
     }
 
     #[test]

@@ -11,9 +11,9 @@ use serde::{Deserialize, Serialize};
 use std::os::fd::BorrowedFd;
 use std::time::Instant;
 
-use crate::channel::{Channel, Frame, FrameError};
-use crate::codec::{self, Block, CodecError};
 use crate::error::RemotePanic;
+use crate::transport::channel::{Channel, Frame, FrameError};
+use crate::transport::codec::{self, Block, CodecError};
 
 /// The protocol version both sides announce; a mismatch fails the handshake.
 pub const PROTOCOL_VERSION: u32 = 4;
@@ -149,7 +149,7 @@ pub fn send<M: Serialize>(
 
 /// The start of a frame's body that carries `message`: its length, then its encoding; the
 /// payload follows it ([`send`] for one frame, or as one of several
-/// [`OutFrame`](crate::channel::OutFrame)s).
+/// [`OutFrame`](crate::transport::channel::OutFrame)s).
 pub fn head<M: Serialize>(message: &M) -> Result<Vec<u8>, SendError> {
     let mut head = vec![0u8; 4];
     codec::encode_into(message, &mut head).map_err(SendError::Encode)?;

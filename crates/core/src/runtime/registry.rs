@@ -18,10 +18,10 @@ use std::sync::OnceLock;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
-use crate::child::catch_panic;
-use crate::codec::{self, CodecError};
 use crate::error::{Error, ErrorKind};
-use crate::wire::ItemResult;
+use crate::runtime::child::catch_panic;
+use crate::transport::codec::{self, CodecError};
+use crate::transport::wire::ItemResult;
 
 /// State built by an initializer (a pool worker's, the forkserver's preload), type-erased.
 pub type State = Box<dyn Any + Send>;

@@ -15,11 +15,11 @@ use std::time::{Duration, Instant};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
-use crate::channel::{Channel, Frame, FrameError};
-use crate::codec;
 use crate::error::{Error, ErrorKind};
-use crate::fd::Fd;
-use crate::tracked;
+use crate::process::tracked;
+use crate::transport::channel::{Channel, Frame, FrameError};
+use crate::transport::codec;
+use crate::transport::fd::Fd;
 
 /// A connected pair of [`Connection`]s.
 pub fn pipe<T>() -> Result<(Connection<T>, Connection<T>), Error> {
@@ -167,7 +167,7 @@ impl<T> Connection<T> {
 
 impl<T> AsFd for Connection<T> {
     /// The socket: readable when bytes of a message (or the other end's close) have arrived.
-    /// Messages this end has already read ahead are not signalled again; [`crate::wait::wait`]
+    /// Messages this end has already read ahead are not signalled again; [`crate::ipc::wait::wait`]
     /// checks for them.
     fn as_fd(&self) -> BorrowedFd<'_> {
         self.channel.as_fd()

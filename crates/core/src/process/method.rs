@@ -11,10 +11,10 @@ use std::io;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::time::Instant;
 
-use crate::channel::Channel;
 use crate::error::Result;
-use crate::status::ExitStatus;
+use crate::process::status::ExitStatus;
 use crate::sys::{self, POLLIN, PollFd};
+use crate::transport::channel::Channel;
 
 /// How the child gets its task.
 pub enum Payload {

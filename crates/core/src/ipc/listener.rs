@@ -30,11 +30,11 @@ use interprocess::local_socket::{
 };
 use sha2::Sha256;
 
-use crate::channel::Channel;
 use crate::error::{Error, ErrorKind, Result};
-use crate::pipe::Connection;
+use crate::ipc::pipe::Connection;
+use crate::ipc::wait::Waitable;
 use crate::sys::{self, POLLIN, PollFd};
-use crate::wait::Waitable;
+use crate::transport::channel::Channel;
 
 /// How long either side waits for the other to finish the handshake, unless the listener sets
 /// its own ([`Listener::handshake_timeout`]).

@@ -24,8 +24,8 @@ use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::os::unix::net::UnixStream;
 use std::time::Instant;
 
-use crate::codec::Block;
 use crate::sys::{self, POLLIN, POLLOUT, PollFd};
+use crate::transport::codec::Block;
 
 /// Bytes in a frame header, before its table of block lengths.
 pub const HEADER_LEN: usize = 16;
@@ -35,7 +35,7 @@ pub const HEADER_LEN: usize = 16;
 pub const MAX_FRAME_LEN: u64 = 1 << 40;
 
 /// The most blocks a frame may claim (the encoder's own limit).
-pub const MAX_BLOCKS: usize = crate::codec::MAX_BLOCKS;
+pub const MAX_BLOCKS: usize = crate::transport::codec::MAX_BLOCKS;
 
 /// The most a body or block is given before its bytes arrive: its declared length up to this
 /// much. Untouched capacity costs address space only; a larger part grows as it arrives, so a
@@ -576,14 +576,14 @@ impl Channel {
 /// The buffer a part of `len` bytes starts with. A part of up to two read chunks gets exactly
 /// its declared length: a 64 KiB message must not grow into a 128 KiB buffer, which the
 /// allocator may map and unmap for every message (16 page faults each, measured). A larger one
-/// gets a kept buffer of about its size (see [`buffer`](crate::buffer)), or a fresh one of its
+/// gets a kept buffer of about its size (see [`buffer`](crate::transport::buffer)), or a fresh one of its
 /// length up to [`EXACT_MAX`], advised for huge pages, so that it is neither copied by growth
 /// nor, when a buffer is reused, faulted in again.
 fn first_buffer(len: usize) -> Vec<u8> {
     if len <= 2 * READ_CHUNK {
         Vec::with_capacity(len)
     } else {
-        crate::buffer::with_capacity(len, EXACT_MAX)
+        crate::transport::buffer::with_capacity(len, EXACT_MAX)
     }
 }
 

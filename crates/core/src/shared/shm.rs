@@ -21,8 +21,8 @@ use serde::de::Error as _;
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
 use crate::error::{Error, Result};
-use crate::fd::Fd;
 use crate::sys::{self, Mapping};
+use crate::transport::fd::Fd;
 
 fn io_error(what: &str, e: std::io::Error) -> Error {
     Error::io(format!("shared memory: {what}"), e)
@@ -381,7 +381,7 @@ impl<T> fmt::Debug for SealedSlice<T> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::codec;
+    use crate::transport::codec;
 
     #[test]
     fn writes_are_seen_through_a_second_mapping() {

@@ -16,7 +16,7 @@ use serde::de::Error as _;
 use serde::ser::Error as _;
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
-use crate::codec;
+use crate::transport::codec;
 
 /// A file descriptor owner that can be sent to another process: `Fd<File>`,
 /// `Fd<TcpListener>`, `Fd<UnixStream>`, or a bare `Fd` (an `OwnedFd`).

@@ -19,8 +19,8 @@ use std::sync::Arc;
 use serde::de::{self, EnumAccess, VariantAccess, Visitor};
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
-use crate::buffer::Buffer;
-use crate::codec;
+use crate::transport::buffer::Buffer;
+use crate::transport::codec;
 
 /// The size from which a `Bytes` travels out of band, where the transport supports it.
 pub const BLOCK_MIN: usize = 64 * 1024;

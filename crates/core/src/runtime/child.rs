@@ -13,14 +13,14 @@ use std::sync::{Mutex, OnceLock};
 use std::thread::{self, ThreadId};
 use std::time::{Duration, Instant};
 
-use crate::channel::{Channel, FrameError};
-use crate::codec::{self, Attachments};
 use crate::error::{ErrorKind, RemotePanic};
-use crate::pool::ring::{HOLD_BELOW, MAX_HELD, Ring};
-use crate::registry::{self, CallError, State};
-use crate::role::Role;
+use crate::runtime::registry::{self, CallError, State};
+use crate::runtime::role::Role;
 use crate::sys::{self, POLLRDHUP, PollFd};
-use crate::wire::{self, FailReason, PROTOCOL_VERSION, Start, ToParent, ToWorker};
+use crate::transport::channel::{Channel, FrameError};
+use crate::transport::codec::{self, Attachments};
+use crate::transport::ring::{HOLD_BELOW, MAX_HELD, Ring};
+use crate::transport::wire::{self, FailReason, PROTOCOL_VERSION, Start, ToParent, ToWorker};
 
 /// Exit code of a child whose task returned.
 pub const EXIT_OK: i32 = 0;
@@ -34,7 +34,7 @@ const WATCH_INTERVAL: Duration = Duration::from_millis(200);
 
 // linkme's `#[link_section]` trips the unsafe_code lint; no unsafe operation is involved.
 #[allow(unsafe_code)]
-#[linkme::distributed_slice(crate::role::ROLES)]
+#[linkme::distributed_slice(crate::runtime::role::ROLES)]
 static CHILD_ROLE: Role = Role { name: "child", main: serve_inherited };
 
 fn serve_inherited(socket: OwnedFd) -> ! {
@@ -279,7 +279,7 @@ fn check_handshake(start: &Start) -> Option<Outcome> {
 /// Adopts the parent's settings: log level, panic capture, and (for a daemon) the watch that
 /// ends the child when its parent goes away.
 fn prepare(start: &Start, channel: &Channel) {
-    crate::log::adopt(start.log.as_deref());
+    crate::runtime::log::adopt(start.log.as_deref());
     install_panic_hook();
     if start.daemon {
         watch_parent(channel);

@@ -5,8 +5,8 @@ use std::os::fd::BorrowedFd;
 use std::time::{Duration, Instant};
 
 use crate::error::{Error, Result};
-use crate::pipe::Connection;
-use crate::process::Process;
+use crate::ipc::pipe::Connection;
+use crate::process::handle::Process;
 use crate::sys::{self, POLLIN, PollFd};
 
 /// Something [`wait`] can watch.
@@ -21,7 +21,7 @@ pub trait Waitable {
     }
 }
 
-impl<R: crate::task::Portable> Waitable for Process<R> {
+impl<R: crate::runtime::task::Portable> Waitable for Process<R> {
     /// Ready when the child has ended.
     fn wait_fd(&self) -> BorrowedFd<'_> {
         self.sentinel()
@@ -64,7 +64,7 @@ pub fn wait(objects: &[&dyn Waitable], timeout: Option<Duration>) -> Result<Vec<
         .collect())
 }
 
-impl<T> Waitable for crate::queue::Queue<T> {
+impl<T> Waitable for crate::ipc::queue::Queue<T> {
     /// Ready when a message is waiting (another consumer may still take it first).
     fn wait_fd(&self) -> BorrowedFd<'_> {
         self.get_fd()

@@ -1,0 +1,15 @@
+//! Processes: the start-method seam and the handle of one task in one child.
+//!
+//! The trait every start method implements ([`method`]), [`Process`] and its builder
+//! ([`handle`]), how a child ended ([`status`]), and the pipe and queue descriptors a forked
+//! child closes ([`tracked`]).
+//!
+//! Architecture invariant: everything here is written once against `dyn StartMethod`; no
+//! start method is named. It imports `runtime`, `transport`, `sys` and the error types.
+
+pub mod handle;
+pub mod method;
+pub mod status;
+pub mod tracked;
+
+pub use handle::{Process, ProcessBuilder};

@@ -1,0 +1,15 @@
+//! The child runtime: what a child runs and how it finds its task.
+//!
+//! The role a re-executed binary takes before `main` ([`role`]), the link-time task table
+//! ([`registry`]) and the typed handle of a task ([`task`]), what every child runs ([`child`]),
+//! the forkserver's preloaded value ([`preload`]), and the log level children adopt ([`log`]).
+//!
+//! Architecture invariant: the runtime knows nothing of `Process` or `Pool`, the parent-side
+//! handles. It imports `transport`, `sys` and the error types.
+
+pub mod child;
+pub mod log;
+pub mod preload;
+pub mod registry;
+pub mod role;
+pub mod task;
