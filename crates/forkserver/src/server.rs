@@ -12,7 +12,7 @@ use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 
 use multiproc_core::runtime::registry;
 use multiproc_core::runtime::role::Role;
-use multiproc_core::runtime::{child, preload};
+use multiproc_core::runtime::{child, panic, preload};
 use multiproc_core::sys::{self, Forked, POLLIN, PollFd};
 use multiproc_core::transport::channel::{Channel, Frame};
 use multiproc_core::transport::wire;
@@ -97,9 +97,9 @@ fn serve(control: OwnedFd) -> ! {
 /// Reaps a child whose pidfd became readable and reports how it ended; true once reaped.
 fn report_exit(served: &Served) -> bool {
     let status = match sys::pidfd_wait(served.pidfd.as_fd(), false) {
-        Ok(Some(multiproc_core::ExitStatus::Exited(code))) => WireStatus::Exited(code),
-        Ok(Some(multiproc_core::ExitStatus::Signaled(signal))) => WireStatus::Signaled(signal),
-        Ok(Some(_)) | Err(_) => WireStatus::Exited(255),
+        Ok(Some(sys::ChildExit::Exited(code))) => WireStatus::Exited(code),
+        Ok(Some(sys::ChildExit::Signaled(signal))) => WireStatus::Signaled(signal),
+        Err(_) => WireStatus::Exited(255),
         Ok(None) => return false,
     };
     let _ = wire::send(&served.status, &Reply::Exited(status), &[], &[], &[], None, None);
@@ -109,9 +109,9 @@ fn report_exit(served: &Served) -> bool {
 /// Runs the preload task and keeps its value for the children to come; on failure, reports it
 /// and exits, so that the client never forks from a server without its preload.
 fn run_preload(task: &str, args: &[u8], control: &Channel) {
-    child::install_panic_hook();
+    panic::install_panic_hook();
     let outcome = registry::lookup(task).map_err(|e| (None, e.to_string())).and_then(|entry| {
-        match child::catch_panic(|| (entry.make_state)(args)) {
+        match panic::catch_panic(|| (entry.make_state)(args)) {
             Ok(Ok(state)) => Ok(state),
             Ok(Err(e)) => Err((None, e.to_string())),
             Err(panic) => Err((Some(panic), String::from("the preload task panicked"))),

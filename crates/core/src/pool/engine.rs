@@ -26,11 +26,11 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use crate::error::{ChildFailure, Error, ErrorKind, Result};
-use crate::process::handle::{Launched, Work, check_hello, fail_kind, launch, start_message};
+use crate::process::launch::{Launched, Work, check_hello, fail_kind, launch, start_message};
 use crate::process::method::{ChildHandle, StartMethod};
 use crate::process::status::ExitStatus;
-use crate::runtime::child;
 use crate::runtime::registry::{CallError, State};
+use crate::runtime::worker;
 use crate::sys::{self, POLLIN, PollFd};
 use crate::transport::channel::{Channel, Frame, FrameError, OutFrame};
 use crate::transport::codec::Attachments;
@@ -192,7 +192,7 @@ impl Worker {
                 let settings = start.clone();
                 Work::Moved(Box::new(move |channel: Channel| -> Infallible {
                     sys::close_in_forked_child(&close);
-                    child::run_worker_moved(channel, settings, || make())
+                    worker::run_moved(channel, settings, || make())
                 }))
             }
         };

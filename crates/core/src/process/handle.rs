@@ -10,15 +10,16 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use crate::error::{ChildFailure, Error, ErrorKind, RemotePanic, Result};
-use crate::process::method::{ChildHandle, ChildMain, Payload, StartMethod, StartRequest};
+use crate::process::launch::{Launched, Work, check_hello, fail_kind, launch, start_message};
+use crate::process::method::{ChildHandle, StartMethod};
 use crate::process::status::ExitStatus;
-use crate::runtime::child::{self, fingerprint};
+use crate::runtime::child;
 use crate::runtime::registry;
 use crate::runtime::task::{Portable, Task};
 use crate::sys::{self, POLLIN, PollFd};
 use crate::transport::channel::{Channel, Frame, FrameError};
-use crate::transport::codec::{self, Attachments};
-use crate::transport::wire::{self, FailReason, PROTOCOL_VERSION, Start, ToParent, WorkerSetup};
+use crate::transport::codec;
+use crate::transport::wire::{self, FailReason, ToParent};
 
 /// Configures a child process before it starts: `ctx.process(task, args).name("x").start()`.
 #[must_use = "a process does not start until `start()` is called"]
@@ -97,128 +98,6 @@ impl<A: Portable, R: Portable> ProcessBuilder<A, R> {
             _result: PhantomData,
         })
     }
-}
-
-/// The `Start` message for a child called `name` that runs `task` (or, with `worker`, serves a
-/// pool).
-pub(crate) fn start_message(
-    task: &str,
-    name: &str,
-    daemon: bool,
-    worker: Option<WorkerSetup>,
-) -> Start {
-    Start {
-        version: PROTOCOL_VERSION,
-        fingerprint: fingerprint(),
-        task: task.to_owned(),
-        name: name.to_owned(),
-        daemon,
-        log: crate::runtime::log::inherited_level(),
-        worker,
-    }
-}
-
-/// How a new child gets its work.
-pub(crate) enum Work {
-    /// Encoded arguments and what travels beside them, sent with the `Start` message (spawn,
-    /// forkserver); shared, so that every worker of a pool is sent one copy of its
-    /// initializer's arguments.
-    Sent(Arc<Vec<u8>>, Attachments),
-    /// The child's body, run in a forked copy of this process (fork).
-    Moved(ChildMain),
-}
-
-/// A started child: its handle and the parent's end of its channel.
-pub(crate) struct Launched {
-    pub(crate) child: Box<dyn ChildHandle>,
-    pub(crate) channel: Channel,
-}
-
-/// The largest `Start` message with its arguments that [`launch`] writes before the child
-/// exists. A Unix stream socket takes a first write of up to half its send buffer, less 64
-/// bytes, as one buffer without waiting; the smallest send buffer Linux allows is above 4 KiB,
-/// so this much and the 16-byte frame header always fit.
-const PRESEND_MAX: usize = 2048;
-
-/// Starts a child with `method` and hands it `start` and its work.
-///
-/// A child that dies before it reads its work is not an error here: whoever waits for it
-/// learns how it ended.
-pub(crate) fn launch(method: &dyn StartMethod, start: &Start, work: Work) -> Result<Launched> {
-    let name = &start.name;
-    let (parent_end, child_end) =
-        Channel::pair().map_err(|e| Error::io(format!("socketpair for {name}"), e))?;
-    let (payload, mut sent_args) = match work {
-        Work::Moved(main) => (Payload::Moved(main), None),
-        Work::Sent(args, attachments) => (Payload::Sent, Some((args, attachments))),
-    };
-    // A small `Start` goes into the channel before the child exists, so that a child forked by
-    // the forkserver finds its task as soon as it runs, instead of waiting for us to learn its
-    // pid and then write: that saves a round trip through this process on every start.
-    if let Some((args, attachments)) = &sent_args
-        && presend(&parent_end, start, args, attachments)?
-    {
-        sent_args = None;
-    }
-    let request =
-        StartRequest { channel: child_end.into_fd(), parent_end: parent_end.as_fd(), payload };
-    let child = method.start(request)?;
-    let pid = child.pid();
-    tracing::debug!(pid, name = %name, method = method.name(), task = %start.task, "process started");
-    if let Some((args, attachments)) = sent_args {
-        let fds = attachments.borrowed_fds();
-        let blocks = &attachments.blocks;
-        let sent =
-            wire::send(&parent_end, start, &args, &fds, blocks, None, Some(child.sentinel()));
-        match sent {
-            Ok(())
-            | Err(wire::SendError::Frame(FrameError::Disconnected | FrameError::Aborted)) => {}
-            Err(e) => {
-                return Err(Error::new(
-                    ErrorKind::Io,
-                    format!("sending the task to process {pid} ({name}): {e}"),
-                ));
-            }
-        }
-    }
-    Ok(Launched { child, channel: parent_end })
-}
-
-/// Writes `start` and its arguments into a new child's channel if they fit its buffer whole, so
-/// that the write cannot block before anyone reads; true if it did.
-fn presend(
-    channel: &Channel,
-    start: &Start,
-    args: &[u8],
-    attachments: &Attachments,
-) -> Result<bool> {
-    if !attachments.blocks.is_empty() || args.len() > PRESEND_MAX {
-        return Ok(false);
-    }
-    let head = wire::head(start).map_err(|e| {
-        Error::new(ErrorKind::Encode, format!("the start message of {}: {e}", start.name))
-    })?;
-    if head.len() + args.len() > PRESEND_MAX {
-        return Ok(false);
-    }
-    channel.send(&[&head, args], &attachments.borrowed_fds(), &[], None, None).map_err(|e| {
-        Error::new(ErrorKind::Io, format!("writing the task of {}: {e}", start.name))
-    })?;
-    Ok(true)
-}
-
-/// The parent's side of the handshake: `None` if the child's `Hello` matches us.
-pub(crate) fn check_hello(label: &str, version: u32, theirs: u64) -> Option<Error> {
-    (version != PROTOCOL_VERSION || theirs != fingerprint()).then(|| {
-        Error::new(
-            ErrorKind::StartFailed,
-            format!(
-                "{label} handshake failed: protocol version {version}, expected \
-                 {PROTOCOL_VERSION}; executable {theirs:016x}, expected {:016x}",
-                fingerprint()
-            ),
-        )
-    })
 }
 
 fn next_default_name() -> String {
@@ -553,18 +432,6 @@ impl<R: Portable> Process<R> {
                 )),
             },
         }
-    }
-}
-
-/// The error kind for a child's `Failed` reason.
-pub(crate) fn fail_kind(reason: FailReason) -> ErrorKind {
-    match reason {
-        FailReason::UnknownTask => ErrorKind::UnknownTask,
-        FailReason::DuplicateTask => ErrorKind::DuplicateTask,
-        FailReason::VersionMismatch | FailReason::FingerprintMismatch => ErrorKind::StartFailed,
-        FailReason::ArgsUndecodable => ErrorKind::Decode,
-        FailReason::ResultUnencodable => ErrorKind::Encode,
-        FailReason::Protocol => ErrorKind::Protocol,
     }
 }
 

@@ -144,7 +144,7 @@ impl ChildHandle for DirectChild {
 
     fn try_wait(&mut self) -> io::Result<Option<ExitStatus>> {
         if self.status.is_none() {
-            self.status = sys::pidfd_wait(self.pidfd.as_fd(), false)?;
+            self.status = sys::pidfd_wait(self.pidfd.as_fd(), false)?.map(ExitStatus::from);
         }
         Ok(self.status)
     }
@@ -152,7 +152,7 @@ impl ChildHandle for DirectChild {
     fn wait_deadline(&mut self, deadline: Option<Instant>) -> io::Result<Option<ExitStatus>> {
         if deadline.is_none() && self.status.is_none() {
             // Nothing else to watch: wait in waitid itself, not in a poll and a second waitid.
-            self.status = sys::pidfd_wait(self.pidfd.as_fd(), true)?;
+            self.status = sys::pidfd_wait(self.pidfd.as_fd(), true)?.map(ExitStatus::from);
         }
         match self.status {
             Some(status) => Ok(Some(status)),

@@ -8,6 +8,7 @@
 //! start method is named. It imports `runtime`, `transport`, `sys` and the error types.
 
 pub mod handle;
+pub(crate) mod launch;
 pub mod method;
 pub mod status;
 pub mod tracked;

@@ -2,6 +2,8 @@
 
 use std::fmt;
 
+use crate::sys::ChildExit;
+
 /// How a child process ended, as reported by `waitid`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum ExitStatus {
@@ -12,6 +14,15 @@ pub enum ExitStatus {
     /// The process ended, but the process that reaped it (a forkserver that was itself
     /// killed) could not say how. Its [`exitcode`](Self::exitcode) is 255.
     Unknown,
+}
+
+impl From<ChildExit> for ExitStatus {
+    fn from(exit: ChildExit) -> Self {
+        match exit {
+            ChildExit::Exited(code) => ExitStatus::Exited(code),
+            ChildExit::Signaled(signal) => ExitStatus::Signaled(signal),
+        }
+    }
 }
 
 impl ExitStatus {

@@ -8,19 +8,20 @@
 
 use std::io::Write;
 use std::os::fd::{AsFd, OwnedFd};
-use std::panic::{self, AssertUnwindSafe};
-use std::sync::{Mutex, OnceLock};
-use std::thread::{self, ThreadId};
+use std::sync::OnceLock;
+use std::thread;
 use std::time::{Duration, Instant};
 
 use crate::error::{ErrorKind, RemotePanic};
-use crate::runtime::registry::{self, CallError, State};
+use crate::runtime::panic::{catch_panic, install_panic_hook};
+use crate::runtime::registry::{self, CallError};
 use crate::runtime::role::Role;
+use crate::runtime::worker;
+use crate::shared::shm::SealedMemory;
 use crate::sys::{self, POLLRDHUP, PollFd};
 use crate::transport::channel::{Channel, FrameError};
 use crate::transport::codec::{self, Attachments};
-use crate::transport::ring::{HOLD_BELOW, MAX_HELD, Ring};
-use crate::transport::wire::{self, FailReason, PROTOCOL_VERSION, Start, ToParent, ToWorker};
+use crate::transport::wire::{self, FailReason, PROTOCOL_VERSION, Start, ToParent};
 
 /// Exit code of a child whose task returned.
 pub const EXIT_OK: i32 = 0;
@@ -63,7 +64,7 @@ pub fn warm_up() {
 }
 
 /// What the task did, ready to be sent.
-enum Outcome {
+pub(super) enum Outcome {
     /// The encoded value and what travels beside it.
     Returned(Vec<u8>, Attachments),
     Panicked(RemotePanic),
@@ -98,7 +99,7 @@ pub fn serve(mut channel: Channel) -> ! {
         prepare(&start, &channel);
         let initializer = setup.initializer.clone();
         let in_memory = setup.args_in_memory;
-        run_worker(channel, move || match initializer {
+        worker::run(channel, move || match initializer {
             Some(name) => {
                 let entry =
                     registry::lookup(&name).map_err(|e| (lookup_failure(&e), e.to_string()))?;
@@ -106,7 +107,7 @@ pub fn serve(mut channel: Channel) -> ! {
                     if !in_memory {
                         return (entry.make_state)(args);
                     }
-                    let memory: crate::SealedMemory =
+                    let memory: SealedMemory =
                         codec::decode(args).map_err(registry::CallError::Args)?;
                     (entry.make_state)(memory.as_slice())
                 };
@@ -127,107 +128,10 @@ pub fn serve(mut channel: Channel) -> ! {
 }
 
 /// The wire's reason for a failed registry lookup.
-fn lookup_failure(error: &crate::Error) -> FailReason {
+pub(super) fn lookup_failure(error: &crate::Error) -> FailReason {
     match error.kind() {
         ErrorKind::DuplicateTask => FailReason::DuplicateTask,
         _ => FailReason::UnknownTask,
-    }
-}
-
-/// Entry point of a forked pool worker whose initializer and arguments are already in memory
-/// (fork).
-pub fn run_worker_moved(
-    channel: Channel,
-    start: Start,
-    make_state: impl FnOnce() -> Result<State, CallError>,
-) -> ! {
-    if say_hello(&channel).is_err() {
-        sys::exit_immediately(EXIT_FAILED);
-    }
-    prepare(&start, &channel);
-    run_worker(channel, || make_state().map_err(|e| (call_failure(&e), e.to_string())))
-}
-
-/// The pool worker: builds its state (a panic there is reported like a task's, and ends the
-/// worker), says `Ready`, then runs batches until the parent closes the channel.
-///
-/// Within a batch a panic fails only its item ([`registry::run_batch`]), so a worker outlives
-/// the panics of the tasks it runs; it ends with `_exit(0)` at end-of-file, after flushing.
-fn run_worker(
-    mut channel: Channel,
-    make_state: impl FnOnce() -> Result<State, (FailReason, String)>,
-) -> ! {
-    let state = match catch_panic(make_state) {
-        Ok(Ok(state)) => state,
-        Ok(Err((reason, message))) => finish(&channel, Outcome::Failed(reason, message)),
-        Err(panic) => finish(&channel, Outcome::Panicked(panic)),
-    };
-    // The ring for results held back (see `pool::ring`) travels with `Ready`; without one
-    // (it could not be made), every result goes to the socket.
-    let mut ring = Ring::create().ok();
-    let ring_fd: Vec<_> = ring.iter().map(Ring::fd).collect();
-    if wire::send(&channel, &ToParent::Ready, &[], &ring_fd, &[], None, None).is_err() {
-        sys::exit_immediately(EXIT_FAILED);
-    }
-    drop(ring_fd);
-    let mut out = Vec::new();
-    let mut held = 0;
-    loop {
-        let mut frame = match channel.recv(None, None) {
-            Ok(frame) => frame,
-            Err(FrameError::Disconnected) => {
-                let _ = std::io::stdout().flush();
-                let _ = std::io::stderr().flush();
-                sys::exit_immediately(EXIT_OK)
-            }
-            Err(_) => sys::exit_immediately(EXIT_FAILED),
-        };
-        let fds = std::mem::take(&mut frame.fds);
-        let blocks = std::mem::take(&mut frame.blocks);
-        let (ToWorker::Batch { id, task }, args) = match wire::decode::<ToWorker>(&frame) {
-            Ok(decoded) => decoded,
-            Err(e) => finish(
-                &channel,
-                Outcome::Failed(FailReason::Protocol, format!("batch frame did not decode: {e}")),
-            ),
-        };
-        out.clear();
-        let started = Instant::now();
-        let (reply, attachments) = codec::collecting(|| match registry::lookup(&task) {
-            Ok(entry) => {
-                let run = || (entry.run_batch)(&*state, args, &mut out);
-                match codec::with_attachments(fds, blocks, run) {
-                    Ok(()) => ToParent::BatchDone { id },
-                    Err(e) => ToParent::BatchFailed {
-                        id,
-                        reason: call_failure(&e),
-                        message: e.to_string(),
-                    },
-                }
-            }
-            Err(e) => {
-                ToParent::BatchFailed { id, reason: lookup_failure(&e), message: e.to_string() }
-            }
-        });
-        let payload: &[u8] = if matches!(reply, ToParent::BatchDone { .. }) { &out } else { &[] };
-        let head = wire::head(&reply).unwrap_or_else(|_| sys::exit_immediately(EXIT_FAILED));
-        // Held back while the next batch is already here and this one was quick: the result
-        // of the last batch at hand goes to the socket and wakes the parent.
-        let hold = held < MAX_HELD
-            && started.elapsed() < HOLD_BELOW
-            && attachments.fds.is_empty()
-            && attachments.blocks.is_empty()
-            && channel.has_buffered_frame();
-        if hold && ring.as_mut().is_some_and(|ring| ring.push(&[&head, payload])) {
-            held += 1;
-            continue;
-        }
-        held = 0;
-        let out_fds = attachments.borrowed_fds();
-        let sent = channel.send(&[&head, payload], &out_fds, &attachments.blocks, None, None);
-        if sent.is_err() {
-            sys::exit_immediately(EXIT_FAILED);
-        }
     }
 }
 
@@ -245,7 +149,7 @@ pub fn run_moved(
     finish(&channel, outcome)
 }
 
-fn say_hello(channel: &Channel) -> Result<(), wire::SendError> {
+pub(super) fn say_hello(channel: &Channel) -> Result<(), wire::SendError> {
     let hello = ToParent::Hello {
         version: PROTOCOL_VERSION,
         fingerprint: fingerprint(),
@@ -278,49 +182,12 @@ fn check_handshake(start: &Start) -> Option<Outcome> {
 
 /// Adopts the parent's settings: log level, panic capture, and (for a daemon) the watch that
 /// ends the child when its parent goes away.
-fn prepare(start: &Start, channel: &Channel) {
+pub(super) fn prepare(start: &Start, channel: &Channel) {
     crate::runtime::log::adopt(start.log.as_deref());
     install_panic_hook();
     if start.daemon {
         watch_parent(channel);
     }
-}
-
-static TASK_THREAD: OnceLock<ThreadId> = OnceLock::new();
-static LAST_PANIC: Mutex<Option<RemotePanic>> = Mutex::new(None);
-
-/// Records the panics of the calling thread (message, location, backtrace) for
-/// [`catch_panic`]; the first call wins, later ones do nothing (a forked child inherits its
-/// server's hook).
-pub fn install_panic_hook() {
-    if TASK_THREAD.set(thread::current().id()).is_err() {
-        return;
-    }
-    let previous = panic::take_hook();
-    panic::set_hook(Box::new(move |info| {
-        if TASK_THREAD.get() == Some(&thread::current().id()) {
-            let panic = RemotePanic {
-                message: payload_message(info.payload()),
-                location: info
-                    .location()
-                    .map(|l| format!("{}:{}:{}", l.file(), l.line(), l.column())),
-                backtrace: std::backtrace::Backtrace::force_capture().to_string(),
-            };
-            if let Ok(mut slot) = LAST_PANIC.lock() {
-                slot.get_or_insert(panic);
-            }
-        }
-        previous(info);
-    }));
-}
-
-/// The text of a panic payload: the `&str` or `String` that `panic!` made.
-fn payload_message(payload: &(dyn std::any::Any + Send)) -> String {
-    payload
-        .downcast_ref::<&str>()
-        .map(|s| (*s).to_owned())
-        .or_else(|| payload.downcast_ref::<String>().cloned())
-        .unwrap_or_else(|| "Box<dyn Any>".to_owned())
 }
 
 /// Starts a thread that ends this (daemon) child within [`WATCH_INTERVAL`] of its parent
@@ -353,7 +220,7 @@ fn run_guarded(start: &Start, call: impl FnOnce() -> Result<Vec<u8>, CallError>)
 }
 
 /// The wire's reason for a failed type-erased call.
-pub(crate) fn call_failure(error: &CallError) -> FailReason {
+pub(super) fn call_failure(error: &CallError) -> FailReason {
     match error {
         CallError::Args(_) => FailReason::ArgsUndecodable,
         CallError::Result(_) => FailReason::ResultUnencodable,
@@ -361,28 +228,8 @@ pub(crate) fn call_failure(error: &CallError) -> FailReason {
     }
 }
 
-/// Runs `f`, turning a panic into a [`RemotePanic`] with message, location and (when the
-/// child runtime's hook is installed on this thread) backtrace.
-pub fn catch_panic<T>(f: impl FnOnce() -> T) -> Result<T, RemotePanic> {
-    match panic::catch_unwind(AssertUnwindSafe(f)) {
-        Ok(value) => Ok(value),
-        Err(payload) => {
-            let recorded = LAST_PANIC.lock().ok().and_then(|mut slot| slot.take());
-            let panic = recorded.unwrap_or_else(|| RemotePanic {
-                message: payload_message(&*payload),
-                location: None,
-                backtrace: String::new(),
-            });
-            // Dropping a panic payload can itself panic; leak it instead (it is small, and a
-            // payload is only made by a panic).
-            std::mem::forget(payload);
-            Err(panic)
-        }
-    }
-}
-
 /// Sends the outcome, flushes stdio and ends the process.
-fn finish(channel: &Channel, outcome: Outcome) -> ! {
+pub(super) fn finish(channel: &Channel, outcome: Outcome) -> ! {
     let (message, payload, attachments, code) = match outcome {
         Outcome::Returned(bytes, attachments) => (ToParent::Returned, bytes, attachments, EXIT_OK),
         Outcome::Panicked(panic) => {

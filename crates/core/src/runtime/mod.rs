@@ -5,11 +5,13 @@
 //! the forkserver's preloaded value ([`preload`]), and the log level children adopt ([`log`]).
 //!
 //! Architecture invariant: the runtime knows nothing of `Process` or `Pool`, the parent-side
-//! handles. It imports `transport`, `sys` and the error types.
+//! handles. It imports `shared`, `transport`, `sys` and the error types.
 
 pub mod child;
 pub mod log;
+pub mod panic;
 pub mod preload;
 pub mod registry;
 pub mod role;
 pub mod task;
+pub mod worker;

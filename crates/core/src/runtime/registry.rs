@@ -19,7 +19,7 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 
 use crate::error::{Error, ErrorKind};
-use crate::runtime::child::catch_panic;
+use crate::runtime::panic::catch_panic;
 use crate::transport::codec::{self, CodecError};
 use crate::transport::wire::ItemResult;
 

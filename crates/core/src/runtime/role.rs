@@ -36,6 +36,11 @@ pub struct Role {
 #[linkme::distributed_slice]
 pub static ROLES: [Role];
 
+// The `.init_array` constructor (feature `ctor`) runs this before `main`.
+#[allow(unsafe_code)]
+#[linkme::distributed_slice(sys::BEFORE_MAIN)]
+static TAKE_ROLE_BEFORE_MAIN: fn() = take_role;
+
 /// The value of [`ROLE_ENV`] for `role` with its socket at `fd`.
 pub fn role_env_value(role: &str, fd: i32) -> String {
     format!("{role}:{fd}")

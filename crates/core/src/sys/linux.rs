@@ -14,8 +14,6 @@ use std::ptr;
 use std::sync::atomic::AtomicU32;
 use std::time::Instant;
 
-use crate::process::status::ExitStatus;
-
 /// Turns a `-1` return into the thread's `errno`.
 fn cvt(ret: c_int) -> io::Result<c_int> {
     if ret == -1 { Err(io::Error::last_os_error()) } else { Ok(ret) }
@@ -420,12 +418,22 @@ pub fn pidfd_send_signal(pidfd: BorrowedFd<'_>, signal: i32) -> io::Result<()> {
     cvt_long(ret as isize).map(drop)
 }
 
+/// How a reaped child ended, as `waitid` reports it (`process::status::ExitStatus` is the
+/// domain type made from it).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ChildExit {
+    /// `CLD_EXITED`, with the exit code.
+    Exited(i32),
+    /// `CLD_KILLED` or `CLD_DUMPED`, with the signal.
+    Signaled(i32),
+}
+
 /// `waitid(P_PIDFD, pidfd, WEXITED [| WNOHANG])`—reaps the child the descriptor names.
 ///
 /// Returns `None` when `block` is false and the child is still running. Only works for our own
 /// children; this is the only way multiproc reaps, so it never steals another library's child
 /// the way `waitpid(-1)` would.
-pub fn pidfd_wait(pidfd: BorrowedFd<'_>, block: bool) -> io::Result<Option<ExitStatus>> {
+pub fn pidfd_wait(pidfd: BorrowedFd<'_>, block: bool) -> io::Result<Option<ChildExit>> {
     const P_PIDFD: libc::idtype_t = 3;
     let mut options = libc::WEXITED;
     if !block {
@@ -447,8 +455,8 @@ pub fn pidfd_wait(pidfd: BorrowedFd<'_>, block: bool) -> io::Result<Option<ExitS
         return Ok(None);
     }
     Ok(Some(match info.si_code {
-        libc::CLD_EXITED => ExitStatus::Exited(status),
-        _ => ExitStatus::Signaled(status),
+        libc::CLD_EXITED => ChildExit::Exited(status),
+        _ => ChildExit::Signaled(status),
     }))
 }
 
@@ -629,6 +637,15 @@ pub fn executable_fingerprint() -> io::Result<u64> {
     Ok(hash)
 }
 
+/// The functions this executable runs before `main`, from its `.init_array` entry: the runtime
+/// registers the one that takes a re-executed process's role, so that `sys` itself knows
+/// nothing of roles.
+// linkme places the table with `#[link_section]`, which the unsafe_code lint flags; no unsafe
+// operation is involved.
+#[allow(unsafe_code)]
+#[linkme::distributed_slice]
+pub static BEFORE_MAIN: [fn()];
+
 /// The `.init_array` entry that lets a re-executed binary take its role before `main`.
 ///
 /// glibc calls `.init_array` functions with `(argc, argv, envp)` after the dynamic loader has
@@ -645,7 +662,9 @@ extern "C" fn init_array_entry(
     _argv: *const *const c_char,
     _envp: *const *const c_char,
 ) {
-    crate::runtime::role::take_role();
+    for before_main in BEFORE_MAIN {
+        before_main();
+    }
 }
 
 /// Converts a string into a `CString`, mapping an interior NUL to an error.
