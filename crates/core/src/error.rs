@@ -43,7 +43,7 @@ pub enum ErrorKind {
     /// A pool task ran past its time limit (its worker was killed and replaced), or a
     /// listener's accept or handshake did not complete in time.
     Timeout,
-    /// The other end of a [`Listener`](crate::Listener) connection did not prove that it holds
+    /// The other end of a `Listener` connection did not prove that it holds
     /// the key (or the listener refused ours).
     AuthenticationFailed,
     /// The work was cancelled before it ran: its pool was terminated or dropped.

@@ -44,7 +44,7 @@ pub struct WorkerSetup {
     /// The registered name of the initializer whose return value is the worker's state; its
     /// encoded arguments are the `Start` frame's payload. `None`: the state is `()`.
     pub initializer: Option<String>,
-    /// The payload is a [`SealedMemory`](crate::SealedMemory) that holds the encoded arguments
+    /// The payload is a `SealedMemory` that holds the encoded arguments
     /// (large ones: every worker maps one copy instead of being sent its own).
     pub args_in_memory: bool,
 }
