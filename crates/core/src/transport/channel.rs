@@ -118,6 +118,15 @@ pub enum FrameError {
         /// Descriptors that arrived.
         arrived: usize,
     },
+    /// Descriptors arrived that the frame they came with does not claim (more than its header
+    /// says, or some beside a frame that claims none). They were closed: a frame never hands
+    /// another frame's descriptors on, and none pile up unclaimed.
+    ExtraFds {
+        /// Descriptors the header claimed.
+        claimed: u32,
+        /// Descriptors that arrived with the frame.
+        arrived: usize,
+    },
     /// The deadline passed first.
     Timeout,
     /// The abort descriptor became ready (the process at the other end ended).
@@ -145,6 +154,9 @@ impl fmt::Display for FrameError {
             FrameError::MissingFds { claimed, arrived } => {
                 write!(f, "frame claims {claimed} fds but {arrived} arrived")
             }
+            FrameError::ExtraFds { claimed, arrived } => {
+                write!(f, "frame claims {claimed} fds but {arrived} arrived (all closed)")
+            }
             FrameError::Timeout => write!(f, "timed out"),
             FrameError::Aborted => write!(f, "the peer process ended"),
             FrameError::Io(e) => write!(f, "{e}"),
@@ -165,6 +177,8 @@ impl From<io::Error> for FrameError {
 #[derive(Debug)]
 struct Partial {
     nfds: u32,
+    /// Where the frame begins in the stream (bytes received before its header).
+    start: u64,
     /// Header and block table, for reporting a truncation.
     header_len: usize,
     parts: Vec<Part>,
@@ -197,6 +211,25 @@ impl Partial {
 
     fn expected(&self) -> usize {
         self.header_len + self.parts.iter().map(|part| part.len).sum::<usize>()
+    }
+}
+
+/// Descriptors that arrived with one `recvmsg`, and the stretch of the stream it read.
+///
+/// The kernel attaches a `sendmsg`'s descriptors to its first byte, and a `recvmsg` that
+/// returns descriptors ends with the message they came with; our sender always puts a frame's
+/// descriptors on the frame's first byte. So a batch belongs to a frame that starts within
+/// `from..to`, and to no other.
+#[derive(Debug)]
+struct FdBatch {
+    from: u64,
+    to: u64,
+    fds: Vec<OwnedFd>,
+}
+
+impl FdBatch {
+    fn covers(&self, offset: u64) -> bool {
+        self.from <= offset && offset < self.to
     }
 }
 
@@ -238,8 +271,11 @@ pub struct Channel {
     /// Received bytes that belong to no body yet: a header, or the start of the next frame.
     pending: Pending,
     partial: Option<Partial>,
-    fds: VecDeque<OwnedFd>,
+    /// Descriptors received and not yet handed to their frame, oldest first.
+    fds: VecDeque<FdBatch>,
     scratch_fds: Vec<OwnedFd>,
+    /// Bytes received from the socket so far: the stream offset of the next byte to arrive.
+    received: u64,
     eof: bool,
 }
 
@@ -258,6 +294,7 @@ impl Channel {
             partial: None,
             fds: VecDeque::new(),
             scratch_fds: Vec::new(),
+            received: 0,
             eof: false,
         }
     }
@@ -460,7 +497,7 @@ impl Channel {
 
     /// Descriptors received for a frame that is not complete yet.
     pub fn queued_fds(&self) -> impl Iterator<Item = BorrowedFd<'_>> {
-        self.fds.iter().map(AsFd::as_fd)
+        self.fds.iter().flat_map(|batch| &batch.fds).map(AsFd::as_fd)
     }
 
     /// Closes our sending direction (`shutdown(SHUT_WR)`): the peer reads end-of-file after
@@ -518,7 +555,12 @@ impl Channel {
                 sys::recv_into_vec(fd, buf, READ_CHUNK, &mut self.scratch_fds, !blocking)?
             }
         };
-        self.fds.extend(self.scratch_fds.drain(..));
+        let from = self.received;
+        self.received += n as u64;
+        if !self.scratch_fds.is_empty() {
+            let fds = std::mem::take(&mut self.scratch_fds);
+            self.fds.push_back(FdBatch { from, to: self.received, fds });
+        }
         Ok(n)
     }
 
@@ -528,12 +570,14 @@ impl Channel {
             let Some((len, nfds, blocks, taken)) = parse_header(self.pending.bytes())? else {
                 return Ok(None);
             };
+            // With no frame in progress, the pending bytes begin with this frame.
+            let start = self.received - self.pending.len() as u64;
             self.pending.consume(taken);
             let parts = std::iter::once(len)
                 .chain(blocks)
                 .map(|len| Part { len, bytes: Vec::new() })
                 .collect();
-            self.partial = Some(Partial { nfds, header_len: taken, parts, current: 0 });
+            self.partial = Some(Partial { nfds, start, header_len: taken, parts, current: 0 });
         }
         let partial = self.partial.as_mut().expect("set above");
         while let Some(part) = partial.parts.get_mut(partial.current) {
@@ -551,14 +595,51 @@ impl Channel {
             partial.current += 1;
         }
         let partial = self.partial.take().expect("set above");
-        let claimed = partial.nfds as usize;
-        if self.fds.len() < claimed {
-            return Err(FrameError::MissingFds { claimed: partial.nfds, arrived: self.fds.len() });
-        }
-        let fds = self.fds.drain(..claimed).collect();
+        let fds = self.claim_fds(&partial)?;
         let mut parts = partial.parts.into_iter().map(|part| part.bytes);
         let body = parts.next().expect("a frame has a body");
         Ok(Some(Frame { body, fds, blocks: parts.collect() }))
+    }
+
+    /// Hands a whole frame the descriptors that came with it: exactly the batch received with
+    /// its first byte, and exactly as many as its header claims. Anything else is closed here
+    /// and is an error for this frame, so that descriptors never reach a frame they were not
+    /// sent with and never pile up.
+    fn claim_fds(&mut self, partial: &Partial) -> Result<Vec<OwnedFd>, FrameError> {
+        let (start, claimed) = (partial.start, partial.nfds);
+        let end = start + partial.expected() as u64;
+        // Batches read wholly before this frame began belonged to earlier frames, which did
+        // not claim them: a frame that claims none is reported at once only when no other
+        // frame started in the same read (below), so these are the remainder.
+        let mut stale = 0;
+        while self.fds.front().is_some_and(|batch| batch.to <= start) {
+            stale += self.fds.pop_front().map_or(0, |batch| batch.fds.len());
+        }
+        let ours = self.fds.front().is_some_and(|batch| batch.covers(start));
+        if stale > 0 {
+            if ours {
+                self.fds.pop_front();
+            }
+            return Err(FrameError::ExtraFds { claimed, arrived: stale });
+        }
+        if claimed == 0 {
+            // The batch may be the next frame's if that frame starts within the same read.
+            let ends_the_read = self.fds.front().is_some_and(|batch| batch.to <= end);
+            if ours && ends_the_read {
+                let arrived = self.fds.pop_front().map_or(0, |batch| batch.fds.len());
+                return Err(FrameError::ExtraFds { claimed, arrived });
+            }
+            return Ok(Vec::new());
+        }
+        let batch = if ours { self.fds.pop_front() } else { None };
+        let fds = batch.map(|batch| batch.fds).unwrap_or_default();
+        match fds.len().cmp(&(claimed as usize)) {
+            std::cmp::Ordering::Equal => Ok(fds),
+            std::cmp::Ordering::Less => Err(FrameError::MissingFds { claimed, arrived: fds.len() }),
+            std::cmp::Ordering::Greater => {
+                Err(FrameError::ExtraFds { claimed, arrived: fds.len() })
+            }
+        }
     }
 
     fn eof_error(&self) -> FrameError {
@@ -839,6 +920,73 @@ mod tests {
             chan.recv(soon(), None),
             Err(FrameError::MissingFds { claimed: 3, arrived: 0 })
         ));
+    }
+
+    /// A frame of a 4-byte body whose header claims `claimed` descriptors, sent in one
+    /// `sendmsg` with `fds` beside it.
+    fn send_raw_frame(raw: &UnixStream, claimed: u32, fds: &[BorrowedFd<'_>]) {
+        let mut frame = vec![0u8; HEADER_LEN];
+        frame[..8].copy_from_slice(&4u64.to_le_bytes());
+        frame[8..12].copy_from_slice(&claimed.to_le_bytes());
+        frame.extend_from_slice(b"body");
+        let sent = sys::send_with_fds(raw.as_fd(), &[IoSlice::new(&frame)], fds, true).unwrap();
+        assert_eq!(sent, frame.len());
+    }
+
+    fn open_fds() -> usize {
+        std::fs::read_dir("/proc/self/fd").unwrap().count()
+    }
+
+    #[test]
+    fn descriptors_no_frame_claims_are_closed_at_once_and_never_reach_a_later_frame() {
+        let (raw, mut chan) = raw_pair();
+        let spare = std::fs::File::open("/dev/null").unwrap();
+        let before = open_fds();
+        let many: Vec<_> = std::iter::repeat_n(spare.as_fd(), 200).collect();
+        for _ in 0..10 {
+            send_raw_frame(&raw, 0, &many);
+        }
+        for _ in 0..10 {
+            assert!(matches!(
+                chan.recv(soon(), None),
+                Err(FrameError::ExtraFds { claimed: 0, arrived: 200 })
+            ));
+        }
+        // What was received and refused is closed; none waits in the channel for a claimant.
+        assert_eq!(open_fds(), before);
+        assert_eq!(chan.queued_fds().count(), 0);
+        // A frame that claims descriptors gets its own and only its own.
+        send_raw_frame(&raw, 0, &many);
+        send_raw_frame(&raw, 1, &[spare.as_fd()]);
+        assert!(matches!(chan.recv(soon(), None), Err(FrameError::ExtraFds { .. })));
+        assert_eq!(chan.recv(soon(), None).unwrap().fds.len(), 1);
+        // More than claimed: all closed, and an error.
+        send_raw_frame(&raw, 2, &many[..3]);
+        assert!(matches!(
+            chan.recv(soon(), None),
+            Err(FrameError::ExtraFds { claimed: 2, arrived: 3 })
+        ));
+        assert_eq!(open_fds(), before);
+        // The channel goes on: the next good frame arrives whole.
+        send_raw_frame(&raw, 0, &[]);
+        assert_eq!(chan.recv(soon(), None).unwrap().body, b"body");
+    }
+
+    #[test]
+    fn frames_batched_in_one_send_after_a_frame_with_descriptors_get_none_of_them() {
+        // `send_frames` writes a frame with descriptors and the frames without any after it in
+        // one sendmsg: the descriptors are the first frame's alone.
+        let (a, mut b) = Channel::pair().unwrap();
+        let spare = std::fs::File::open("/dev/null").unwrap();
+        let fds = [spare.as_fd(), spare.as_fd()];
+        let frames = [
+            OutFrame { body: &[b"first"], fds: &fds, blocks: &[] },
+            OutFrame { body: &[b"second"], fds: &[], blocks: &[] },
+            OutFrame { body: &[b"third"], fds: &[], blocks: &[] },
+        ];
+        a.send_frames(&frames, soon(), None).unwrap();
+        let got: Vec<_> = (0..3).map(|_| b.recv(soon(), None).unwrap()).collect();
+        assert_eq!(got.iter().map(|f| f.fds.len()).collect::<Vec<_>>(), [2, 0, 0]);
     }
 
     #[test]

@@ -58,11 +58,34 @@ pub(super) struct Decoder<'de> {
     /// bincode's decoder over what is left of the input, kept for the whole decode (building
     /// one per primitive costs a store-forwarding stall on every element).
     inner: DecoderImpl<Cursor<'de>, bincode::config::Configuration, ()>,
+    /// How many compound values (options, newtypes, sequences, maps, structs, enums) the value
+    /// being decoded is inside of; see [`MAX_DEPTH`](super::MAX_DEPTH).
+    depth: u32,
 }
 
 impl<'de> Decoder<'de> {
     pub(super) fn new(input: &'de [u8]) -> Self {
-        Decoder { inner: DecoderImpl::new(Cursor(input), config(), ()) }
+        Decoder { inner: DecoderImpl::new(Cursor(input), config(), ()), depth: 0 }
+    }
+
+    /// Decodes one level deeper: every compound value goes through here, so that bytes that
+    /// nest a million levels deep are an error and not a stack overflow, which would abort
+    /// the process.
+    #[inline]
+    fn nested<R>(
+        &mut self,
+        decode: impl FnOnce(&mut Self) -> Result<R, CodecError>,
+    ) -> Result<R, CodecError> {
+        if self.depth >= super::MAX_DEPTH {
+            return Err(CodecError::new(format!(
+                "the value nests deeper than {} levels",
+                super::MAX_DEPTH
+            )));
+        }
+        self.depth += 1;
+        let result = decode(self);
+        self.depth -= 1;
+        result
     }
 
     /// What is left of the input.
@@ -138,7 +161,7 @@ impl<'de> Decoder<'de> {
         len: usize,
         visitor: V,
     ) -> Result<V::Value, CodecError> {
-        visitor.visit_seq(Elements::new(self, len))
+        self.nested(|de| visitor.visit_seq(Elements::new(de, len)))
     }
 }
 
@@ -201,7 +224,7 @@ impl<'de> de::Deserializer<'de> for &mut Decoder<'de> {
     fn deserialize_option<V: Visitor<'de>>(self, visitor: V) -> Result<V::Value, CodecError> {
         match self.get::<u8>()? {
             0 => visitor.visit_none(),
-            1 => visitor.visit_some(self),
+            1 => self.nested(|de| visitor.visit_some(de)),
             tag => Err(CodecError::new(format!("an option's tag is {tag}, not 0 or 1"))),
         }
     }
@@ -223,7 +246,7 @@ impl<'de> de::Deserializer<'de> for &mut Decoder<'de> {
         _name: &'static str,
         visitor: V,
     ) -> Result<V::Value, CodecError> {
-        visitor.visit_newtype_struct(self)
+        self.nested(|de| visitor.visit_newtype_struct(de))
     }
 
     /// A packed sequence becomes the `Vec` its visitor wants in one copy, when that is a `Vec`
@@ -258,7 +281,7 @@ impl<'de> de::Deserializer<'de> for &mut Decoder<'de> {
 
     fn deserialize_map<V: Visitor<'de>>(self, visitor: V) -> Result<V::Value, CodecError> {
         let len = self.get_len()?;
-        visitor.visit_map(Elements::new(self, len))
+        self.nested(|de| visitor.visit_map(Elements::new(de, len)))
     }
 
     fn deserialize_struct<V: Visitor<'de>>(
@@ -377,7 +400,7 @@ impl<'de> de::VariantAccess<'de> for &mut Decoder<'de> {
         self,
         seed: T,
     ) -> Result<T::Value, CodecError> {
-        seed.deserialize(self)
+        self.nested(|de| seed.deserialize(de))
     }
 
     fn tuple_variant<V: Visitor<'de>>(

@@ -24,6 +24,16 @@ use std::sync::Arc;
 use serde::Serialize;
 use serde::de::{DeserializeOwned, DeserializeSeed};
 
+/// How deeply compound values (options, newtypes, sequences, maps, structs, enum variants) may
+/// nest in one encoded value.
+///
+/// Both halves are recursive, one stack frame or more per level, so bytes from another process
+/// that nest a million levels deep would overflow the receiver's stack, which aborts the
+/// process rather than unwinding. Past this depth a decode is an error, and so is an encode,
+/// so that the sender learns it before the receiver refuses it. It is what serde_json allows
+/// twice over, and fits a 2 MiB thread stack in a debug build with room to spare.
+pub const MAX_DEPTH: u32 = 256;
+
 /// A value that could not be encoded, or bytes that did not decode.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CodecError(String);
@@ -375,6 +385,42 @@ mod tests {
         let large = crate::Bytes::from(vec![1u8; crate::transport::bytes::BLOCK_MIN]);
         let (_, attachments) = collecting(|| fds_in(&large));
         assert!(attachments.blocks.is_empty());
+    }
+
+    /// A value that nests as deep as its bytes say.
+    #[derive(Debug, PartialEq, Serialize, serde::Deserialize)]
+    enum Tree {
+        Leaf,
+        Node(Box<Tree>),
+    }
+
+    fn tree(depth: usize) -> Tree {
+        (0..depth).fold(Tree::Leaf, |tree, _| Tree::Node(Box::new(tree)))
+    }
+
+    #[test]
+    fn a_million_levels_of_nesting_is_a_decode_error_not_a_stack_overflow() {
+        // Variant 1 (`Node`) a million times, then variant 0 (`Leaf`): about 1 MB of bytes.
+        let mut bytes = vec![1u8; 1_000_000];
+        bytes.push(0);
+        let err = decode::<Tree>(&bytes).unwrap_err();
+        assert!(err.to_string().contains("nests deeper than 256 levels"), "{err}");
+        // The same through every other compound shape that recurses.
+        let nested_options = vec![1u8; 1_000_000];
+        assert!(decode::<Option<Box<Option<Box<Option<u8>>>>>>(&nested_options).is_err());
+    }
+
+    #[test]
+    fn nesting_up_to_the_bound_round_trips_and_past_it_fails_to_encode() {
+        // Each `Node` is one level (its field); the test thread has libtest's 2 MiB stack.
+        let deepest = MAX_DEPTH as usize;
+        let bytes = encode(&tree(deepest)).unwrap();
+        assert_eq!(decode::<Tree>(&bytes).unwrap(), tree(deepest));
+        let err = encode(&tree(deepest + 1)).unwrap_err();
+        assert!(err.to_string().contains("nests deeper"), "{err}");
+        // Siblings do not add up: only depth counts.
+        let wide: Vec<Vec<u32>> = vec![vec![1, 2]; 10_000];
+        assert_eq!(decode::<Vec<Vec<u32>>>(&encode(&wide).unwrap()).unwrap(), wide);
     }
 
     #[test]

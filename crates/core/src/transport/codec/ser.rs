@@ -15,11 +15,41 @@ use super::{CodecError, packed};
 /// A serde `Serializer` writing to `W`.
 pub(super) struct Encoder<W: Writer> {
     inner: EncoderImpl<W, bincode::config::Configuration>,
+    /// How many compound values the value being written is inside of: a value the receiver
+    /// would refuse as too deep ([`MAX_DEPTH`](super::MAX_DEPTH)) fails here, as the sender's
+    /// `Encode` error, instead of on the other side.
+    depth: u32,
 }
 
 impl<W: Writer> Encoder<W> {
     pub(super) fn new(out: W) -> Self {
-        Encoder { inner: EncoderImpl::new(out, super::config()) }
+        Encoder { inner: EncoderImpl::new(out, super::config()), depth: 0 }
+    }
+
+    /// Enters one compound level; [`leave`](Self::leave) undoes it.
+    #[inline]
+    fn enter(&mut self) -> Result<&mut Self, CodecError> {
+        if self.depth >= super::MAX_DEPTH {
+            return Err(CodecError::new(format!(
+                "the value nests deeper than {} levels",
+                super::MAX_DEPTH
+            )));
+        }
+        self.depth += 1;
+        Ok(self)
+    }
+
+    #[inline]
+    fn leave(&mut self) {
+        self.depth -= 1;
+    }
+
+    /// Writes `value` one compound level deeper.
+    #[inline]
+    fn nested<T: Serialize + ?Sized>(&mut self, value: &T) -> Result<(), CodecError> {
+        value.serialize(&mut *self.enter()?)?;
+        self.leave();
+        Ok(())
     }
 
     /// Writes `value` the way bincode does.
@@ -31,7 +61,7 @@ impl<W: Writer> Encoder<W> {
     /// Starts a variant with fields: its index, then the fields as they come.
     fn begin_variant(&mut self, index: u32) -> Result<&mut Self, CodecError> {
         self.put(&index)?;
-        Ok(self)
+        self.enter()
     }
 
     /// Writes a sequence or map length.
@@ -86,7 +116,7 @@ impl<W: Writer> ser::Serializer for &mut Encoder<W> {
 
     fn serialize_some<T: Serialize + ?Sized>(self, value: &T) -> Result<(), CodecError> {
         self.put(&1u8)?;
-        value.serialize(self)
+        self.nested(value)
     }
 
     fn serialize_unit(self) -> Result<(), CodecError> {
@@ -111,7 +141,7 @@ impl<W: Writer> ser::Serializer for &mut Encoder<W> {
         _name: &'static str,
         value: &T,
     ) -> Result<(), CodecError> {
-        value.serialize(self)
+        self.nested(value)
     }
 
     fn serialize_newtype_variant<T: Serialize + ?Sized>(
@@ -122,12 +152,12 @@ impl<W: Writer> ser::Serializer for &mut Encoder<W> {
         value: &T,
     ) -> Result<(), CodecError> {
         self.put(&index)?;
-        value.serialize(self)
+        self.nested(value)
     }
 
     fn serialize_seq(self, len: Option<usize>) -> Result<Self, CodecError> {
         self.put_len(len)?;
-        Ok(self)
+        self.enter()
     }
 
     /// A slice of plain numbers is written whole; anything else element by element.
@@ -145,18 +175,20 @@ impl<W: Writer> ser::Serializer for &mut Encoder<W> {
         }
         let (low, high) = iter.size_hint();
         self.put_len((Some(low) == high).then_some(low))?;
+        self.enter()?;
         for item in iter {
             item.serialize(&mut *self)?;
         }
+        self.leave();
         Ok(())
     }
 
     fn serialize_tuple(self, _len: usize) -> Result<Self, CodecError> {
-        Ok(self)
+        self.enter()
     }
 
     fn serialize_tuple_struct(self, _name: &'static str, _len: usize) -> Result<Self, CodecError> {
-        Ok(self)
+        self.enter()
     }
 
     fn serialize_tuple_variant(
@@ -171,11 +203,11 @@ impl<W: Writer> ser::Serializer for &mut Encoder<W> {
 
     fn serialize_map(self, len: Option<usize>) -> Result<Self, CodecError> {
         self.put_len(len)?;
-        Ok(self)
+        self.enter()
     }
 
     fn serialize_struct(self, _name: &'static str, _len: usize) -> Result<Self, CodecError> {
-        Ok(self)
+        self.enter()
     }
 
     fn serialize_struct_variant(
@@ -212,6 +244,7 @@ macro_rules! compound {
                 }
 
                 fn end(self) -> Result<(), CodecError> {
+                    self.leave();
                     Ok(())
                 }
             }
@@ -241,6 +274,7 @@ impl<W: Writer> ser::SerializeMap for &mut Encoder<W> {
     }
 
     fn end(self) -> Result<(), CodecError> {
+        self.leave();
         Ok(())
     }
 }
