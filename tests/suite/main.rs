@@ -10,6 +10,7 @@ mod bytes;
 mod common;
 mod failures;
 mod forkserver;
+mod hardening;
 mod ipc;
 mod lifecycle;
 mod pool;
@@ -33,6 +34,7 @@ fn main() {
     let mut scenarios = [
         lifecycle::SCENARIOS,
         failures::SCENARIOS,
+        hardening::SCENARIOS,
         protocol::SCENARIOS,
         pool::SCENARIOS,
         ipc::SCENARIOS,

@@ -121,7 +121,11 @@ impl PoolBuilder<()> {
                     .map_err(|e| Error::new(ErrorKind::Encode, format!("{e}")))?;
                 Ok((handle, true))
             });
-            encoded.map(|(bytes, in_memory)| InitArgs::Encoded {
+            let fits = attachments.check_fits_one_message().map_err(|e| {
+                let message = format!("arguments of initializer `{}`: {e}", task.name());
+                Error::new(ErrorKind::Encode, message)
+            });
+            fits.and(encoded).map(|(bytes, in_memory)| InitArgs::Encoded {
                 bytes: Arc::new(bytes),
                 attachments,
                 in_memory,
@@ -395,6 +399,10 @@ fn encode_chunks<A: Portable>(task: &str, items: &[A], chunksize: usize) -> Resu
         .chunks(chunksize.max(1))
         .map(|chunk| {
             let (bytes, attachments) = codec::collecting(|| codec::encode(chunk));
+            let bytes = bytes.and_then(|bytes| {
+                attachments.check_fits_one_message()?;
+                Ok(bytes)
+            });
             bytes.map(|bytes| (chunk.len(), bytes, attachments)).map_err(|e| {
                 Error::new(ErrorKind::Encode, format!("arguments of pool task `{task}`: {e}"))
             })

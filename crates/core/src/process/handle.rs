@@ -74,6 +74,10 @@ impl<A: Portable, R: Portable> ProcessBuilder<A, R> {
             }))
         } else {
             let (bytes, attachments) = codec::collecting(|| codec::encode(&self.args));
+            let bytes = bytes.and_then(|bytes| {
+                attachments.check_fits_one_message()?;
+                Ok(bytes)
+            });
             let bytes = bytes.map_err(|e| {
                 Error::new(ErrorKind::Encode, format!("arguments of task `{}`: {e}", start.task))
             })?;

@@ -213,7 +213,10 @@ fn run_guarded(start: &Start, call: impl FnOnce() -> Result<Vec<u8>, CallError>)
     let _entered = span.enter();
     tracing::debug!(task = %start.task, "running task");
     match codec::collecting(|| catch_panic(call)) {
-        (Ok(Ok(bytes)), attachments) => Outcome::Returned(bytes, attachments),
+        (Ok(Ok(bytes)), attachments) => match attachments.check_fits_one_message() {
+            Ok(()) => Outcome::Returned(bytes, attachments),
+            Err(e) => Outcome::Failed(FailReason::ResultUnencodable, format!("{e}")),
+        },
         (Ok(Err(error)), _) => Outcome::Failed(call_failure(&error), error.to_string()),
         (Err(panic), _) => Outcome::Panicked(panic),
     }

@@ -14,7 +14,7 @@ use crate::runtime::panic::catch_panic;
 use crate::runtime::registry::{self, CallError, State};
 use crate::sys;
 use crate::transport::channel::{Channel, FrameError};
-use crate::transport::codec;
+use crate::transport::codec::{self, Attachments};
 use crate::transport::ring::{HOLD_BELOW, MAX_HELD, Ring};
 use crate::transport::wire::{self, FailReason, Start, ToParent, ToWorker};
 
@@ -93,6 +93,15 @@ pub(super) fn run(
                 ToParent::BatchFailed { id, reason: lookup_failure(&e), message: e.to_string() }
             }
         });
+        // The batch's results travel as one message, so together they must fit one.
+        let (reply, attachments) = match attachments.check_fits_one_message() {
+            Err(e) if matches!(reply, ToParent::BatchDone { .. }) => {
+                let reason = FailReason::ResultUnencodable;
+                let message = format!("the batch's results: {e}");
+                (ToParent::BatchFailed { id, reason, message }, Attachments::default())
+            }
+            _ => (reply, attachments),
+        };
         let payload: &[u8] = if matches!(reply, ToParent::BatchDone { .. }) { &out } else { &[] };
         let head = wire::head(&reply).unwrap_or_else(|_| sys::exit_immediately(EXIT_FAILED));
         // Held back while the next batch is already here and this one was quick: the result

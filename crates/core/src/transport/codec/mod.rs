@@ -67,6 +67,20 @@ pub struct Attachments {
 }
 
 impl Attachments {
+    /// Refuses a set that one message cannot carry: the kernel passes at most
+    /// [`MAX_FDS_PER_MESSAGE`](crate::sys::MAX_FDS_PER_MESSAGE) descriptors per `sendmsg`. A
+    /// value holding more is as unsendable as one that does not serialize, and is reported the
+    /// same way, before anything is sent.
+    pub fn check_fits_one_message(&self) -> Result<(), CodecError> {
+        let (count, max) = (self.fds.len(), crate::sys::MAX_FDS_PER_MESSAGE);
+        if count > max {
+            return Err(CodecError::new(format!(
+                "the value holds {count} descriptors; one message carries at most {max}"
+            )));
+        }
+        Ok(())
+    }
+
     /// Another set for another message: the descriptors duplicated, the blocks shared.
     pub fn try_clone(&self) -> std::io::Result<Attachments> {
         let fds = self.fds.iter().map(OwnedFd::try_clone).collect::<std::io::Result<_>>()?;
