@@ -23,9 +23,12 @@ use multiproc::Context;
 /// One scenario: a name and a body run against the context under test.
 pub type Scenario = (&'static str, fn(&Context) -> Result<(), Failed>);
 
-fn main() {
-    let mut args = Arguments::from_args();
+fn main() -> std::process::ExitCode {
     let ctx = Context::from_env().unwrap_or_else(|e| panic!("{e}"));
+    if let Ok(role) = std::env::var(hardening::HELPER_ENV) {
+        return hardening::helper_main(&role, &ctx);
+    }
+    let mut args = Arguments::from_args();
     let method = ctx.start_method();
     // One test at a time, on the main thread: the fork start method refuses to fork a
     // multi-threaded process, and the fd and zombie accounting of one test must not see the
@@ -55,5 +58,5 @@ fn main() {
             })
         })
         .collect();
-    libtest_mimic::run(&args, trials).exit();
+    libtest_mimic::run(&args, trials).exit_code()
 }

@@ -49,6 +49,9 @@ impl StartMethod for Fork {
             return Err(Error::new(ErrorKind::Io, "the fork start method needs a moved payload"));
         };
         child::warm_up();
+        // A child's stdin is /dev/null under every start method, as in CPython: never the
+        // terminal or pipe its parent reads.
+        let dev_null = sys::dev_null().map_err(|e| Error::io("open /dev/null", e))?;
         let close_in_child = [request.parent_end];
         let forked = match self.permit {
             Some(permit) => {
@@ -74,7 +77,12 @@ impl StartMethod for Fork {
             // `main` ends the child process; its `Infallible` return type says it never comes
             // back here.
             #[allow(unreachable_code)]
-            Forked::Child => match main(Channel::from_fd(request.channel)) {},
+            Forked::Child => {
+                if sys::set_stdin(dev_null).is_err() {
+                    sys::exit_immediately(child::EXIT_FAILED);
+                }
+                match main(Channel::from_fd(request.channel)) {}
+            }
             Forked::Parent(pid) => {
                 // Let the child run first if it shares our CPU, as the kernel's old
                 // `sched_child_runs_first` did: everything we do next (closing its channel end,

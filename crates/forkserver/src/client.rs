@@ -1,8 +1,10 @@
 //! The client side: the `Forkserver` start method, the one server per process that every
 //! context shares, and the handle of a child the server forked.
 
+use std::ffi::OsString;
 use std::io;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::os::unix::ffi::OsStrExt;
 use std::sync::Mutex;
 
 use multiproc_core::process::method::ChildHandle;
@@ -34,6 +36,9 @@ struct Server {
     process: DirectChild,
     /// The pid that launched it: a forked copy of this process must not share the socket.
     owner: u32,
+    /// The environment the last `Fork` request carried, which the server now has; `None`
+    /// before the first.
+    env_sent: Option<Vec<(OsString, OsString)>>,
 }
 
 static SERVER: Mutex<Option<Server>> = Mutex::new(None);
@@ -147,7 +152,7 @@ impl Server {
                 ));
             }
         }
-        let mut server = Server { control, process, owner: std::process::id() };
+        let mut server = Server { control, process, owner: std::process::id(), env_sent: None };
         server.preload()?;
         tracing::debug!(pid, "forkserver started");
         Ok(server)
@@ -208,17 +213,30 @@ fn request_fork(channel: BorrowedFd<'_>, status: BorrowedFd<'_>) -> Result<()> {
             *guard = Some(Server::launch()?);
         }
         let server = guard.as_mut().expect("set above");
+        // The child starts in our working directory and environment as they are now, as a
+        // forked or spawned child would.
+        let cwd = sys::open_cwd().map_err(|e| Error::io("opening the working directory", e))?;
+        let env: Vec<(OsString, OsString)> = std::env::vars_os().collect();
+        let changed = server.env_sent.as_ref() != Some(&env);
+        let request = Request::Fork {
+            env: changed.then(|| {
+                env.iter().map(|(k, v)| (k.as_bytes().to_vec(), v.as_bytes().to_vec())).collect()
+            }),
+        };
         let sent = wire::send(
             &server.control,
-            &Request::Fork,
+            &request,
             &[],
-            &[channel, status],
+            &[channel, status, cwd.as_fd()],
             &[],
             None,
             Some(server.process.sentinel()),
         );
         match sent {
-            Ok(()) => return Ok(()),
+            Ok(()) => {
+                server.env_sent = Some(env);
+                return Ok(());
+            }
             Err(wire::SendError::Frame(FrameError::Disconnected | FrameError::Aborted)) => {
                 tracing::debug!(pid = server.process.pid(), "forkserver died; replacing it");
                 if let Some(mut dead) = guard.take() {

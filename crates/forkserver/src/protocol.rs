@@ -11,7 +11,7 @@ use multiproc_core::RemotePanic;
 use serde::{Deserialize, Serialize};
 
 /// The version both sides announce in `Hello`.
-pub const VERSION: u32 = 2;
+pub const VERSION: u32 = 3;
 
 /// Client to server, on the control socket.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -22,8 +22,16 @@ pub enum Request {
         /// The registered name of the task.
         task: String,
     },
-    /// Fork a child. Descriptors: `[child channel, status socket]`.
-    Fork,
+    /// Fork a child. Descriptors: `[child channel, status socket, working directory]`.
+    ///
+    /// The child starts in the client's working directory and environment as they were when
+    /// the client asked: the server enters the directory (`fchdir`) and takes on the
+    /// environment before it forks. The environment travels only when it differs from the one
+    /// the client sent last (the server keeps the last one it was given).
+    Fork {
+        /// The client's whole environment, or `None`: the same as in the last request.
+        env: Option<Vec<(Vec<u8>, Vec<u8>)>>,
+    },
 }
 
 /// Server to client.

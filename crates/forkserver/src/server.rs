@@ -8,6 +8,7 @@
 //! child through its pidfd and reports the exit status there. Before its first fork it may run
 //! one preload task, whose value every child inherits copy-on-write.
 
+use std::ffi::OsString;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 
 use multiproc_core::runtime::registry;
@@ -71,7 +72,10 @@ fn serve(control: OwnedFd) -> ! {
                         run_preload(&task, args, &control);
                         to_reset = sys::signals_not_default();
                     }
-                    Ok((Request::Fork, _)) => {
+                    Ok((Request::Fork { env }, _)) => {
+                        if let Some(env) = env {
+                            adopt_environment(env);
+                        }
                         let later = frames.as_slice();
                         fork_one(frame, &control, later, &mut children, &to_reset);
                     }
@@ -132,6 +136,17 @@ fn run_preload(task: &str, args: &[u8], control: &Channel) {
     }
 }
 
+/// Takes on a client's environment, which every child forked from now on inherits. The
+/// server has one thread (its invariant), which changing the environment requires.
+fn adopt_environment(env: Vec<(Vec<u8>, Vec<u8>)>) {
+    use std::os::unix::ffi::OsStringExt;
+    let vars: Vec<_> = env
+        .into_iter()
+        .map(|(key, value)| (OsString::from_vec(key), OsString::from_vec(value)))
+        .collect();
+    let _ = sys::replace_environment(&vars);
+}
+
 fn fork_one(
     frame: Frame,
     control: &Channel,
@@ -140,10 +155,20 @@ fn fork_one(
     to_reset: &[i32],
 ) {
     let mut fds = frame.fds.into_iter();
-    let (Some(channel), Some(status), None) = (fds.next(), fds.next(), fds.next()) else {
+    let (Some(channel), Some(status), Some(cwd), None) =
+        (fds.next(), fds.next(), fds.next(), fds.next())
+    else {
         return;
     };
     let status = Channel::from_fd(status);
+    // The child starts where its client was at `start()`.
+    let entered = sys::fchdir(cwd.as_fd());
+    drop(cwd);
+    if let Err(e) = entered {
+        let message = format!("the forkserver could not enter the caller's working directory: {e}");
+        let _ = wire::send(&status, &Reply::ForkFailed { message }, &[], &[], &[], None, None);
+        return;
+    }
     let forked = {
         // The child needs none of the server's descriptors: not the control socket, not its
         // own status socket, not the other children's pidfds and status sockets, not the

@@ -57,6 +57,7 @@ const PRESEND_MAX: usize = 2048;
 /// A child that dies before it reads its work is not an error here: whoever waits for it
 /// learns how it ended.
 pub(crate) fn launch(method: &dyn StartMethod, start: &Start, work: Work) -> Result<Launched> {
+    crate::runtime::role::refuse_untaken_role();
     let name = &start.name;
     let (parent_end, child_end) =
         Channel::pair().map_err(|e| Error::io(format!("socketpair for {name}"), e))?;

@@ -73,9 +73,10 @@ pub(super) enum Outcome {
 
 /// Entry point of a child that gets its task over the channel (spawn, forkserver).
 pub fn serve(mut channel: Channel) -> ! {
-    if say_hello(&channel).is_err() {
-        sys::exit_immediately(EXIT_FAILED);
-    }
+    // A parent that has already exited cannot hear the hello, but its task may be in the
+    // channel already (written before we existed): a non-daemon child runs it anyway, as it
+    // would had the parent lived, and a daemon follows its parent once it has read the `Start`.
+    say_hello_or_exit(&channel);
     let mut frame = match channel.recv(None, None) {
         Ok(frame) => frame,
         // The parent went away before telling us what to do: nothing to report, nobody to
@@ -141,12 +142,21 @@ pub fn run_moved(
     start: Start,
     call: impl FnOnce() -> Result<Vec<u8>, CallError>,
 ) -> ! {
-    if say_hello(&channel).is_err() {
-        sys::exit_immediately(EXIT_FAILED);
-    }
+    // The task is in memory: it runs whether or not the parent is still there to hear the
+    // hello (see `serve`); a daemon follows its parent from `prepare` on.
+    say_hello_or_exit(&channel);
     prepare(&start, &channel);
     let outcome = run_guarded(&start, call);
     finish(&channel, outcome)
+}
+
+/// Says hello; a parent that is gone already is no reason to stop (see [`serve`]), but a
+/// channel that does not work at all is.
+fn say_hello_or_exit(channel: &Channel) {
+    match say_hello(channel) {
+        Ok(()) | Err(wire::SendError::Frame(FrameError::Disconnected)) => {}
+        Err(_) => sys::exit_immediately(EXIT_FAILED),
+    }
 }
 
 pub(super) fn say_hello(channel: &Channel) -> Result<(), wire::SendError> {

@@ -46,6 +46,26 @@ pub fn role_env_value(role: &str, fd: i32) -> String {
     format!("{role}:{fd}")
 }
 
+/// Ends this process if it was started as a multiproc child but never took its role, before
+/// it can start children of its own.
+///
+/// That happens only when the `ctor` feature is off and `main` forgot to call
+/// `multiproc::init()`: the child then runs the parent's `main`, which starts another child,
+/// which runs `main` again: a fork bomb. Every start calls this first, so the first such child
+/// stops at its first start, with the reason on stderr (and its parent sees a child that died
+/// before its handshake).
+pub fn refuse_untaken_role() {
+    if let Some(value) = std::env::var_os(ROLE_ENV) {
+        eprintln!(
+            "multiproc: this process was started as a multiproc child ({ROLE_ENV}={value:?}) \
+             but never took its role, so it ran the program's main and tried to start a child \
+             of its own: call multiproc::init() first thing in main (the `ctor` feature, which \
+             does it before main, is off)"
+        );
+        sys::exit_immediately(EXIT_BOOTSTRAP_FAILED)
+    }
+}
+
 /// Takes the role named in the environment, if any; returns only in the user's program.
 ///
 /// Idempotent: the constructor and an explicit `multiproc::init()` may both call it.

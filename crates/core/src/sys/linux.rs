@@ -353,6 +353,35 @@ fn fork_raw(close_in_child: &[BorrowedFd<'_>]) -> io::Result<Forked> {
     }
 }
 
+/// `recv(sock, buf, MSG_PEEK | MSG_DONTWAIT)`—copies what is waiting in a socket without
+/// taking it; `Ok(0)` is end-of-stream, `WouldBlock` nothing yet.
+pub fn peek(sock: BorrowedFd<'_>, buf: &mut [u8]) -> io::Result<usize> {
+    let flags = libc::MSG_PEEK | libc::MSG_DONTWAIT;
+    super::retry_eintr(|| {
+        // SAFETY: buf is valid for writes of buf.len() bytes for the duration of the call.
+        cvt_long(unsafe { libc::recv(sock.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), flags) })
+    })
+}
+
+/// `/dev/null`, opened read-only (CLOEXEC) once per process: what a forked child gets as its
+/// stdin, opened before the fork so that the child only has to `dup2` it.
+pub fn dev_null() -> io::Result<BorrowedFd<'static>> {
+    static DEV_NULL: std::sync::OnceLock<OwnedFd> = std::sync::OnceLock::new();
+    if let Some(fd) = DEV_NULL.get() {
+        return Ok(fd.as_fd());
+    }
+    let file = std::fs::File::open("/dev/null")?;
+    Ok(DEV_NULL.get_or_init(|| file.into()).as_fd())
+}
+
+/// `dup2(fd, 0)`—makes `fd` this process's stdin. Async-signal-safe: a forked child of a
+/// multi-threaded parent may call it.
+pub fn set_stdin(fd: BorrowedFd<'_>) -> io::Result<()> {
+    // SAFETY: dup2 only replaces descriptor 0, which no Rust value in a forked child owns (std
+    // reads stdin through the raw number, and the replacement is just as valid).
+    super::retry_eintr(|| cvt(unsafe { libc::dup2(fd.as_raw_fd(), 0) })).map(drop)
+}
+
 /// Closes `fds` in a child forked from this process, before it runs its task.
 ///
 /// The owners of these descriptors (pipe ends the child was not given) live in memory the
@@ -564,6 +593,53 @@ pub fn adopt_inherited_socket(fd: RawFd) -> io::Result<OwnedFd> {
     // SAFETY: the fd is open (fstat succeeded) and was handed to this process for it alone: the
     // environment variable that named it has been removed, so nothing else will claim it.
     Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// Makes this process's environment exactly `vars`, changing only what differs; refused
+/// (`Err`) unless the process has one thread.
+///
+/// The forkserver calls it before a fork, so that its child starts with its client's
+/// environment as it was at `start()`; a test helper calls it at the top of `main`.
+pub fn replace_environment(vars: &[(OsString, OsString)]) -> io::Result<()> {
+    if thread_count()? != 1 {
+        return Err(io::Error::other(
+            "the environment is changed only in a single-threaded process",
+        ));
+    }
+    let current: Vec<(OsString, OsString)> = std::env::vars_os().collect();
+    for (key, _) in &current {
+        if !vars.iter().any(|(wanted, _)| wanted == key) {
+            // SAFETY: the process has one thread (checked above), so no other thread can read
+            // the environment while it changes.
+            unsafe { std::env::remove_var(key) };
+        }
+    }
+    for (key, value) in vars {
+        if !current.iter().any(|(k, v)| k == key && v == value) {
+            // SAFETY: as above, single-threaded. `key` came from another process's environment,
+            // where it was a valid name (no `=`, no NUL), and so was `value`.
+            unsafe { std::env::set_var(key, value) };
+        }
+    }
+    Ok(())
+}
+
+/// `open(".", O_PATH | O_DIRECTORY | O_CLOEXEC)`—this process's working directory as a
+/// descriptor, which another process can `fchdir` into even if the directory has been renamed
+/// or removed meanwhile (as a forked or spawned child inherits it).
+pub fn open_cwd() -> io::Result<OwnedFd> {
+    // SAFETY: the path is a valid NUL-terminated string; the flags create no obligations.
+    let fd = cvt(unsafe {
+        libc::open(c".".as_ptr(), libc::O_PATH | libc::O_DIRECTORY | libc::O_CLOEXEC)
+    })?;
+    // SAFETY: open returned a new descriptor that nothing else owns.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// `fchdir(dir)`—makes `dir` the working directory.
+pub fn fchdir(dir: BorrowedFd<'_>) -> io::Result<()> {
+    // SAFETY: fchdir only reads the descriptor number, which `dir` keeps open.
+    cvt(unsafe { libc::fchdir(dir.as_raw_fd()) }).map(drop)
 }
 
 /// Reads and removes the environment variable `name`.
