@@ -30,6 +30,8 @@ pub const SCENARIOS: &[Scenario] = &[
     ("server_ignores_sigint_and_children_do_not", sigint),
     ("children_hold_only_stdio_and_their_channel", children_fds),
     ("join_does_not_wait_for_the_servers_report", join_without_report),
+    ("a_stopped_server_fails_start_in_bounded_time_and_is_replaced", stopped_server),
+    ("a_start_whose_server_is_killed_never_says_failed_for_a_child_that_ran", killed_mid_start),
 ];
 
 fn busy_threads(ctx: &Context) -> Result<(), Failed> {
@@ -378,4 +380,94 @@ fn join_without_report(ctx: &Context) -> Result<(), Failed> {
     let _ = joiner.join();
     ensure(joined == Ok(Ok(7)), || format!("join with the server stopped: {joined:?}"))?;
     ensure(wait_gone(child, DEADLINE).is_some(), || format!("child {child} was not reaped"))
+}
+
+fn stopped_server(ctx: &Context) -> Result<(), Failed> {
+    join(ctx.process(add, (1, 1)).start()?)??;
+    let server = multiproc::forkserver_pid().ok_or("no forkserver after a start")?;
+    let server_fd = sys::pidfd_open(server)?;
+    sys::pidfd_send_signal(server_fd.as_fd(), libc::SIGSTOP)?;
+    multiproc::set_forkserver_start_timeout(Duration::from_millis(300));
+    let started = ctx.process(add, (2, 2)).start();
+    multiproc::set_forkserver_start_timeout(multiproc::DEFAULT_FORKSERVER_START_TIMEOUT);
+    // The stopped server was killed: it cannot fork the child later.
+    ensure(wait_gone(server, DEADLINE).is_some(), || format!("server {server} still there"))?;
+    match started {
+        Err(e) => {
+            ensure(e.kind() == multiproc::ErrorKind::StartFailed, || format!("{e:?}"))?;
+            ensure(e.to_string().contains("did not answer"), || e.to_string())?;
+        }
+        Ok(p) => return Err(format!("a stopped server started {}", p.pid()).into()),
+    }
+    // The next start has a new server.
+    ensure(join(ctx.process(add, (3, 4)).start()?)?? == 7, || "sum".into())?;
+    let now = multiproc::forkserver_pid();
+    ensure(now.is_some() && now != Some(server), || format!("server {now:?} after {server}"))?;
+    ensure(zombie_children().is_empty(), || format!("zombies {:?}", zombie_children()))
+}
+
+/// Creates `dir/id`: a trace that the task ran.
+#[task]
+fn leave_mark(dir: std::path::PathBuf, id: u32) {
+    std::fs::write(dir.join(id.to_string()), b"ran").expect("write the mark");
+}
+
+fn killed_mid_start(ctx: &Context) -> Result<(), Failed> {
+    let dir = std::env::temp_dir().join(format!("multiproc-marks-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    join(ctx.process(add, (1, 1)).start()?)??;
+    let outcomes = Arc::new(Mutex::new(Vec::new()));
+    let threads: Vec<_> = (0..8u32)
+        .map(|t| {
+            let (ctx, dir, outcomes) = (ctx.clone(), dir.clone(), Arc::clone(&outcomes));
+            std::thread::spawn(move || {
+                for i in 0..25u32 {
+                    let id = t * 100 + i;
+                    let outcome = ctx.process(leave_mark, (dir.clone(), id)).start().map(join);
+                    outcomes.lock().unwrap().push((id, outcome));
+                }
+            })
+        })
+        .collect();
+    // Kill the server twice while the starts go on.
+    let mut previous = None;
+    let until = Instant::now() + DEADLINE;
+    for _ in 0..2 {
+        // The server now serving, once the one killed before is replaced.
+        let server = loop {
+            match multiproc::forkserver_pid() {
+                Some(pid) if Some(pid) != previous => break pid,
+                _ if Instant::now() > until => return Err("no new forkserver in time".into()),
+                _ => std::thread::yield_now(),
+            }
+        };
+        previous = Some(server);
+        let server_fd = sys::pidfd_open(server)?;
+        sys::pidfd_send_signal(server_fd.as_fd(), libc::SIGKILL)?;
+        ensure(wait_gone(server, DEADLINE).is_some(), || "server survived SIGKILL".into())?;
+    }
+    for thread in threads {
+        thread.join().map_err(|_| "a starting thread panicked")?;
+    }
+    let outcomes = std::mem::take(&mut *outcomes.lock().unwrap());
+    ensure(outcomes.len() == 200, || format!("{} outcomes", outcomes.len()))?;
+    let mut failed = 0;
+    for (id, outcome) in outcomes {
+        let ran = dir.join(id.to_string()).exists();
+        match outcome {
+            Ok(joined) => {
+                joined?.map_err(|e| format!("start {id} joined with {e}"))?;
+                ensure(ran, || format!("start {id} joined but left no mark"))?;
+            }
+            Err(e) if e.kind() == multiproc::ErrorKind::StartFailed => {
+                failed += 1;
+                ensure(!ran, || format!("start {id} said {e} but its task ran"))?;
+            }
+            Err(e) if e.kind() == multiproc::ErrorKind::OutcomeUnknown => failed += 1,
+            Err(e) => return Err(format!("start {id}: {e:?}").into()),
+        }
+    }
+    eprintln!("{failed} of 200 starts failed while the server was killed twice");
+    let _ = std::fs::remove_dir_all(&dir);
+    ensure(zombie_children().is_empty(), || format!("zombies {:?}", zombie_children()))
 }

@@ -29,6 +29,10 @@ pub enum ErrorKind {
     StartFailed,
     /// The child's task panicked; see [`Error::panic`].
     Panicked,
+    /// `start()` could not learn whether the child was started: the forkserver stopped
+    /// answering or died while the child may already have been forked, and the child did not
+    /// say so in time. The task may be running: retrying may run it twice.
+    OutcomeUnknown,
     /// The child ended without returning a value: it exited with a code or was killed by a
     /// signal; see [`Error::exit_status`].
     ChildExited,

@@ -6,12 +6,14 @@ use std::io;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
 
 use multiproc_core::process::method::ChildHandle;
 use multiproc_core::runtime::role::role_env_value;
 use multiproc_core::runtime::{child, registry};
 use multiproc_core::sys::{self, POLLIN, PollFd, SPAWN_CHANNEL_FD};
-use multiproc_core::transport::channel::{Channel, FrameError};
+use multiproc_core::transport::channel::{self, Channel, FrameError};
 use multiproc_core::transport::{codec, wire};
 use multiproc_core::{
     ChildFailure, DirectChild, Error, ErrorKind, ExitStatus, Portable, RemotePanic, Result,
@@ -102,6 +104,99 @@ pub fn set_preload<A: Portable, S: Send + Sync + 'static>(task: Task<A, S>, args
     let mut preload = PRELOAD.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
     *preload = Some(Preload { task: task.name(), args, failure: None });
     Ok(())
+}
+
+/// How long `start()` waits, by default, for the forkserver to answer a request.
+pub const DEFAULT_START_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The current wait, in milliseconds (see [`set_start_timeout`]).
+static START_TIMEOUT_MS: AtomicU64 = AtomicU64::new(DEFAULT_START_TIMEOUT.as_millis() as u64);
+
+/// Sets how long a forkserver `start()` waits for the server to answer that it forked the
+/// child ([`DEFAULT_START_TIMEOUT`] unless set), for every context of this process.
+///
+/// A server that does not answer in time (stopped with SIGSTOP, or starved) is killed, so that
+/// it cannot fork the child later, and the next start launches a new one. `start()` then says
+/// whether the child exists: `StartFailed` if it was never forked, a `Process` if it was
+/// (it says hello), and `ErrorKind::OutcomeUnknown` if it cannot tell within this same time.
+/// The launch of a server and its preload are not part of this wait.
+pub fn set_start_timeout(timeout: Duration) {
+    let ms = u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX).max(1);
+    START_TIMEOUT_MS.store(ms, Ordering::Relaxed);
+}
+
+fn start_timeout() -> Duration {
+    Duration::from_millis(START_TIMEOUT_MS.load(Ordering::Relaxed))
+}
+
+/// Kills the server with this pid, if it is still the current one, and forgets it: the next
+/// start launches another.
+fn kill_server(pid: u32) {
+    let mut guard = SERVER.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+    if let Some(server) = guard.as_mut().filter(|s| s.owner == std::process::id()) {
+        if server.process.pid() == pid {
+            tracing::debug!(pid, "forkserver did not answer in time; killing it");
+            let _ = server.process.signal(libc::SIGKILL);
+            let _ = server.process.wait_deadline(None);
+            *guard = None;
+        }
+    }
+}
+
+/// Finds out, once the server that was asked to fork is gone, whether it forked the child: the
+/// child's channel is then held by nobody but the child, so its other end reads the child's
+/// hello if the child exists and end-of-file if it never will.
+fn resolve_after_server_died(
+    parent_end: BorrowedFd<'_>,
+    status: Channel,
+    why: String,
+) -> Result<Box<dyn ChildHandle>> {
+    let deadline = Instant::now() + start_timeout();
+    loop {
+        match channel::peek_frame(parent_end, 4096) {
+            Err(FrameError::Disconnected) => {
+                return Err(Error::new(
+                    ErrorKind::StartFailed,
+                    format!("forkserver did not start the child: {why}"),
+                ));
+            }
+            Ok(Some(frame)) => {
+                if let Ok((wire::ToParent::Hello { pid, .. }, _)) =
+                    wire::decode::<wire::ToParent>(&frame)
+                {
+                    // The child runs; the server that would report its status is gone, so its
+                    // status will be `Unknown`, as for any child of a server that died.
+                    let pidfd = sys::pidfd_open(pid)
+                        .map_err(|e| Error::io(format!("pidfd_open for served child {pid}"), e))?;
+                    tracing::debug!(pid, "the forkserver died after forking; the child runs");
+                    return Ok(Box::new(ServedChild {
+                        pid,
+                        pidfd,
+                        status_channel: status,
+                        status: None,
+                    }));
+                }
+                return Err(Error::new(
+                    ErrorKind::Protocol,
+                    "a served child's first frame is not its hello",
+                ));
+            }
+            Ok(None) | Err(_) => {}
+        }
+        let mut set = [PollFd::new(parent_end, POLLIN)];
+        let ready = sys::poll(&mut set, Some(deadline))
+            .map_err(|e| Error::io("waiting for a served child's hello", e))?;
+        if ready == 0 {
+            return Err(Error::new(
+                ErrorKind::OutcomeUnknown,
+                format!(
+                    "forkserver: {why}; whether it forked the child is unknown (no hello and no \
+                     end-of-file on the child's channel within {:?}): the task may be running",
+                    start_timeout()
+                ),
+            ));
+        }
+    }
 }
 
 /// The pid of this process's forkserver, if one is running.
@@ -196,8 +291,9 @@ impl Server {
     }
 }
 
-/// Sends a `Fork` request to the server, launching or replacing it as needed.
-fn request_fork(channel: BorrowedFd<'_>, status: BorrowedFd<'_>) -> Result<()> {
+/// Sends a `Fork` request to the server, launching or replacing it as needed; returns the pid
+/// of the server that took it.
+fn request_fork(channel: BorrowedFd<'_>, status: BorrowedFd<'_>) -> Result<u32> {
     let mut guard = SERVER.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
     // Two tries: a request that could not be delivered to a server that just died is sent
     // again to a new one. A request that was delivered is never repeated.
@@ -235,7 +331,7 @@ fn request_fork(channel: BorrowedFd<'_>, status: BorrowedFd<'_>) -> Result<()> {
         match sent {
             Ok(()) => {
                 server.env_sent = Some(env);
-                return Ok(());
+                return Ok(server.process.pid());
             }
             Err(wire::SendError::Frame(FrameError::Disconnected | FrameError::Aborted)) => {
                 tracing::debug!(pid = server.process.pid(), "forkserver died; replacing it");
@@ -257,13 +353,24 @@ impl StartMethod for Forkserver {
     fn start(&self, request: StartRequest<'_>) -> Result<Box<dyn ChildHandle>> {
         let (mut ours, theirs) =
             Channel::pair().map_err(|e| Error::io("socketpair for a child's status", e))?;
-        request_fork(request.channel.as_fd(), theirs.as_fd())?;
+        let server = request_fork(request.channel.as_fd(), theirs.as_fd())?;
         // Only the server holds the status socket's other end now: if it dies, we see EOF.
         drop(theirs);
         drop(request.channel);
-        let frame = ours.recv(None, None).map_err(|e| {
-            Error::new(ErrorKind::StartFailed, format!("forkserver did not start the child: {e}"))
-        })?;
+        let frame = match ours.recv(Some(Instant::now() + start_timeout()), None) {
+            Ok(frame) => frame,
+            Err(FrameError::Timeout) => {
+                // A server that does not answer may still fork later: end it first, so that
+                // what we report stays true.
+                kill_server(server);
+                let why = format!("server {server} did not answer within {:?}", start_timeout());
+                return resolve_after_server_died(request.parent_end, ours, why);
+            }
+            Err(e) => {
+                let why = format!("server {server} ended before it answered ({e})");
+                return resolve_after_server_died(request.parent_end, ours, why);
+            }
+        };
         match wire::decode::<Reply>(&frame) {
             Ok((Reply::Forked { pid }, _)) => {
                 let pidfd = frame.fds.into_iter().next().ok_or_else(|| {

@@ -14,4 +14,4 @@ mod client;
 pub mod protocol;
 mod server;
 
-pub use client::{Forkserver, server_pid, set_preload};
+pub use client::{DEFAULT_START_TIMEOUT, Forkserver, server_pid, set_preload, set_start_timeout};

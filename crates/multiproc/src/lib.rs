@@ -38,8 +38,10 @@ pub use multiproc_core::{
     ProcessBuilder, Queue, RemotePanic, Result, SealedMemory, SealedSlice, SharedMemory,
     SharedSlice, StartMethod, Task, Waitable, init, wait,
 };
+pub use multiproc_forkserver::DEFAULT_START_TIMEOUT as DEFAULT_FORKSERVER_START_TIMEOUT;
 pub use multiproc_forkserver::server_pid as forkserver_pid;
 pub use multiproc_forkserver::set_preload as set_forkserver_preload;
+pub use multiproc_forkserver::set_start_timeout as set_forkserver_start_timeout;
 pub use multiproc_macros::task;
 
 /// The environment variable that overrides the default start method (`fork`, `spawn` or

@@ -264,6 +264,27 @@ fn parse_header(bytes: &[u8]) -> Result<Option<Header>, FrameError> {
     Ok(Some((len as usize, nfds, blocks, taken)))
 }
 
+/// The first frame waiting in `sock`, copied without being taken, if it has arrived whole, is
+/// at most `limit` bytes and carries no descriptors or blocks; `Ok(None)` otherwise, and
+/// `Err(Disconnected)` if the socket holds nothing and its peer is gone.
+///
+/// For a reader that must learn what a frame says before deciding who reads it: the forkserver
+/// client peeks at a new child's hello to learn whether the child exists.
+pub fn peek_frame(sock: BorrowedFd<'_>, limit: usize) -> Result<Option<Frame>, FrameError> {
+    let mut buf = vec![0u8; limit];
+    let n = match sys::peek(sock, &mut buf) {
+        Ok(0) => return Err(FrameError::Disconnected),
+        Ok(n) => n,
+        Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(None),
+        Err(e) => return Err(FrameError::Io(e)),
+    };
+    let Some((len, 0, blocks, taken)) = parse_header(&buf[..n])? else { return Ok(None) };
+    if !blocks.is_empty() || n < taken + len {
+        return Ok(None);
+    }
+    Ok(Some(Frame { body: buf[taken..taken + len].to_vec(), fds: Vec::new(), blocks: Vec::new() }))
+}
+
 /// One end of a framed, fd-carrying Unix stream socket.
 #[derive(Debug)]
 pub struct Channel {
