@@ -21,6 +21,7 @@ use std::fmt;
 use std::io::{self, Read, Write};
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::os::unix::net::UnixStream;
+use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use hmac::{Hmac, Mac};
@@ -53,6 +54,22 @@ pub struct Listener {
     name: String,
     key: Vec<u8>,
     handshake_timeout: Duration,
+    /// Clients connected and greeted whose answer has not arrived yet: every `accept` serves
+    /// all of them at once, so that no number of silent or slow clients delays one that holds
+    /// the key beyond its own handshake.
+    pending: Mutex<Vec<Pending>>,
+}
+
+/// The most handshakes in progress at once; past it, the oldest is dropped for the newest (a
+/// flood of silent connections then costs its own members their handshake, nobody else).
+const MAX_PENDING: usize = 4096;
+
+/// A client greeted with our challenge, and what it has answered so far.
+struct Pending {
+    stream: UnixStream,
+    ours: [u8; CHALLENGE],
+    reply: Vec<u8>,
+    deadline: Instant,
 }
 
 /// Connects to a [`Listener`] by name (Python's `multiprocessing.connection.Client`).
@@ -78,6 +95,7 @@ impl Listener {
             name: name.to_owned(),
             key: key.to_owned(),
             handshake_timeout: HANDSHAKE_TIMEOUT,
+            pending: Mutex::new(Vec::new()),
         })
     }
 
@@ -93,11 +111,15 @@ impl Listener {
         &self.name
     }
 
-    /// Waits for the next client and authenticates it.
+    /// Waits for the next client that completes the handshake, and returns it.
     ///
-    /// A client without the key gets [`ErrorKind::AuthenticationFailed`] here (and on its
-    /// side); one that stalls, [`ErrorKind::Timeout`]. Either way the listener is still good:
-    /// call `accept` again for the next client.
+    /// Handshakes proceed side by side: every client that connects is greeted at once, and
+    /// the first to prove the key is returned, however many silent or slow ones connected
+    /// before it (each of those is cut off when its own handshake timeout passes; at most
+    /// 4,096 are kept waiting, the oldest dropped first). A client without the key gets
+    /// [`ErrorKind::AuthenticationFailed`] here (and on its side); one that stalls,
+    /// [`ErrorKind::Timeout`] when its time is up. Either way the listener is still good: call
+    /// `accept` again for the next client.
     pub fn accept<T>(&self) -> Result<Connection<T>> {
         self.accept_until(None)
     }
@@ -109,27 +131,109 @@ impl Listener {
     }
 
     fn accept_until<T>(&self, deadline: Option<Instant>) -> Result<Connection<T>> {
-        let stream = loop {
-            match self.socket.accept() {
-                Ok(stream) => break stream,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-                Err(e) => return Err(Error::io(format!("accept at `{}`", self.name), e)),
+        let mut pending = self.pending.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        loop {
+            self.greet_new_clients(&mut pending)?;
+            // A handshake that finished (either way) or ran out of time is this call's answer.
+            let now = Instant::now();
+            for index in 0..pending.len() {
+                let outcome = match step(&mut pending[index], &self.key) {
+                    Step::Waiting if pending[index].deadline <= now => {
+                        Err(Error::new(ErrorKind::Timeout, "the handshake did not finish in time"))
+                    }
+                    Step::Waiting => continue,
+                    Step::Done(outcome) => outcome,
+                };
+                let Pending { stream, .. } = pending.swap_remove(index);
+                return outcome.and_then(|()| connection(stream));
             }
-            let mut set = [PollFd::new(self.wait_fd(), POLLIN)];
-            let ready =
-                sys::poll(&mut set, deadline).map_err(|e| Error::io("poll a listener", e))?;
-            if ready == 0 {
+            let soonest = pending.iter().map(|p| p.deadline).min();
+            let wake = match (deadline, soonest) {
+                (Some(a), Some(b)) => Some(a.min(b)),
+                (a, b) => a.or(b),
+            };
+            let mut set = Vec::with_capacity(pending.len() + 1);
+            set.push(PollFd::new(self.wait_fd(), POLLIN));
+            set.extend(pending.iter().map(|p| PollFd::new(p.stream.as_fd(), POLLIN)));
+            sys::poll(&mut set, wake).map_err(|e| Error::io("poll a listener", e))?;
+            if deadline.is_some_and(|deadline| Instant::now() >= deadline) && !ready(&set) {
                 return Err(Error::new(
                     ErrorKind::Timeout,
                     format!("no client connected to `{}` in time", self.name),
                 ));
             }
-        };
-        let mut stream = into_unix(stream);
-        let deadline = Instant::now() + self.handshake_timeout;
-        prove_listener(&mut stream, &self.key, deadline)?;
-        connection(stream)
+        }
     }
+
+    /// Accepts every client waiting at the socket and sends each its greeting and challenge.
+    fn greet_new_clients(&self, pending: &mut Vec<Pending>) -> Result<()> {
+        loop {
+            let stream = match self.socket.accept() {
+                Ok(stream) => into_unix(stream),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(()),
+                Err(e) => return Err(Error::io(format!("accept at `{}`", self.name), e)),
+            };
+            let ours = challenge()?;
+            let mut hello = GREETING.to_vec();
+            hello.extend_from_slice(&ours);
+            // A new socket's buffer takes the 40-byte greeting whole; one that does not is
+            // dropped like any failed handshake.
+            if stream.set_nonblocking(true).is_err() || (&stream).write_all(&hello).is_err() {
+                continue;
+            }
+            if pending.len() >= MAX_PENDING {
+                pending.remove(0);
+            }
+            let deadline = Instant::now() + self.handshake_timeout;
+            pending.push(Pending { stream, ours, reply: Vec::new(), deadline });
+        }
+    }
+}
+
+/// What one pending handshake has come to.
+enum Step {
+    Waiting,
+    Done(Result<()>),
+}
+
+/// Reads what a pending client has sent; once its whole answer is in, checks the proof and
+/// answers with ours (or the refusal).
+fn step(pending: &mut Pending, key: &[u8]) -> Step {
+    let mut buf = [0u8; CHALLENGE + PROOF];
+    let want = CHALLENGE + PROOF - pending.reply.len();
+    match (&pending.stream).read(&mut buf[..want]) {
+        Ok(0) => {
+            let hung_up = "the other side hung up during the handshake";
+            return Step::Done(Err(Error::new(ErrorKind::Protocol, hung_up)));
+        }
+        Ok(n) => pending.reply.extend_from_slice(&buf[..n]),
+        Err(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted) => {}
+        Err(e) => return Step::Done(Err(handshake_error(e))),
+    }
+    if pending.reply.len() < CHALLENGE + PROOF {
+        return Step::Waiting;
+    }
+    let (theirs, proof) = pending.reply.split_at(CHALLENGE);
+    let stream = &pending.stream;
+    // The answers are small enough for the socket's buffer: written whole or not at all.
+    let _ = stream.set_nonblocking(false);
+    let _ = stream.set_write_timeout(Some(Duration::from_secs(1)));
+    if mac(key, b"client", &pending.ours, theirs).verify_slice(proof).is_err() {
+        // Best effort: the client learns why; the refusal stands either way.
+        let _ = (&pending.stream).write_all(&[REFUSED]);
+        return Step::Done(Err(Error::new(
+            ErrorKind::AuthenticationFailed,
+            "a client that does not hold the key was refused",
+        )));
+    }
+    let mut answer = vec![ACCEPTED];
+    answer.extend_from_slice(&mac(key, b"server", &pending.ours, theirs).finalize().into_bytes());
+    Step::Done((&pending.stream).write_all(&answer).map_err(handshake_error))
+}
+
+/// Whether `poll` found anything ready.
+fn ready(set: &[PollFd<'_>]) -> bool {
+    set.iter().any(|entry| entry.revents() != 0)
 }
 
 impl Client {
@@ -148,28 +252,6 @@ impl Client {
         prove_client(&mut stream, key, Instant::now() + timeout)?;
         connection(stream)
     }
-}
-
-/// The listener's side: challenge, check the client's proof, answer with its own.
-fn prove_listener(stream: &mut UnixStream, key: &[u8], deadline: Instant) -> Result<()> {
-    let ours = challenge()?;
-    let mut hello = GREETING.to_vec();
-    hello.extend_from_slice(&ours);
-    write_until(stream, &hello, deadline)?;
-    let mut reply = [0; CHALLENGE + PROOF];
-    read_until(stream, &mut reply, deadline)?;
-    let (theirs, proof) = reply.split_at(CHALLENGE);
-    if mac(key, b"client", &ours, theirs).verify_slice(proof).is_err() {
-        // Best effort: the client learns why; the refusal stands either way.
-        let _ = write_until(stream, &[REFUSED], deadline);
-        return Err(Error::new(
-            ErrorKind::AuthenticationFailed,
-            "a client that does not hold the key was refused",
-        ));
-    }
-    let mut answer = vec![ACCEPTED];
-    answer.extend_from_slice(&mac(key, b"server", &ours, theirs).finalize().into_bytes());
-    write_until(stream, &answer, deadline)
 }
 
 /// The client's side: answer the listener's challenge, then check its proof.
@@ -381,6 +463,25 @@ mod tests {
         assert_eq!(refused.kind(), ErrorKind::AuthenticationFailed);
         let nobody = listener.accept_timeout::<u8>(Duration::from_millis(1)).unwrap_err();
         assert_eq!(nobody.kind(), ErrorKind::Timeout);
+    }
+
+    #[test]
+    fn a_thousand_silent_connections_do_not_delay_a_client_with_the_key() {
+        let name = unique_name("flood");
+        // Each silent client would hold an inline handshake for its whole timeout.
+        let listener =
+            Listener::bind(&name, b"secret").unwrap().handshake_timeout(Duration::from_secs(60));
+        let silent: Vec<_> =
+            (0..1000).map(|_| Stream::connect(socket_name(&name).unwrap()).unwrap()).collect();
+        let friend = {
+            let name = name.clone();
+            thread::spawn(move || Client::connect::<u8>(&name, b"secret").map(drop))
+        };
+        // Inline handshakes would take 1000 × 60 s here.
+        listener.accept_timeout::<u8>(Duration::from_secs(30)).unwrap();
+        friend.join().unwrap().unwrap();
+        assert_eq!(listener.pending.lock().unwrap().len(), 1000);
+        drop(silent);
     }
 
     #[test]
