@@ -232,9 +232,9 @@ fn stdin_identity() -> (u64, u64) {
 
 fn stdin_is_dev_null(ctx: &Context) -> Result<(), Failed> {
     use std::os::unix::fs::MetadataExt;
-    // Make the parent's stdin something else than /dev/null: a pipe.
+    // Make the parent's stdin something else than /dev/null: a socket.
     let saved = std::io::stdin().as_fd().try_clone_to_owned()?;
-    let (reader, _writer) = std::io::pipe()?;
+    let (reader, _writer) = std::os::unix::net::UnixStream::pair()?;
     sys::set_stdin(reader.as_fd())?;
     let seen = ctx.process(stdin_identity, ()).start().map_err(Failed::from).and_then(join);
     sys::set_stdin(saved.as_fd())?;

@@ -181,7 +181,13 @@ fn resolve_after_server_died(
                     "a served child's first frame is not its hello",
                 ));
             }
-            Ok(None) | Err(_) => {}
+            Ok(None) => {}
+            Err(e) => {
+                return Err(Error::new(
+                    ErrorKind::Protocol,
+                    format!("a served child's channel after the server died: {e}"),
+                ));
+            }
         }
         let mut set = [PollFd::new(parent_end, POLLIN)];
         let ready = sys::poll(&mut set, Some(deadline))

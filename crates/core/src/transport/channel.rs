@@ -264,9 +264,13 @@ fn parse_header(bytes: &[u8]) -> Result<Option<Header>, FrameError> {
     Ok(Some((len as usize, nfds, blocks, taken)))
 }
 
-/// The first frame waiting in `sock`, copied without being taken, if it has arrived whole, is
-/// at most `limit` bytes and carries no descriptors or blocks; `Ok(None)` otherwise, and
-/// `Err(Disconnected)` if the socket holds nothing and its peer is gone.
+/// The first frame waiting in `sock`, copied without being taken: `Ok(None)` while nothing has
+/// arrived, `Err(Disconnected)` if nothing will (the peer is gone), and `Err(Truncated)` for
+/// bytes that are not a whole frame of at most `limit` bytes without descriptors or blocks.
+///
+/// The frames peeked at are small and written in one `sendmsg`, so they arrive whole or not
+/// at all; reporting anything else as an error keeps a caller that polls between peeks from
+/// spinning on bytes that will not change.
 ///
 /// For a reader that must learn what a frame says before deciding who reads it: the forkserver
 /// client peeks at a new child's hello to learn whether the child exists.
@@ -276,12 +280,17 @@ pub fn peek_frame(sock: BorrowedFd<'_>, limit: usize) -> Result<Option<Frame>, F
         Ok(0) => return Err(FrameError::Disconnected),
         Ok(n) => n,
         Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(None),
+        // A peer that closed with our bytes unread resets the connection: it is gone as surely.
+        Err(e) if is_disconnect(&e) => return Err(FrameError::Disconnected),
         Err(e) => return Err(FrameError::Io(e)),
     };
-    let Some((len, 0, blocks, taken)) = parse_header(&buf[..n])? else { return Ok(None) };
-    if !blocks.is_empty() || n < taken + len {
-        return Ok(None);
-    }
+    let header = parse_header(&buf[..n])?;
+    let whole = |&(len, nfds, ref blocks, taken): &Header| {
+        nfds == 0 && blocks.is_empty() && n >= taken + len
+    };
+    let Some((len, _, _, taken)) = header.filter(whole) else {
+        return Err(FrameError::Truncated { received: n as u64, expected: None });
+    };
     Ok(Some(Frame { body: buf[taken..taken + len].to_vec(), fds: Vec::new(), blocks: Vec::new() }))
 }
 
@@ -629,38 +638,41 @@ impl Channel {
     fn claim_fds(&mut self, partial: &Partial) -> Result<Vec<OwnedFd>, FrameError> {
         let (start, claimed) = (partial.start, partial.nfds);
         let end = start + partial.expected() as u64;
-        // Batches read wholly before this frame began belonged to earlier frames, which did
-        // not claim them: a frame that claims none is reported at once only when no other
-        // frame started in the same read (below), so these are the remainder.
-        let mut stale = 0;
-        while self.fds.front().is_some_and(|batch| batch.to <= start) {
-            stale += self.fds.pop_front().map_or(0, |batch| batch.fds.len());
-        }
-        let ours = self.fds.front().is_some_and(|batch| batch.covers(start));
-        if stale > 0 {
-            if ours {
-                self.fds.pop_front();
-            }
-            return Err(FrameError::ExtraFds { claimed, arrived: stale });
-        }
-        if claimed == 0 {
-            // The batch may be the next frame's if that frame starts within the same read.
-            let ends_the_read = self.fds.front().is_some_and(|batch| batch.to <= end);
-            if ours && ends_the_read {
-                let arrived = self.fds.pop_front().map_or(0, |batch| batch.fds.len());
-                return Err(FrameError::ExtraFds { claimed, arrived });
-            }
-            return Ok(Vec::new());
-        }
-        let batch = if ours { self.fds.pop_front() } else { None };
-        let fds = batch.map(|batch| batch.fds).unwrap_or_default();
-        match fds.len().cmp(&(claimed as usize)) {
-            std::cmp::Ordering::Equal => Ok(fds),
-            std::cmp::Ordering::Less => Err(FrameError::MissingFds { claimed, arrived: fds.len() }),
-            std::cmp::Ordering::Greater => {
-                Err(FrameError::ExtraFds { claimed, arrived: fds.len() })
+        // Nothing received before this frame began is anyone's now (each earlier frame took or
+        // refused what came with it); this only guards the accounting.
+        let mut stray = self.close_batches_ending_by(start);
+        // The batch read with this frame's first byte is its own, unless the frame claims none
+        // and another frame starts within the same read (a sender that batched frames without
+        // descriptors after one with them): then it is left for that frame.
+        let mut own = None;
+        if self.fds.front().is_some_and(|batch| batch.covers(start)) {
+            let batch = self.fds.pop_front().expect("checked above");
+            if claimed == 0 && batch.to > end {
+                self.fds.push_front(batch);
+            } else {
+                own = Some(batch.fds);
             }
         }
+        // A batch read after the first byte and ending inside the frame came with no frame's
+        // first byte: the sender put descriptors where no frame begins.
+        stray += self.close_batches_ending_by(end);
+        let arrived = own.as_ref().map_or(0, Vec::len);
+        if stray > 0 || arrived > claimed as usize {
+            return Err(FrameError::ExtraFds { claimed, arrived: arrived + stray });
+        }
+        if arrived < claimed as usize {
+            return Err(FrameError::MissingFds { claimed, arrived });
+        }
+        Ok(own.unwrap_or_default())
+    }
+
+    /// Closes the oldest batches while they end at or before `offset`; how many descriptors.
+    fn close_batches_ending_by(&mut self, offset: u64) -> usize {
+        let mut closed = 0;
+        while self.fds.front().is_some_and(|batch| batch.to <= offset) {
+            closed += self.fds.pop_front().map_or(0, |batch| batch.fds.len());
+        }
+        closed
     }
 
     fn eof_error(&self) -> FrameError {
@@ -954,19 +966,30 @@ mod tests {
         assert_eq!(sent, frame.len());
     }
 
-    fn open_fds() -> usize {
-        std::fs::read_dir("/proc/self/fd").unwrap().count()
+    /// A descriptor to send, and a way to tell that every copy of it was closed (counting the
+    /// process's descriptors would count other tests' too, which run on other threads).
+    fn probe() -> (UnixStream, UnixStream) {
+        let (sent, watch) = UnixStream::pair().unwrap();
+        watch.set_nonblocking(true).unwrap();
+        (sent, watch)
+    }
+
+    /// Whether every copy of the probe's other end is closed: its peer reads end-of-file.
+    fn all_closed(watch: &UnixStream) -> bool {
+        matches!(std::io::Read::read(&mut &*watch, &mut [0u8; 1]), Ok(0))
     }
 
     #[test]
     fn descriptors_no_frame_claims_are_closed_at_once_and_never_reach_a_later_frame() {
         let (raw, mut chan) = raw_pair();
         let spare = std::fs::File::open("/dev/null").unwrap();
-        let before = open_fds();
-        let many: Vec<_> = std::iter::repeat_n(spare.as_fd(), 200).collect();
+        let (sent, watch) = probe();
+        let many: Vec<_> = std::iter::repeat_n(sent.as_fd(), 200).collect();
         for _ in 0..10 {
             send_raw_frame(&raw, 0, &many);
         }
+        drop(many);
+        drop(sent);
         for _ in 0..10 {
             assert!(matches!(
                 chan.recv(soon(), None),
@@ -974,23 +997,47 @@ mod tests {
             ));
         }
         // What was received and refused is closed; none waits in the channel for a claimant.
-        assert_eq!(open_fds(), before);
+        assert!(all_closed(&watch));
         assert_eq!(chan.queued_fds().count(), 0);
+        let many: Vec<_> = std::iter::repeat_n(spare.as_fd(), 200).collect();
         // A frame that claims descriptors gets its own and only its own.
         send_raw_frame(&raw, 0, &many);
         send_raw_frame(&raw, 1, &[spare.as_fd()]);
         assert!(matches!(chan.recv(soon(), None), Err(FrameError::ExtraFds { .. })));
         assert_eq!(chan.recv(soon(), None).unwrap().fds.len(), 1);
         // More than claimed: all closed, and an error.
-        send_raw_frame(&raw, 2, &many[..3]);
+        let (sent, watch) = probe();
+        send_raw_frame(&raw, 2, &[sent.as_fd(), sent.as_fd(), sent.as_fd()]);
+        drop(sent);
         assert!(matches!(
             chan.recv(soon(), None),
             Err(FrameError::ExtraFds { claimed: 2, arrived: 3 })
         ));
-        assert_eq!(open_fds(), before);
+        assert!(all_closed(&watch));
         // The channel goes on: the next good frame arrives whole.
         send_raw_frame(&raw, 0, &[]);
         assert_eq!(chan.recv(soon(), None).unwrap().body, b"body");
+    }
+
+    #[test]
+    fn descriptors_sent_in_the_middle_of_a_frame_fail_that_frame_and_only_it() {
+        let (raw, mut chan) = raw_pair();
+        let spare = std::fs::File::open("/dev/null").unwrap();
+        let (sent, watch) = probe();
+        let mut header = [0u8; HEADER_LEN];
+        header[..8].copy_from_slice(&8u64.to_le_bytes());
+        let first = [&header[..], b"half"].concat();
+        sys::send_with_fds(raw.as_fd(), &[IoSlice::new(&first)], &[], true).unwrap();
+        let fds = [sent.as_fd(), sent.as_fd()];
+        sys::send_with_fds(raw.as_fd(), &[IoSlice::new(b"rest")], &fds, true).unwrap();
+        drop(sent);
+        send_raw_frame(&raw, 1, &[spare.as_fd()]);
+        assert!(matches!(
+            chan.recv(soon(), None),
+            Err(FrameError::ExtraFds { claimed: 0, arrived: 2 })
+        ));
+        assert!(all_closed(&watch));
+        assert_eq!(chan.recv(soon(), None).unwrap().fds.len(), 1);
     }
 
     #[test]
