@@ -32,6 +32,7 @@ pub const SCENARIOS: &[Scenario] = &[
     ("join_does_not_wait_for_the_servers_report", join_without_report),
     ("a_stopped_server_fails_start_in_bounded_time_and_is_replaced", stopped_server),
     ("a_start_whose_server_is_killed_never_says_failed_for_a_child_that_ran", killed_mid_start),
+    ("a_server_out_of_descriptors_refuses_those_starts_and_goes_on", out_of_descriptors),
 ];
 
 fn busy_threads(ctx: &Context) -> Result<(), Failed> {
@@ -469,5 +470,51 @@ fn killed_mid_start(ctx: &Context) -> Result<(), Failed> {
     }
     eprintln!("{failed} of 200 starts failed while the server was killed twice");
     let _ = std::fs::remove_dir_all(&dir);
+    ensure(zombie_children().is_empty(), || format!("zombies {:?}", zombie_children()))
+}
+
+fn out_of_descriptors(ctx: &Context) -> Result<(), Failed> {
+    join(ctx.process(add, (1, 1)).start()?)??;
+    let server = multiproc::forkserver_pid().ok_or("no forkserver after a start")?;
+    // Each child the server watches costs it two descriptors (pidfd, status socket).
+    let limited = std::process::Command::new("prlimit")
+        .args(["--pid", &server.to_string(), "--nofile=24:24"])
+        .status()?;
+    ensure(limited.success(), || format!("prlimit failed: {limited}"))?;
+    let mut running = Vec::new();
+    let mut refused = Vec::new();
+    for _ in 0..40 {
+        match ctx.process(nap, DEADLINE).start() {
+            Ok(p) => running.push(p),
+            Err(e) => refused.push(e),
+        }
+    }
+    let outcome = (|| {
+        ensure(!running.is_empty() && !refused.is_empty(), || {
+            format!("{} started, {} refused", running.len(), refused.len())
+        })?;
+        for e in &refused {
+            ensure(e.kind() == multiproc::ErrorKind::StartFailed, || format!("{e:?}"))?;
+            ensure(e.to_string().contains("too many open files in the forkserver"), || {
+                e.to_string()
+            })?;
+        }
+        Ok::<(), Failed>(())
+    })();
+    for mut p in running.drain(..) {
+        p.kill()?;
+        let _ = join(p)?;
+    }
+    outcome?;
+    // The same server goes on serving once its children have ended.
+    ensure(join(ctx.process(add, (2, 3)).start()?)?? == 5, || "sum".into())?;
+    let now = multiproc::forkserver_pid();
+    ensure(now == Some(server), || format!("server {now:?}, was {server}"))?;
+    eprintln!("{} of 40 starts refused by a forkserver limited to 24 descriptors", refused.len());
+    // Leave a server without the limit to the scenarios that follow.
+    let server_fd = sys::pidfd_open(server)?;
+    sys::pidfd_send_signal(server_fd.as_fd(), libc::SIGKILL)?;
+    ensure(wait_gone(server, DEADLINE).is_some(), || "server survived SIGKILL".into())?;
+    join(ctx.process(add, (0, 0)).start()?)??;
     ensure(zombie_children().is_empty(), || format!("zombies {:?}", zombie_children()))
 }

@@ -329,7 +329,7 @@ fn request_fork(channel: BorrowedFd<'_>, status: BorrowedFd<'_>) -> Result<u32> 
             &server.control,
             &request,
             &[],
-            &[channel, status, cwd.as_fd()],
+            &[status, channel, cwd.as_fd()],
             &[],
             None,
             Some(server.process.sentinel()),

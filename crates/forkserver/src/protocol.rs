@@ -1,8 +1,9 @@
 //! The forkserver's wire protocol: requests on the control socket, replies on each request's
 //! own status socket.
 //!
-//! Per request, the client sends `Fork` on the shared control socket with two descriptors: the
-//! new child's channel and the write end of a fresh status socket. Everything about that child
+//! Per request, the client sends `Fork` on the shared control socket with three descriptors:
+//! the write end of a fresh status socket, the new child's channel, and the client's working
+//! directory. Everything about that child
 //! then travels on its status socket—`Forked` with the pid and a pidfd, later `Exited`—so the
 //! control socket carries no per-child state and many threads can wait on their own children
 //! without sharing a reader.
@@ -11,7 +12,7 @@ use multiproc_core::RemotePanic;
 use serde::{Deserialize, Serialize};
 
 /// The version both sides announce in `Hello`.
-pub const VERSION: u32 = 3;
+pub const VERSION: u32 = 4;
 
 /// Client to server, on the control socket.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -22,7 +23,8 @@ pub enum Request {
         /// The registered name of the task.
         task: String,
     },
-    /// Fork a child. Descriptors: `[child channel, status socket, working directory]`.
+    /// Fork a child. Descriptors: `[status socket, child channel, working directory]`, the
+    /// status socket first so that a server out of descriptors still receives it and can say so.
     ///
     /// The child starts in the client's working directory and environment as they were when
     /// the client asked: the server enters the directory (`fchdir`) and takes on the

@@ -15,7 +15,7 @@ use multiproc_core::runtime::registry;
 use multiproc_core::runtime::role::Role;
 use multiproc_core::runtime::{child, panic, preload};
 use multiproc_core::sys::{self, Forked, POLLIN, PollFd};
-use multiproc_core::transport::channel::{Channel, Frame};
+use multiproc_core::transport::channel::{Channel, Frame, FrameError};
 use multiproc_core::transport::wire;
 
 use crate::protocol::{Reply, Request, VERSION, WireStatus};
@@ -44,6 +44,10 @@ fn serve(control: OwnedFd) -> ! {
     let mut children: Vec<Served> = Vec::new();
     // What each child must reset; asked again after a preload, whose code may install handlers.
     let mut to_reset = sys::signals_not_default();
+    // One descriptor held back for the moment a request arrives: closed just before reading
+    // requests, it leaves room for the first one's status socket (sent first) even when
+    // children have filled the table, so that request can be answered instead of lost.
+    let mut reserve = spare_descriptor();
     loop {
         let ready = {
             let mut set: Vec<PollFd<'_>> = Vec::with_capacity(children.len() + 1);
@@ -57,32 +61,45 @@ fn serve(control: OwnedFd) -> ! {
         if ready[0] {
             // Take every complete request first, so that a child forked for one of them can
             // close the descriptors that came with the others.
-            let mut frames = Vec::new();
+            drop(reserve.take());
+            // Each with whether its descriptors arrived whole.
+            let mut frames: Vec<(Frame, bool)> = Vec::new();
             let ended = loop {
                 match control.try_recv() {
-                    Ok(Some(frame)) => frames.push(frame),
+                    Ok(Some(frame)) => frames.push((frame, true)),
                     Ok(None) => break false,
+                    // Out of descriptors: the request is read, and answered below.
+                    Err(FrameError::FdsTruncated { frame, .. }) => frames.push((frame, false)),
+                    // A request with descriptors it does not claim: dropped, with them.
+                    Err(FrameError::ExtraFds { .. } | FrameError::MissingFds { .. }) => {}
                     Err(_) => break true,
                 }
             };
             let mut frames = frames.into_iter();
-            while let Some(frame) = frames.next() {
+            while let Some((frame, whole)) = frames.next() {
                 match wire::decode::<Request>(&frame) {
-                    Ok((Request::Preload { task }, args)) if children.is_empty() => {
+                    Ok((Request::Preload { task }, args)) if children.is_empty() && whole => {
                         run_preload(&task, args, &control);
                         to_reset = sys::signals_not_default();
                     }
                     Ok((Request::Fork { env }, _)) => {
+                        // Taken on even for a request that fails: the client counts it sent.
                         if let Some(env) = env {
                             adopt_environment(env);
                         }
-                        let later = frames.as_slice();
-                        fork_one(frame, &control, later, &mut children, &to_reset);
+                        if whole {
+                            let later = frames.as_slice();
+                            fork_one(frame, &control, later, &mut children, &to_reset);
+                        } else {
+                            let why = "could not receive the request's descriptors";
+                            refuse_out_of_descriptors(frame.fds.into_iter().next(), why);
+                        }
                     }
                     // A malformed or out-of-order request is dropped, with its fds.
                     _ => {}
                 }
             }
+            reserve = spare_descriptor();
             if ended {
                 // The program that started us is gone (or broke the protocol): end. The
                 // children keep running; daemons among them notice and follow.
@@ -136,6 +153,25 @@ fn run_preload(task: &str, args: &[u8], control: &Channel) {
     }
 }
 
+/// A descriptor to hold in reserve (a duplicate of stdin, which is `/dev/null`); `None` when
+/// the table is full.
+fn spare_descriptor() -> Option<OwnedFd> {
+    std::io::stdin().as_fd().try_clone_to_owned().ok()
+}
+
+/// Answers a `Fork` request that cannot be served because the server is out of descriptors,
+/// on its status socket (the request's first descriptor), if that arrived.
+fn refuse_out_of_descriptors(status: Option<OwnedFd>, why: &str) {
+    let Some(status) = status else { return };
+    let status = Channel::from_fd(status);
+    let message = format!(
+        "too many open files in the forkserver (pid {}): it {why}; the child was not started",
+        std::process::id()
+    );
+    let reply = Reply::ForkFailed { message };
+    let _ = wire::send(&status, &reply, &[], &[], &[], None, None);
+}
+
 /// Takes on a client's environment, which every child forked from now on inherits. The
 /// server has one thread (its invariant), which changing the environment requires.
 fn adopt_environment(env: Vec<(Vec<u8>, Vec<u8>)>) {
@@ -150,16 +186,25 @@ fn adopt_environment(env: Vec<(Vec<u8>, Vec<u8>)>) {
 fn fork_one(
     frame: Frame,
     control: &Channel,
-    later: &[Frame],
+    later: &[(Frame, bool)],
     children: &mut Vec<Served>,
     to_reset: &[i32],
 ) {
     let mut fds = frame.fds.into_iter();
-    let (Some(channel), Some(status), Some(cwd), None) =
+    let (Some(status), Some(channel), Some(cwd), None) =
         (fds.next(), fds.next(), fds.next(), fds.next())
     else {
         return;
     };
+    // The child's pidfd needs a slot in the table once it is forked: make sure there is one
+    // first, so that a fork never happens that could not be reported.
+    match status.try_clone() {
+        Ok(probe) => drop(probe),
+        Err(_) => {
+            refuse_out_of_descriptors(Some(status), "has no descriptor left for the child's pidfd");
+            return;
+        }
+    }
     let status = Channel::from_fd(status);
     // The child starts where its client was at `start()`.
     let entered = sys::fchdir(cwd.as_fd());
@@ -175,7 +220,7 @@ fn fork_one(
         // descriptors of requests still waiting (received, or queued inside the control
         // channel for a frame not yet complete).
         let mut close: Vec<BorrowedFd<'_>> = vec![control.as_fd(), status.as_fd()];
-        close.extend(later.iter().flat_map(|frame| frame.fds.iter().map(AsFd::as_fd)));
+        close.extend(later.iter().flat_map(|(frame, _)| frame.fds.iter().map(AsFd::as_fd)));
         close.extend(control.queued_fds());
         for served in children.iter() {
             close.push(served.pidfd.as_fd());

@@ -325,7 +325,8 @@ impl<T: Serialize + DeserializeOwned> Queue<T> {
                 record.clear();
                 let mut fds = Vec::new();
                 let received =
-                    sys::recv_into_vec(sock, record, INLINE_MAX + 1, &mut fds, deadline.is_some());
+                    sys::recv_into_vec(sock, record, INLINE_MAX + 1, &mut fds, deadline.is_some())
+                        .and_then(sys::Received::whole);
                 match received {
                     Ok(0) => {
                         return Err(NotDone::Failed(Error::new(

@@ -83,6 +83,31 @@ pub fn send_with_fds(
     super::retry_eintr(|| cvt_long(unsafe { libc::sendmsg(sock.as_raw_fd(), &msg, flags) }))
 }
 
+/// What one `recvmsg` brought.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[must_use]
+pub struct Received {
+    /// Bytes read; `0` means the peer closed its end.
+    pub len: usize,
+    /// The kernel could not hand over every descriptor that was sent (`MSG_CTRUNC`: this
+    /// process's descriptor table is full, `RLIMIT_NOFILE`); those that arrived are kept, in
+    /// order, and the bytes were read all the same.
+    pub fds_truncated: bool,
+}
+
+impl Received {
+    /// The byte count, or an error if descriptors were lost: for callers that cannot use a
+    /// message without all of them.
+    pub fn whole(self) -> io::Result<usize> {
+        if self.fds_truncated {
+            return Err(io::Error::other(
+                "file descriptors were truncated in transit (MSG_CTRUNC: too many open files)",
+            ));
+        }
+        Ok(self.len)
+    }
+}
+
 /// `recvmsg(sock, buf, MSG_CMSG_CLOEXEC)`—reads bytes into `buf` and appends any descriptors
 /// that arrived with them to `fds`, already close-on-exec.
 ///
@@ -95,7 +120,7 @@ pub fn recv_with_fds(
     fds: &mut Vec<OwnedFd>,
     nonblocking: bool,
 ) -> io::Result<usize> {
-    recvmsg_raw(sock, buf.as_mut_ptr(), buf.len(), fds, nonblocking)
+    recvmsg_raw(sock, buf.as_mut_ptr(), buf.len(), fds, nonblocking)?.whole()
 }
 
 /// The body of [`recv_with_fds`] over a raw destination: `dest` must be valid for writes of
@@ -106,7 +131,7 @@ fn recvmsg_raw(
     len: usize,
     fds: &mut Vec<OwnedFd>,
     nonblocking: bool,
-) -> io::Result<usize> {
+) -> io::Result<Received> {
     let mut cmsg = CmsgBuffer([0; 1088]);
     let mut iov = libc::iovec { iov_base: dest.cast(), iov_len: len };
     // SAFETY: msghdr is plain old data; all-zero is a valid empty header.
@@ -141,36 +166,36 @@ fn recvmsg_raw(
             header = libc::CMSG_NXTHDR(&msg, header);
         }
     }
-    if msg.msg_flags & libc::MSG_CTRUNC != 0 {
-        return Err(io::Error::other("file descriptors were truncated in transit (MSG_CTRUNC)"));
-    }
     // Only a record-oriented socket truncates: the rest of a record longer than the buffer is
     // gone, so it is an error, never a short message.
     if msg.msg_flags & libc::MSG_TRUNC != 0 {
         return Err(io::Error::other(format!("a record longer than the {len} bytes expected")));
     }
-    Ok(n)
+    Ok(Received { len: n, fds_truncated: msg.msg_flags & libc::MSG_CTRUNC != 0 })
 }
 
 /// [`recv_with_fds`] into the spare capacity of `buf`: reserves up to `max` bytes, receives at
 /// most that many without initialising them first, and extends `buf` by what arrived.
 ///
-/// This is how a large frame is received without zero-filling (or copying) it first.
+/// This is how a large frame is received without zero-filling (or copying) it first. Unlike
+/// [`recv_with_fds`], descriptors the kernel could not hand over are reported in the result,
+/// not as an error, so that a stream's bytes are never lost with them.
 pub fn recv_into_vec(
     sock: BorrowedFd<'_>,
     buf: &mut Vec<u8>,
     max: usize,
     fds: &mut Vec<OwnedFd>,
     nonblocking: bool,
-) -> io::Result<usize> {
+) -> io::Result<Received> {
     buf.reserve(max);
     let spare = buf.spare_capacity_mut();
     let len = spare.len().min(max);
     // recvmsg only writes into the buffer, so handing it uninitialised bytes is sound.
-    let n = recvmsg_raw(sock, spare.as_mut_ptr().cast::<u8>(), len, fds, nonblocking)?;
-    // SAFETY: the kernel initialised the first `n` bytes of the spare capacity, n <= len.
-    unsafe { buf.set_len(buf.len() + n) };
-    Ok(n)
+    let received = recvmsg_raw(sock, spare.as_mut_ptr().cast::<u8>(), len, fds, nonblocking)?;
+    // SAFETY: the kernel initialised the first `received.len` bytes of the spare capacity,
+    // received.len <= len.
+    unsafe { buf.set_len(buf.len() + received.len) };
+    Ok(received)
 }
 
 /// Readable (`POLLIN`).

@@ -127,6 +127,16 @@ pub enum FrameError {
         /// Descriptors that arrived with the frame.
         arrived: usize,
     },
+    /// Descriptors sent with the frame could not all be received: this process's descriptor
+    /// table is full (`RLIMIT_NOFILE`). The frame is here whole, with the descriptors that did
+    /// arrive (the first ones, in order), for a receiver that can still answer it; its bytes
+    /// were read, so the stream goes on with the next frame.
+    FdsTruncated {
+        /// Descriptors the header claimed.
+        claimed: u32,
+        /// The frame, with the descriptors that arrived.
+        frame: Frame,
+    },
     /// The deadline passed first.
     Timeout,
     /// The abort descriptor became ready (the process at the other end ended).
@@ -157,6 +167,11 @@ impl fmt::Display for FrameError {
             FrameError::ExtraFds { claimed, arrived } => {
                 write!(f, "frame claims {claimed} fds but {arrived} arrived (all closed)")
             }
+            FrameError::FdsTruncated { claimed, frame } => write!(
+                f,
+                "frame claims {claimed} fds but only {} could be received: too many open files",
+                frame.fds.len()
+            ),
             FrameError::Timeout => write!(f, "timed out"),
             FrameError::Aborted => write!(f, "the peer process ended"),
             FrameError::Io(e) => write!(f, "{e}"),
@@ -225,6 +240,8 @@ struct FdBatch {
     from: u64,
     to: u64,
     fds: Vec<OwnedFd>,
+    /// The kernel could not hand over all of them (this process is out of descriptors).
+    truncated: bool,
 }
 
 impl FdBatch {
@@ -573,7 +590,7 @@ impl Channel {
             let part = &mut partial.parts[partial.current];
             (self.pending.is_empty() && part.missing() > READ_CHUNK).then_some(part)
         });
-        let n = match large {
+        let received = match large {
             Some(part) => {
                 // A large part: receive into it directly, growing with what arrives rather than
                 // with what the header claims.
@@ -586,12 +603,13 @@ impl Channel {
             }
         };
         let from = self.received;
-        self.received += n as u64;
-        if !self.scratch_fds.is_empty() {
+        self.received += received.len as u64;
+        if !self.scratch_fds.is_empty() || received.fds_truncated {
             let fds = std::mem::take(&mut self.scratch_fds);
-            self.fds.push_back(FdBatch { from, to: self.received, fds });
+            let truncated = received.fds_truncated;
+            self.fds.push_back(FdBatch { from, to: self.received, fds, truncated });
         }
-        Ok(n)
+        Ok(received.len)
     }
 
     /// Assembles a frame from buffered bytes, if enough have arrived.
@@ -625,17 +643,22 @@ impl Channel {
             partial.current += 1;
         }
         let partial = self.partial.take().expect("set above");
-        let fds = self.claim_fds(&partial)?;
+        let (fds, truncated) = self.claim_fds(&partial)?;
+        let claimed = partial.nfds;
         let mut parts = partial.parts.into_iter().map(|part| part.bytes);
         let body = parts.next().expect("a frame has a body");
-        Ok(Some(Frame { body, fds, blocks: parts.collect() }))
+        let frame = Frame { body, fds, blocks: parts.collect() };
+        if truncated {
+            return Err(FrameError::FdsTruncated { claimed, frame });
+        }
+        Ok(Some(frame))
     }
 
     /// Hands a whole frame the descriptors that came with it: exactly the batch received with
     /// its first byte, and exactly as many as its header claims. Anything else is closed here
     /// and is an error for this frame, so that descriptors never reach a frame they were not
     /// sent with and never pile up.
-    fn claim_fds(&mut self, partial: &Partial) -> Result<Vec<OwnedFd>, FrameError> {
+    fn claim_fds(&mut self, partial: &Partial) -> Result<(Vec<OwnedFd>, bool), FrameError> {
         let (start, claimed) = (partial.start, partial.nfds);
         let end = start + partial.expected() as u64;
         // Nothing received before this frame began is anyone's now (each earlier frame took or
@@ -645,11 +668,13 @@ impl Channel {
         // and another frame starts within the same read (a sender that batched frames without
         // descriptors after one with them): then it is left for that frame.
         let mut own = None;
+        let mut truncated = false;
         if self.fds.front().is_some_and(|batch| batch.covers(start)) {
             let batch = self.fds.pop_front().expect("checked above");
             if claimed == 0 && batch.to > end {
                 self.fds.push_front(batch);
             } else {
+                truncated = batch.truncated;
                 own = Some(batch.fds);
             }
         }
@@ -660,10 +685,10 @@ impl Channel {
         if stray > 0 || arrived > claimed as usize {
             return Err(FrameError::ExtraFds { claimed, arrived: arrived + stray });
         }
-        if arrived < claimed as usize {
+        if arrived < claimed as usize && !truncated {
             return Err(FrameError::MissingFds { claimed, arrived });
         }
-        Ok(own.unwrap_or_default())
+        Ok((own.unwrap_or_default(), truncated))
     }
 
     /// Closes the oldest batches while they end at or before `offset`; how many descriptors.
