@@ -14,7 +14,7 @@ use common::{
     Stats, Table, Target, Value, across_cpus, measure_pair, on_one_cpu, python, python_placed,
     python_time, with_forked_peer, with_raw_echo,
 };
-use multiproc::{Bytes, Connection, Context, RecvError, task};
+use multiproc::{Bytes, Connection, Context, Queue, RecvError, task};
 
 /// Echoes every message until the other end closes.
 #[task]
@@ -98,6 +98,47 @@ fn raw_bulk(size: usize, count: usize) -> Duration {
     )
 }
 
+/// Puts `0..count` on `queue`, then returns.
+#[task]
+fn fill(queue: Queue<u64>, count: u64) {
+    for i in 0..count {
+        queue.put(&i).expect("put");
+    }
+}
+
+/// A child puts `count` small items on a queue while this process gets them: start to last get.
+fn ours_queue(ctx: &Context, count: u64) -> Result<Duration, multiproc::Error> {
+    let queue = ctx.queue::<u64>()?;
+    let started = Instant::now();
+    let child = ctx.process(fill, (queue.clone(), count)).start()?;
+    for _ in 0..count {
+        queue.get()?;
+    }
+    let took = started.elapsed();
+    child.join()?;
+    Ok(took)
+}
+
+/// The same over a raw Unix socket: a forked child writes each 8-byte item, this process reads
+/// each.
+fn raw_queue(count: u64) -> Duration {
+    with_forked_peer(
+        |mut theirs| {
+            for i in 0..count {
+                theirs.write_all(&i.to_le_bytes()).expect("write");
+            }
+        },
+        |ours| {
+            let started = Instant::now();
+            let mut item = [0u8; 8];
+            for _ in 0..count {
+                ours.read_exact(&mut item).expect("read");
+            }
+            started.elapsed()
+        },
+    )
+}
+
 fn main() -> Result<(), multiproc::Error> {
     let quick = common::quick();
     let runs = if quick { 100 } else { 10_000 };
@@ -107,8 +148,10 @@ fn main() -> Result<(), multiproc::Error> {
     // Each bulk transfer is repeated, and the medians compared, so that a burst of load on the
     // shared machine does not decide the ratio.
     let repeats: usize = if quick { 1 } else { 5 };
+    let queue_items: u64 = if quick { 10_000 } else { 200_000 };
     let mut args = vec![runs.to_string(), repeats.to_string()];
     args.extend(bulk.iter().map(|(size, count)| format!("{size}:{count}")));
+    args.push(format!("queue:{queue_items}"));
     let py = python("pipe_bench.py", &args);
     let mut table = Table::new(format!(
         "Pipe between two processes: round trip (median of {runs}) and bulk transfer of {} MiB \
@@ -155,7 +198,28 @@ fn main() -> Result<(), multiproc::Error> {
             Target::None,
         );
     }
+    let (mut our_times, mut raw_times) = (Vec::new(), Vec::new());
+    for _ in 0..repeats {
+        our_times.push(ours_queue(&ctx, queue_items)?);
+        raw_times.push(raw_queue(queue_items));
+    }
+    let items = queue_items as f64;
+    table.row(
+        &format!("queue put → get, {queue_items} small items, vs raw Unix-socket writes"),
+        "any",
+        Value::rate(items, Stats::of(our_times).median, "items"),
+        Value::rate(items, Stats::of(raw_times).median, "items"),
+        match python_time(&py, "queue") {
+            Value::Time(t) => Value::rate(items, t, "items"),
+            other => other,
+        },
+        Target::None,
+    );
     table.note("The child is started with fork; a pipe does not depend on the start method.");
+    table.note(
+        "The queue row: a child puts every item while this process gets them, from the child's \
+         start to the last get; Python's row uses multiprocessing.Queue the same way.",
+    );
     table.note(
         "\"On two CPUs\": every echo process (ours, the raw one, Python's) runs on one CPU and \
          the process that measures on the other, so that every round trip crosses CPUs. Left to \

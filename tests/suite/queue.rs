@@ -13,6 +13,8 @@ pub const SCENARIOS: &[Scenario] = &[
     ("queue_keeps_what_a_child_put_just_before_it_exited", put_then_exit),
     ("queue_bounded_holds_a_child_producer_to_its_capacity", bounded),
     ("joinable_queue_join_returns_once_workers_marked_every_item_done", joinable),
+    ("queue_unbounded_takes_a_million_puts_before_any_get", million_before_get),
+    ("queue_child_that_put_100000_is_joined_before_the_parent_drains", joined_before_drain),
 ];
 
 const PRODUCERS: u32 = 8;
@@ -152,4 +154,46 @@ fn joinable(ctx: &Context) -> Result<(), Failed> {
     ensure(handled == 100, || format!("workers handled {handled} items"))?;
     drop((jobs, results));
     ensure(fd_count() == fds, || format!("fds before {fds}, after {}", fd_count()))
+}
+
+fn million_before_get(ctx: &Context) -> Result<(), Failed> {
+    let queue = ctx.queue::<u64>()?;
+    // The socket holds a few hundred records; the rest go to the overflow log, and no put
+    // waits for a consumer (there is none yet: this process gets only afterwards).
+    for i in 0..1_000_000u64 {
+        // A deadline, so that a queue that does wait for a consumer fails here, not hangs.
+        queue.put_timeout(&i, DEADLINE).map_err(|e| format!("put {i}: {e:?}"))?;
+    }
+    ensure(queue.len() == 1_000_000, || format!("len {}", queue.len()))?;
+    for i in 0..1_000_000u64 {
+        let got = queue.get_timeout(DEADLINE).map_err(|e| format!("get {i}: {e}"))?;
+        ensure(got == i, || format!("got {got} where {i} was due"))?;
+    }
+    ensure(matches!(queue.try_get(), Err(TryGetError::Empty)), || "a message too many".into())?;
+    ensure(queue.is_empty(), || format!("len {}", queue.len()))
+}
+
+/// Puts `count` messages of 100 bytes, in order, then returns.
+#[task]
+fn put_many(queue: Queue<(u32, Vec<u8>)>, count: u32) {
+    for i in 0..count {
+        queue.put(&(i, vec![(i % 251) as u8; 100])).expect("put");
+    }
+}
+
+fn joined_before_drain(ctx: &Context) -> Result<(), Failed> {
+    warm_up(ctx)?;
+    let fds = fd_count();
+    let queue = ctx.queue::<(u32, Vec<u8>)>()?;
+    // The child ends without waiting for anyone to read what it put.
+    join(ctx.process(put_many, (queue.clone(), 100_000)).start()?)??;
+    for i in 0..100_000 {
+        let (n, bytes) = queue.get_timeout(DEADLINE).map_err(|e| format!("get {i}: {e}"))?;
+        ensure(n == i && bytes == vec![(i % 251) as u8; 100], || format!("{n} where {i} was due"))?;
+    }
+    ensure(matches!(queue.try_get(), Err(TryGetError::Empty)), || "a message too many".into())?;
+    drop(queue);
+    let after = fd_count();
+    ensure(after == fds, || format!("fds before {fds}, after {after}"))?;
+    ensure(zombie_children().is_empty(), || format!("zombies {:?}", zombie_children()))
 }

@@ -3,7 +3,9 @@
 `python3 -I -S pipe_bench.py RUNS REPEATS SIZE:COUNT...` prints `rtt <median seconds>` for the
 round trip of a small object, then per SIZE:COUNT `bulk_<size> <seconds>`: the median over
 REPEATS transfers of the time to send COUNT messages of SIZE bytes to a child that acknowledges
-the last one. With MULTIPROC_BENCH_CPUS=PARENT,PEER the round trip's echo runs on PEER and this
+the last one. A spec `queue:COUNT` prints `queue <seconds>` instead: the median over REPEATS of
+the time for a child to put COUNT small ints on a multiprocessing.Queue and this process to get
+them all. With MULTIPROC_BENCH_CPUS=PARENT,PEER the round trip's echo runs on PEER and this
 process on PARENT (see `benchlib.peers_apart`).
 """
 
@@ -53,9 +55,31 @@ def main():
     print(f"rtt {statistics.median(rtts)}")
     repeats = int(sys.argv[2])
     for spec in sys.argv[3:]:
+        if spec.startswith("queue:"):
+            count = int(spec.split(":")[1])
+            times = [queue_throughput(ctx, count) for _ in range(repeats)]
+            print(f"queue {statistics.median(times)}")
+            continue
         size, count = (int(x) for x in spec.split(":"))
         times = [bulk(ctx, size, count) for _ in range(repeats)]
         print(f"bulk_{size} {statistics.median(times)}")
+
+
+def fill(queue, count):
+    for i in range(count):
+        queue.put(i)
+
+
+def queue_throughput(ctx, count):
+    queue = ctx.Queue()
+    started = time.perf_counter()
+    child = ctx.Process(target=fill, args=(queue, count))
+    child.start()
+    for _ in range(count):
+        queue.get()
+    took = time.perf_counter() - started
+    child.join()
+    return took
 
 
 def bulk(ctx, size, count):

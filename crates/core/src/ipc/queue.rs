@@ -8,6 +8,10 @@
 //! in the kernel, so a process that exits right after a `put` loses nothing (Python's queue may
 //! lose it, or hang the exit, while its feeder thread flushes).
 //!
+//! When the socket is full, records without descriptors go to an overflow log in shared memory
+//! (`overflow`), so an unbounded queue's `put` never waits for a consumer, and what it put is
+//! still safe from the producer's exit.
+//!
 //! A record carries up to [`INLINE_MAX`] bytes inline; a larger message is written to a sealed
 //! memory file that travels beside the record, so message size is not limited by the socket
 //! buffer. Descriptors inside a value ([`crate::Fd`], connections, shared memory) travel with
@@ -23,17 +27,18 @@ use std::io::{self, IoSlice};
 use std::marker::PhantomData;
 use std::ops::Deref;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering::SeqCst};
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use serde::de::{DeserializeOwned, Error as _};
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
 use crate::error::{Error, ErrorKind, Result};
+use crate::ipc::overflow::{self, Overflow};
 use crate::process::tracked;
 use crate::shared::shm::{SealedMemory, SharedMemory};
-use crate::sys::{self, POLLIN, POLLOUT, PollFd};
+use crate::sys::{self, Mapping, POLLIN, POLLOUT, PollFd};
 use crate::transport::codec;
 use crate::transport::fd::Fd;
 
@@ -45,6 +50,9 @@ pub const INLINE_MAX: usize = 32 * 1024;
 const TAG_INLINE: u8 = 0;
 /// First byte of a record: the message is in the memory file passed as the record's last fd.
 const TAG_SPILLED: u8 = 1;
+/// A record that carries no message: it wakes a consumer waiting on the socket, to look in the
+/// overflow log.
+const TAG_NUDGE: u8 = 2;
 
 /// Words of the shared control page.
 const MAGIC: usize = 0;
@@ -55,10 +63,12 @@ const UNFINISHED: usize = 4;
 const JOIN_WAITERS: usize = 5;
 const LENGTH: usize = 6;
 const JOINABLE: usize = 7;
-const WORDS: usize = 8;
+/// The overflow log's words start here.
+const OVERFLOW: usize = 8;
+const WORDS: usize = OVERFLOW + overflow::WORDS;
 
-/// Marks a control page of this layout ("MPQ1").
-const PAGE_MAGIC: u32 = 0x4d50_5131;
+/// Marks a control page of this layout ("MPQ2").
+const PAGE_MAGIC: u32 = 0x4d50_5132;
 
 thread_local! {
     /// Where `get` receives records: one buffer per thread, reused.
@@ -89,6 +99,11 @@ struct Shared {
     /// ...and consumers read them here.
     get_end: OwnedFd,
     control: SharedMemory,
+    /// The overflow log's memory file...
+    log_file: OwnedFd,
+    /// ...and this process's mapping of it, made when first needed (`None` if it could not
+    /// be: the queue then waits for room in its socket, as a bounded kernel buffer makes it).
+    log_map: OnceLock<Option<Mapping>>,
 }
 
 /// Why [`Queue::try_put`] failed.
@@ -135,7 +150,8 @@ enum NotDone {
 }
 
 impl<T> Queue<T> {
-    /// An unbounded queue: `put` blocks only while the kernel's socket buffer is full.
+    /// An unbounded queue: `put` never waits for room (only a message that holds descriptors
+    /// waits, while the socket is full: descriptors cannot go to the overflow log).
     pub fn new() -> Result<Self> {
         Self::create(0, false)
     }
@@ -155,12 +171,20 @@ impl<T> Queue<T> {
         let (put_end, get_end) =
             sys::seqpacket_pair().map_err(|e| Error::io("socketpair for a queue", e))?;
         let control = SharedMemory::new(WORDS * 4)?;
+        let log_file = sys::memfd("multiproc-queue-log", 0)
+            .map_err(|e| Error::io("memfd for a queue's overflow log", e))?;
         let words = control.atomic_words();
         words[CAPACITY].store(capacity, SeqCst);
         words[FREE].store(capacity, SeqCst);
         words[JOINABLE].store(joinable.into(), SeqCst);
         words[MAGIC].store(PAGE_MAGIC, SeqCst);
-        Ok(Self::from_shared(Shared { put_end, get_end, control }))
+        Ok(Self::from_shared(Shared {
+            put_end,
+            get_end,
+            control,
+            log_file,
+            log_map: OnceLock::new(),
+        }))
     }
 
     fn from_shared(shared: Shared) -> Self {
@@ -198,6 +222,24 @@ impl<T> Queue<T> {
 
     fn joinable(&self) -> bool {
         self.word(JOINABLE).load(SeqCst) != 0
+    }
+
+    /// The overflow log, mapped in this process on first use.
+    fn overflow(&self) -> Option<Overflow<'_>> {
+        let shared = &*self.shared;
+        let file = shared.log_file.as_fd();
+        let map = shared
+            .log_map
+            .get_or_init(|| Mapping::reserved(file, overflow::RESERVED).ok())
+            .as_ref()?;
+        Some(Overflow::new(&shared.control.atomic_words()[OVERFLOW..], file, map))
+    }
+
+    /// Wakes a consumer that waits on the socket alone, to look in the overflow log. A socket
+    /// too full to take the nudge has readers awake already.
+    fn nudge(&self) {
+        let sock = self.shared.put_end.as_fd();
+        let _ = sys::send_with_fds(sock, &[IoSlice::new(&[TAG_NUDGE])], &[], true);
     }
 }
 
@@ -266,7 +308,9 @@ impl<T: Serialize + DeserializeOwned> Queue<T> {
         let record = record.map_err(|e| {
             NotDone::Failed(Error::new(ErrorKind::Encode, format!("queue message: {e}")))
         })?;
-        let (record, fds) = if record.len() - 1 > INLINE_MAX {
+        // A large message with descriptors goes to a memory file now; one without may go to
+        // the overflow log whole instead (`send_or_log`).
+        let (record, fds) = if !fds.is_empty() && record.len() - 1 > INLINE_MAX {
             spill(&record[1..], fds).map_err(NotDone::Failed)?
         } else {
             (record, fds)
@@ -278,7 +322,11 @@ impl<T: Serialize + DeserializeOwned> Queue<T> {
             self.word(UNFINISHED).fetch_add(1, SeqCst);
         }
         self.word(LENGTH).fetch_add(1, SeqCst);
-        let sent = self.send_record(record, fds, deadline);
+        let sent = if fds.is_empty() {
+            self.send_or_log(record, deadline)
+        } else {
+            self.send_record(record, fds, deadline)
+        };
         if sent.is_err() {
             self.word(LENGTH).fetch_sub(1, SeqCst);
             if self.joinable() {
@@ -287,6 +335,47 @@ impl<T: Serialize + DeserializeOwned> Queue<T> {
             self.release_slot();
         }
         sent
+    }
+
+    /// Sends a record without descriptors to the socket if it has room now and the overflow log
+    /// is empty, else appends it to the log: never waits for a consumer.
+    ///
+    /// While the log holds records, every producer appends to it, and consumers take from the
+    /// socket first: so one producer's messages are taken in the order it put them.
+    fn send_or_log(
+        &self,
+        record: Vec<u8>,
+        deadline: Option<Instant>,
+    ) -> std::result::Result<(), NotDone> {
+        let Some(log) = self.overflow() else {
+            return self.send_record(record, Vec::new(), deadline);
+        };
+        if log.count() == 0 {
+            let (first, fds) = if record.len() - 1 > INLINE_MAX {
+                spill(&record[1..], Vec::new()).map_err(NotDone::Failed)?
+            } else {
+                (record.clone(), Vec::new())
+            };
+            let borrowed: Vec<BorrowedFd<'_>> = fds.iter().map(AsFd::as_fd).collect();
+            let sock = self.shared.put_end.as_fd();
+            match sys::send_with_fds(sock, &[IoSlice::new(&first)], &borrowed, true) {
+                Ok(_) => return Ok(()),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock || sys::is_message_too_long(&e) => {
+                }
+                Err(e) => return Err(NotDone::Failed(Error::io("queue put", e))),
+            }
+        }
+        match log.push(&record) {
+            Ok(Some(was_empty)) => {
+                if was_empty {
+                    self.nudge();
+                }
+                Ok(())
+            }
+            // Past what the log can hold: wait for room in the socket instead.
+            Ok(None) => self.send_record(record, Vec::new(), deadline),
+            Err(e) => Err(NotDone::Failed(Error::io("queue overflow log", e))),
+        }
     }
 
     /// Sends one record, waiting for room in the socket until `deadline`; an inline record the
@@ -324,9 +413,8 @@ impl<T: Serialize + DeserializeOwned> Queue<T> {
             loop {
                 record.clear();
                 let mut fds = Vec::new();
-                let received =
-                    sys::recv_into_vec(sock, record, INLINE_MAX + 1, &mut fds, deadline.is_some())
-                        .and_then(sys::Received::whole);
+                let received = sys::recv_into_vec(sock, record, INLINE_MAX + 1, &mut fds, true)
+                    .and_then(sys::Received::whole);
                 match received {
                     Ok(0) => {
                         return Err(NotDone::Failed(Error::new(
@@ -334,6 +422,8 @@ impl<T: Serialize + DeserializeOwned> Queue<T> {
                             "queue: an empty record (the queue's socket was shut down)",
                         )));
                     }
+                    // A nudge: look again, in the socket and then in the log.
+                    Ok(1) if record[0] == TAG_NUDGE => {}
                     Ok(_) => {
                         // Saturating: a record some process wrote without `put` must not wrap
                         // the count.
@@ -343,6 +433,31 @@ impl<T: Serialize + DeserializeOwned> Queue<T> {
                         return self.decode(record, fds).map_err(NotDone::Failed);
                     }
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                        // The socket is empty: what overflowed comes next.
+                        if let Some(log) = self.overflow().filter(|log| log.count() > 0) {
+                            match log.pop(record) {
+                                Ok(Some(more)) => {
+                                    if more {
+                                        // Pass the wake-up on, for the next record.
+                                        self.nudge();
+                                    }
+                                    let _ = self
+                                        .word(LENGTH)
+                                        .fetch_update(SeqCst, SeqCst, |n| n.checked_sub(1));
+                                    self.release_slot();
+                                    return self
+                                        .decode(record, Vec::new())
+                                        .map_err(NotDone::Failed);
+                                }
+                                Ok(None) => {}
+                                Err(e) => {
+                                    return Err(NotDone::Failed(Error::io(
+                                        "queue overflow log",
+                                        e,
+                                    )));
+                                }
+                            }
+                        }
                         if !wait_ready(sock, POLLIN, deadline).map_err(NotDone::Failed)? {
                             return Err(NotDone::Deadline);
                         }
@@ -544,6 +659,7 @@ struct Handle<F, M> {
     put_end: F,
     get_end: F,
     control: M,
+    log: F,
 }
 
 impl<T> Serialize for Queue<T> {
@@ -553,6 +669,7 @@ impl<T> Serialize for Queue<T> {
             put_end: Fd::new(shared.put_end.as_fd()),
             get_end: Fd::new(shared.get_end.as_fd()),
             control: &shared.control,
+            log: Fd::new(shared.log_file.as_fd()),
         }
         .serialize(serializer)
     }
@@ -560,14 +677,19 @@ impl<T> Serialize for Queue<T> {
 
 impl<'de, T> Deserialize<'de> for Queue<T> {
     fn deserialize<D: Deserializer<'de>>(deserializer: D) -> std::result::Result<Self, D::Error> {
-        let Handle { put_end, get_end, control } =
+        let Handle { put_end, get_end, control, log } =
             Handle::<Fd<OwnedFd>, SharedMemory>::deserialize(deserializer)?;
         let words = control.atomic_words();
         if words.len() < WORDS || words[MAGIC].load(SeqCst) != PAGE_MAGIC {
             return Err(D::Error::custom("not a multiproc queue's control page"));
         }
-        let shared =
-            Shared { put_end: put_end.into_inner(), get_end: get_end.into_inner(), control };
+        let shared = Shared {
+            put_end: put_end.into_inner(),
+            get_end: get_end.into_inner(),
+            control,
+            log_file: log.into_inner(),
+            log_map: OnceLock::new(),
+        };
         Ok(Queue::from_shared(shared))
     }
 }

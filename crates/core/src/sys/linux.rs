@@ -789,6 +789,20 @@ pub fn memfd(name: &str, len: usize) -> io::Result<OwnedFd> {
     Ok(fd)
 }
 
+/// `ftruncate(fd, len)`—grows or shrinks the file behind `fd`; shrinking frees a memfd's pages.
+pub fn set_file_size(fd: BorrowedFd<'_>, len: u64) -> io::Result<()> {
+    let len = libc::off_t::try_from(len).map_err(|_| io::Error::other("file size overflow"))?;
+    // SAFETY: ftruncate reads no memory; `fd` is open.
+    super::retry_eintr(|| cvt(unsafe { libc::ftruncate(fd.as_raw_fd(), len) })).map(drop)
+}
+
+/// Whether process `pid` still runs (it exists and is not a zombie), from `/proc/<pid>/stat`.
+pub fn process_alive(pid: u32) -> bool {
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else { return false };
+    let state = stat.rsplit_once(") ").and_then(|(_, rest)| rest.chars().next());
+    !matches!(state, Some('Z' | 'X') | None)
+}
+
 /// The size of the file behind `fd` (`fstat`).
 pub fn file_size(fd: BorrowedFd<'_>) -> io::Result<u64> {
     Ok(borrowed_file(fd).metadata()?.len())
@@ -1049,6 +1063,36 @@ impl Mapping {
             return Err(io::Error::other("the memory is not sealed read-only"));
         }
         Self::map(fd, len, libc::PROT_READ, true)
+    }
+
+    /// `mmap(len, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_NORESERVE, fd)` of a file that may
+    /// be shorter than `len` and grow later ([`set_file_size`]): address space reserved once,
+    /// so that the file can grow without any process remapping it.
+    ///
+    /// Touching a page beyond the file's current end raises SIGBUS, so its user must keep every
+    /// access below a size it knows the file has: the queue's overflow log grows the file
+    /// before it publishes the larger size, and publishes a smaller size before it shrinks the
+    /// file, all under its lock.
+    pub fn reserved(fd: BorrowedFd<'_>, len: usize) -> io::Result<Mapping> {
+        let prot = libc::PROT_READ | libc::PROT_WRITE;
+        // SAFETY: a fresh mapping chosen by the kernel (addr NULL) cannot overlap memory Rust
+        // owns. Pages past the file's end are not backed; see above for why none is touched.
+        let ptr = unsafe {
+            libc::mmap(
+                ptr::null_mut(),
+                len,
+                prot,
+                libc::MAP_SHARED | libc::MAP_NORESERVE,
+                fd.as_raw_fd(),
+                0,
+            )
+        };
+        if ptr == libc::MAP_FAILED {
+            return Err(io::Error::last_os_error());
+        }
+        let ptr = std::ptr::NonNull::new(ptr.cast::<u8>())
+            .ok_or_else(|| io::Error::other("mmap returned NULL"))?;
+        Ok(Mapping { ptr, len, sealed: false })
     }
 
     fn map(fd: BorrowedFd<'_>, len: usize, prot: c_int, sealed: bool) -> io::Result<Mapping> {
