@@ -363,7 +363,11 @@ impl StartMethod for Forkserver {
         // Only the server holds the status socket's other end now: if it dies, we see EOF.
         drop(theirs);
         drop(request.channel);
-        let frame = match ours.recv(Some(Instant::now() + start_timeout()), None) {
+        let deadline = Instant::now() + start_timeout();
+        // The answer comes only after the server has forked: wait for it first, rather than
+        // try a receive that cannot find it yet (one syscall less on every start).
+        let _ = sys::poll(&mut [PollFd::new(ours.as_fd(), POLLIN)], Some(deadline));
+        let frame = match ours.recv(Some(deadline), None) {
             Ok(frame) => frame,
             Err(FrameError::Timeout) => {
                 // A server that does not answer may still fork later: end it first, so that
