@@ -495,7 +495,7 @@ fn out_of_descriptors(ctx: &Context) -> Result<(), Failed> {
         })?;
         for e in &refused {
             ensure(e.kind() == multiproc::ErrorKind::StartFailed, || format!("{e:?}"))?;
-            ensure(e.to_string().contains("too many open files in the forkserver"), || {
+            ensure(e.to_string().contains("too many open files in the fork server"), || {
                 e.to_string()
             })?;
         }

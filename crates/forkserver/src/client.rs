@@ -1,26 +1,23 @@
 //! The client side: the `Forkserver` start method, the one server per process that every
 //! context shares, and the handle of a child the server forked.
 
-use std::ffi::OsString;
-use std::io;
-use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
-use std::os::unix::ffi::OsStrExt;
+use std::os::fd::{AsFd, BorrowedFd};
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use multiproc_core::process::method::ChildHandle;
+use multiproc_core::process::server::protocol::{Reply, Request, VERSION};
+use multiproc_core::process::server::served::{self, Answer, Link, NotSent};
 use multiproc_core::runtime::role::role_env_value;
 use multiproc_core::runtime::{child, registry};
-use multiproc_core::sys::{self, POLLIN, PollFd, SPAWN_CHANNEL_FD};
-use multiproc_core::transport::channel::{self, Channel, FrameError};
+use multiproc_core::sys::{self, SPAWN_CHANNEL_FD};
+use multiproc_core::transport::channel::Channel;
 use multiproc_core::transport::{codec, wire};
 use multiproc_core::{
     ChildFailure, DirectChild, Error, ErrorKind, ExitStatus, Portable, RemotePanic, Result,
     StartMethod, StartRequest, Task,
 };
-
-use crate::protocol::{Reply, Request, VERSION, WireStatus};
 
 /// The forkserver start method: children are forked by a single-threaded server process.
 ///
@@ -34,13 +31,9 @@ pub struct Forkserver;
 /// The running server, owned by the process that launched it.
 #[derive(Debug)]
 struct Server {
-    control: Channel,
-    process: DirectChild,
+    link: Link,
     /// The pid that launched it: a forked copy of this process must not share the socket.
     owner: u32,
-    /// The environment the last `Fork` request carried, which the server now has; `None`
-    /// before the first.
-    env_sent: Option<Vec<(OsString, OsString)>>,
 }
 
 static SERVER: Mutex<Option<Server>> = Mutex::new(None);
@@ -97,7 +90,7 @@ pub fn set_preload<A: Portable, S: Send + Sync + 'static>(task: Task<A, S>, args
             format!(
                 "the forkserver is already running (pid {}); set its preload before the first \
                  forkserver start",
-                running.process.pid()
+                running.link.process.pid()
             ),
         ));
     }
@@ -134,73 +127,11 @@ fn start_timeout() -> Duration {
 fn kill_server(pid: u32) {
     let mut guard = SERVER.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
     if let Some(server) = guard.as_mut().filter(|s| s.owner == std::process::id()) {
-        if server.process.pid() == pid {
+        if server.link.process.pid() == pid {
             tracing::debug!(pid, "forkserver did not answer in time; killing it");
-            let _ = server.process.signal(libc::SIGKILL);
-            let _ = server.process.wait_deadline(None);
+            let _ = server.link.process.signal(libc::SIGKILL);
+            let _ = server.link.process.wait_deadline(None);
             *guard = None;
-        }
-    }
-}
-
-/// Finds out, once the server that was asked to fork is gone, whether it forked the child: the
-/// child's channel is then held by nobody but the child, so its other end reads the child's
-/// hello if the child exists and end-of-file if it never will.
-fn resolve_after_server_died(
-    parent_end: BorrowedFd<'_>,
-    status: Channel,
-    why: String,
-) -> Result<Box<dyn ChildHandle>> {
-    let deadline = Instant::now() + start_timeout();
-    loop {
-        match channel::peek_frame(parent_end, 4096) {
-            Err(FrameError::Disconnected) => {
-                return Err(Error::new(
-                    ErrorKind::StartFailed,
-                    format!("forkserver did not start the child: {why}"),
-                ));
-            }
-            Ok(Some(frame)) => {
-                if let Ok((wire::ToParent::Hello { pid, .. }, _)) =
-                    wire::decode::<wire::ToParent>(&frame)
-                {
-                    // The child runs; the server that would report its status is gone, so its
-                    // status will be `Unknown`, as for any child of a server that died.
-                    let pidfd = sys::pidfd_open(pid)
-                        .map_err(|e| Error::io(format!("pidfd_open for served child {pid}"), e))?;
-                    tracing::debug!(pid, "the forkserver died after forking; the child runs");
-                    return Ok(Box::new(ServedChild {
-                        pid,
-                        pidfd,
-                        status_channel: status,
-                        status: None,
-                    }));
-                }
-                return Err(Error::new(
-                    ErrorKind::Protocol,
-                    "a served child's first frame is not its hello",
-                ));
-            }
-            Ok(None) => {}
-            Err(e) => {
-                return Err(Error::new(
-                    ErrorKind::Protocol,
-                    format!("a served child's channel after the server died: {e}"),
-                ));
-            }
-        }
-        let mut set = [PollFd::new(parent_end, POLLIN)];
-        let ready = sys::poll(&mut set, Some(deadline))
-            .map_err(|e| Error::io("waiting for a served child's hello", e))?;
-        if ready == 0 {
-            return Err(Error::new(
-                ErrorKind::OutcomeUnknown,
-                format!(
-                    "forkserver: {why}; whether it forked the child is unknown (no hello and no \
-                     end-of-file on the child's channel within {:?}): the task may be running",
-                    start_timeout()
-                ),
-            ));
         }
     }
 }
@@ -208,7 +139,7 @@ fn resolve_after_server_died(
 /// The pid of this process's forkserver, if one is running.
 pub fn server_pid() -> Option<u32> {
     let guard = SERVER.lock().ok()?;
-    guard.as_ref().filter(|s| s.owner == std::process::id()).map(|s| s.process.pid())
+    guard.as_ref().filter(|s| s.owner == std::process::id()).map(|s| s.link.process.pid())
 }
 
 impl Server {
@@ -253,7 +184,7 @@ impl Server {
                 ));
             }
         }
-        let mut server = Server { control, process, owner: std::process::id(), env_sent: None };
+        let mut server = Server { link: Link::new(control, process), owner: std::process::id() };
         server.preload()?;
         tracing::debug!(pid, "forkserver started");
         Ok(server)
@@ -264,12 +195,16 @@ impl Server {
         let mut guard = PRELOAD.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
         let Some(preload) = guard.as_mut() else { return Ok(()) };
         let request = Request::Preload { task: preload.task.to_owned() };
-        let sentinel = Some(self.process.sentinel());
-        let reply = wire::send(&self.control, &request, &preload.args, &[], &[], None, sentinel)
-            .map_err(|e| e.to_string())
-            .and_then(|()| {
-                self.control.recv(None, Some(self.process.sentinel())).map_err(|e| e.to_string())
-            });
+        let sentinel = Some(self.link.process.sentinel());
+        let reply =
+            wire::send(&self.link.control, &request, &preload.args, &[], &[], None, sentinel)
+                .map_err(|e| e.to_string())
+                .and_then(|()| {
+                    self.link
+                        .control
+                        .recv(None, Some(self.link.process.sentinel()))
+                        .map_err(|e| e.to_string())
+                });
         let failure = match reply.as_ref().map(wire::decode::<Reply>) {
             Ok(Ok((Reply::Preloaded, _))) => return Ok(()),
             Ok(Ok((Reply::PreloadFailed { panic, message }, _))) => (panic, message),
@@ -285,15 +220,15 @@ impl Server {
 
     /// Ends the server (it exits by itself after a failed preload) and reaps it.
     fn stop(&mut self) -> Option<ExitStatus> {
-        if !matches!(self.process.try_wait(), Ok(Some(_))) {
-            let _ = self.process.signal(libc::SIGKILL);
+        if !matches!(self.link.process.try_wait(), Ok(Some(_))) {
+            let _ = self.link.process.signal(libc::SIGKILL);
         }
-        self.process.wait_deadline(None).ok().flatten()
+        self.link.process.wait_deadline(None).ok().flatten()
     }
 
     /// Whether the server can take requests: ours (not a forked parent's) and still running.
     fn usable(&mut self) -> bool {
-        self.owner == std::process::id() && matches!(self.process.try_wait(), Ok(None))
+        self.owner == std::process::id() && matches!(self.link.process.try_wait(), Ok(None))
     }
 }
 
@@ -315,37 +250,15 @@ fn request_fork(channel: BorrowedFd<'_>, status: BorrowedFd<'_>) -> Result<u32> 
             *guard = Some(Server::launch()?);
         }
         let server = guard.as_mut().expect("set above");
-        // The child starts in our working directory and environment as they are now, as a
-        // forked or spawned child would.
-        let cwd = sys::open_cwd().map_err(|e| Error::io("opening the working directory", e))?;
-        let env: Vec<(OsString, OsString)> = std::env::vars_os().collect();
-        let changed = server.env_sent.as_ref() != Some(&env);
-        let request = Request::Fork {
-            env: changed.then(|| {
-                env.iter().map(|(k, v)| (k.as_bytes().to_vec(), v.as_bytes().to_vec())).collect()
-            }),
-        };
-        let sent = wire::send(
-            &server.control,
-            &request,
-            &[],
-            &[status, channel, cwd.as_fd()],
-            &[],
-            None,
-            Some(server.process.sentinel()),
-        );
-        match sent {
-            Ok(()) => {
-                server.env_sent = Some(env);
-                return Ok(server.process.pid());
-            }
-            Err(wire::SendError::Frame(FrameError::Disconnected | FrameError::Aborted)) => {
-                tracing::debug!(pid = server.process.pid(), "forkserver died; replacing it");
+        match server.link.send_fork(channel, status) {
+            Ok(()) => return Ok(server.link.process.pid()),
+            Err(NotSent::Gone) => {
+                tracing::debug!(pid = server.link.process.pid(), "forkserver died; replacing it");
                 if let Some(mut dead) = guard.take() {
-                    let _ = dead.process.wait_deadline(None);
+                    let _ = dead.link.process.wait_deadline(None);
                 }
             }
-            Err(e) => return Err(Error::new(ErrorKind::Io, format!("forkserver request: {e}"))),
+            Err(NotSent::Failed(error)) => return Err(error),
         }
     }
     Err(Error::new(ErrorKind::StartFailed, "forkserver died twice in a row while starting a child"))
@@ -357,113 +270,30 @@ impl StartMethod for Forkserver {
     }
 
     fn start(&self, request: StartRequest<'_>) -> Result<Box<dyn ChildHandle>> {
-        let (mut ours, theirs) =
+        let (ours, theirs) =
             Channel::pair().map_err(|e| Error::io("socketpair for a child's status", e))?;
         let server = request_fork(request.channel.as_fd(), theirs.as_fd())?;
         // Only the server holds the status socket's other end now: if it dies, we see EOF.
         drop(theirs);
         drop(request.channel);
-        let deadline = Instant::now() + start_timeout();
-        // The answer comes only after the server has forked: wait for it first, rather than
-        // try a receive that cannot find it yet (one syscall less on every start).
-        let _ = sys::poll(&mut [PollFd::new(ours.as_fd(), POLLIN)], Some(deadline));
-        let frame = match ours.recv(Some(deadline), None) {
-            Ok(frame) => frame,
-            Err(FrameError::Timeout) => {
+        let resolve = |ours, why| {
+            served::resolve_after_server_died(request.parent_end, ours, why, start_timeout())
+        };
+        match served::await_forked(ours, Instant::now() + start_timeout()) {
+            Answer::Forked(child) => Ok(Box::new(child)),
+            Answer::Refused(error) => Err(error),
+            Answer::Timeout(ours) => {
                 // A server that does not answer may still fork later: end it first, so that
                 // what we report stays true.
                 kill_server(server);
-                let why = format!("server {server} did not answer within {:?}", start_timeout());
-                return resolve_after_server_died(request.parent_end, ours, why);
+                resolve(
+                    ours,
+                    format!("server {server} did not answer within {:?}", start_timeout()),
+                )
             }
-            Err(e) => {
-                let why = format!("server {server} ended before it answered ({e})");
-                return resolve_after_server_died(request.parent_end, ours, why);
-            }
-        };
-        match wire::decode::<Reply>(&frame) {
-            Ok((Reply::Forked { pid }, _)) => {
-                let pidfd = frame.fds.into_iter().next().ok_or_else(|| {
-                    Error::new(ErrorKind::Protocol, "forkserver sent no pidfd with the pid")
-                })?;
-                Ok(Box::new(ServedChild { pid, pidfd, status_channel: ours, status: None }))
-            }
-            Ok((Reply::ForkFailed { message }, _)) => {
-                Err(Error::new(ErrorKind::StartFailed, message))
-            }
-            other => Err(Error::new(
-                ErrorKind::Protocol,
-                format!("forkserver answered a fork request with {other:?}"),
-            )),
-        }
-    }
-}
-
-/// A child forked by the server: signalled through its pidfd, reaped by the server, whose
-/// report arrives on the child's status socket.
-#[derive(Debug)]
-struct ServedChild {
-    pid: u32,
-    pidfd: OwnedFd,
-    status_channel: Channel,
-    status: Option<ExitStatus>,
-}
-
-impl ChildHandle for ServedChild {
-    fn pid(&self) -> u32 {
-        self.pid
-    }
-
-    fn sentinel(&self) -> BorrowedFd<'_> {
-        // While the server lives, its report is the sentinel; once it is gone (EOF), the
-        // child's own pidfd is.
-        if self.status_channel.is_closed() {
-            self.pidfd.as_fd()
-        } else {
-            self.status_channel.as_fd()
-        }
-    }
-
-    fn pidfd(&self) -> BorrowedFd<'_> {
-        self.pidfd.as_fd()
-    }
-
-    fn reaped_elsewhere(&self) -> bool {
-        true
-    }
-
-    fn try_wait(&mut self) -> io::Result<Option<ExitStatus>> {
-        if self.status.is_some() {
-            return Ok(self.status);
-        }
-        if !self.status_channel.is_closed() {
-            match self.status_channel.try_recv() {
-                Ok(Some(frame)) => {
-                    if let Ok((Reply::Exited(status), _)) = wire::decode::<Reply>(&frame) {
-                        self.status = Some(match status {
-                            WireStatus::Exited(code) => ExitStatus::Exited(code),
-                            WireStatus::Signaled(signal) => ExitStatus::Signaled(signal),
-                        });
-                    }
-                    return Ok(self.status);
-                }
-                Ok(None) => return Ok(None),
-                // The server died: fall back to the pidfd below.
-                Err(_) => {}
+            Answer::Ended(ours, e) => {
+                resolve(ours, format!("server {server} ended before it answered ({e})"))
             }
         }
-        let mut set = [PollFd::new(self.pidfd.as_fd(), POLLIN)];
-        if sys::poll(&mut set, Some(std::time::Instant::now()))? > 0 {
-            self.status = Some(ExitStatus::Unknown);
-        }
-        Ok(self.status)
-    }
-
-    fn signal(&self, signal: i32) -> io::Result<()> {
-        multiproc_core::process::method::signal_unless_ended(
-            self.pidfd.as_fd(),
-            self.status,
-            signal,
-        )
     }
 }

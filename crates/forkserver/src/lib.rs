@@ -11,7 +11,9 @@
 //! carries no user data.
 
 mod client;
-pub mod protocol;
 mod server;
+
+/// The server's wire protocol, which lives with the fork server loop in the core.
+pub use multiproc_core::process::server::protocol;
 
 pub use client::{DEFAULT_START_TIMEOUT, Forkserver, server_pid, set_preload, set_start_timeout};

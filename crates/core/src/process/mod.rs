@@ -1,8 +1,9 @@
 //! Processes: the start-method seam and the handle of one task in one child.
 //!
 //! The trait every start method implements ([`method`]), [`Process`] and its builder
-//! ([`handle`]), how a child ended ([`status`]), and the pipe and queue descriptors a forked
-//! child closes ([`tracked`]).
+//! ([`handle`]), how a child ended ([`status`]), the pipe and queue descriptors a forked
+//! child closes ([`tracked`]), and the fork server that the forkserver start method and fork
+//! pools run ([`server`]).
 //!
 //! Architecture invariant: everything here is written once against `dyn StartMethod`; no
 //! start method is named. It imports `runtime`, `transport`, `sys` and the error types.
@@ -10,6 +11,7 @@
 pub mod handle;
 pub(crate) mod launch;
 pub mod method;
+pub mod server;
 pub mod status;
 pub mod tracked;
 

@@ -1,5 +1,5 @@
-//! The forkserver's wire protocol: requests on the control socket, replies on each request's
-//! own status socket.
+//! The fork server's wire protocol (the forkserver's and a fork pool template's): requests on
+//! the control socket, replies on each request's own status socket.
 //!
 //! Per request, the client sends `Fork` on the shared control socket with three descriptors:
 //! the write end of a fresh status socket, the new child's channel, and the client's working
@@ -8,7 +8,7 @@
 //! control socket carries no per-child state and many threads can wait on their own children
 //! without sharing a reader.
 
-use multiproc_core::RemotePanic;
+use crate::error::RemotePanic;
 use serde::{Deserialize, Serialize};
 
 /// The version both sides announce in `Hello`.
