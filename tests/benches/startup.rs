@@ -25,7 +25,7 @@ const EXIT_AT_ONCE: &str = "MULTIPROC_BENCH_EXIT_AT_ONCE";
 const BURST: usize = 64;
 
 fn raw_fork() -> DirectChild {
-    match sys::fork_single_threaded(&[]) {
+    match sys::fork_single_threaded(&[], 0) {
         Ok(Forked::Child) => sys::exit_immediately(0),
         Ok(Forked::Parent(pid)) => DirectChild::new(pid).expect("pidfd"),
         Err((_, e)) => panic!("fork: {e}"),

@@ -7,7 +7,7 @@
 //! gave it a [`MultithreadedForkPermit`], which takes `unsafe` to make; the forkserver is the
 //! safe way to start processes from a threaded program.
 
-use multiproc_core::runtime::child;
+use multiproc_core::runtime::{child, threads};
 use multiproc_core::sys::{self, Forked};
 use multiproc_core::transport::channel::Channel;
 use multiproc_core::{
@@ -57,21 +57,8 @@ impl StartMethod for Fork {
             Some(permit) => {
                 sys::fork_with_permit(permit, &close_in_child).map_err(|e| Error::io("fork", e))?
             }
-            None => sys::fork_single_threaded(&close_in_child).map_err(|(threads, e)| {
-                if threads > 1 {
-                    Error::new(
-                        ErrorKind::ForkRefused,
-                        format!(
-                            "fork refused: the calling process has {threads} threads, and a \
-                             forked child could deadlock on a lock one of them holds; use the \
-                             forkserver start method (Context::new(\"forkserver\")), which \
-                             forks in a single-threaded server"
-                        ),
-                    )
-                } else {
-                    Error::io("fork", e)
-                }
-            })?,
+            None => threads::fork_parked(&close_in_child)
+                .map_err(|(count, e)| threads::fork_error(count, e))?,
         };
         match forked {
             // `main` ends the child process; its `Infallible` return type says it never comes

@@ -29,5 +29,5 @@ fn run(control: OwnedFd) -> ! {
     if wire::send(&control, &hello, &[], &[], &[], None, None).is_err() {
         sys::exit_immediately(0);
     }
-    serve::serve(control, &|channel| child::serve(channel))
+    serve::serve(control, &|channel| child::serve(channel), true)
 }

@@ -165,7 +165,7 @@ pub fn with_forked_peer<T>(
 ) -> T {
     let (mut ours, theirs) = UnixStream::pair().expect("socketpair");
     // The child must not keep our end open, or it would never see end-of-file.
-    let pid = match sys::fork_single_threaded(&[ours.as_fd()]) {
+    let pid = match sys::fork_single_threaded(&[ours.as_fd()], 0) {
         Ok(Forked::Child) => {
             child(theirs);
             sys::exit_immediately(0)

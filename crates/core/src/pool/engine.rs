@@ -29,8 +29,9 @@ use crate::error::{ChildFailure, Error, ErrorKind, Result};
 use crate::process::launch::{Launched, Work, check_hello, fail_kind, launch, start_message};
 use crate::process::method::{ChildHandle, StartMethod};
 use crate::process::status::ExitStatus;
+use crate::process::template::Template;
+use crate::runtime::child;
 use crate::runtime::registry::{CallError, State};
-use crate::runtime::worker;
 use crate::sys::{self, POLLIN, PollFd};
 use crate::transport::channel::{Channel, Frame, FrameError, OutFrame};
 use crate::transport::codec::Attachments;
@@ -89,8 +90,41 @@ pub(crate) enum InitArgs {
     /// `in_memory`: `bytes` encode a `SealedMemory` that holds the encoded arguments.
     Encoded { bytes: Arc<Vec<u8>>, attachments: Attachments, in_memory: bool },
     /// Taken out of the forked worker's own copy of memory; with the pipe ends the arguments
-    /// hold, which the worker keeps open.
+    /// hold, which the worker keeps open. Turned into [`InitArgs::InTemplate`] at start.
     Moved(MoveInit, Vec<std::os::fd::RawFd>),
+    /// Held by the pool's template, which forks every worker with them in memory (fork).
+    InTemplate,
+}
+
+/// For a start method that moves arguments (fork): forks the pool's template, which holds the
+/// initializer and its arguments and forks every worker (see `process::template`), and
+/// returns it as the workers' start method. Other methods are returned as they are.
+pub(crate) fn with_template(
+    method: Arc<dyn StartMethod>,
+    initializer: Option<Initializer>,
+) -> Result<(Arc<dyn StartMethod>, Option<Initializer>)> {
+    if !method.moves_arguments() {
+        return Ok((method, initializer));
+    }
+    let (make, kept, task): (MoveInit, Vec<std::os::fd::RawFd>, _) = match initializer {
+        Some(Initializer { task, args: InitArgs::Moved(make, kept) }) => (make, kept, Some(task)),
+        Some(Initializer { args: InitArgs::Encoded { .. } | InitArgs::InTemplate, .. }) => {
+            return Err(Error::new(
+                ErrorKind::InvalidState,
+                "a fork pool's initializer arguments must be moved, not encoded",
+            ));
+        }
+        None => (Arc::new(|| Ok(Box::new(()) as State)), Vec::new(), None),
+    };
+    // Pipe and queue ends alive now that the initializer's arguments do not hold: a worker
+    // must not keep them open.
+    let close = crate::process::tracked::other_than(&kept);
+    let template = Template::fork(move |channel: Channel| -> Infallible {
+        sys::close_in_forked_child(&close);
+        child::serve_template_worker(channel, || make())
+    })?;
+    let initializer = task.map(|task| Initializer { task, args: InitArgs::InTemplate });
+    Ok((Arc::new(template), initializer))
 }
 
 /// What a pool was built with.
@@ -180,21 +214,8 @@ impl Worker {
                     .map_err(|e| Error::io("dup of an initializer argument's fd", e))?;
                 Work::Sent(Arc::clone(bytes), attachments)
             }
-            None if !config.method.moves_arguments() => {
-                Work::Sent(Arc::default(), Attachments::default())
-            }
-            moved => {
-                let (make, kept): (MoveInit, &[std::os::fd::RawFd]) = match moved {
-                    Some(InitArgs::Moved(make, kept)) => (Arc::clone(make), kept),
-                    _ => (Arc::new(|| Ok(Box::new(()) as State)), &[]),
-                };
-                let close = crate::process::tracked::other_than(kept);
-                let settings = start.clone();
-                Work::Moved(Box::new(move |channel: Channel| -> Infallible {
-                    sys::close_in_forked_child(&close);
-                    worker::run_moved(channel, settings, || make())
-                }))
-            }
+            // No initializer, or one whose arguments the template holds.
+            _ => Work::Sent(Arc::default(), Attachments::default()),
         };
         let Launched { child, channel } = launch(&*config.method, &start, work)?;
         let label = format!("pool worker {} ({})", child.pid(), config.method.name());

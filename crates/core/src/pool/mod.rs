@@ -197,10 +197,11 @@ impl<S: 'static> PoolBuilder<S> {
         if let Some(error) = self.error {
             return Err(error);
         }
+        let (method, initializer) = engine::with_template(self.method, self.initializer)?;
         let shared = Shared::start(Config {
-            method: self.method,
+            method,
             processes,
-            initializer: self.initializer,
+            initializer,
             max_tasks_per_child: self.max_tasks_per_child,
             task_timeout: self.task_timeout,
         })?;

@@ -13,6 +13,7 @@ pub(crate) mod launch;
 pub mod method;
 pub mod server;
 pub mod status;
+pub(crate) mod template;
 pub mod tracked;
 
 pub use handle::{Process, ProcessBuilder};

@@ -6,6 +6,7 @@
 //! `_exit`. Ending with `_exit` matters after a fork: the child must never return into, or
 //! unwind through, the stack frames it copied from its parent.
 
+use std::convert::Infallible;
 use std::io::Write;
 use std::os::fd::{AsFd, OwnedFd};
 use std::sync::OnceLock;
@@ -72,7 +73,57 @@ pub(super) enum Outcome {
 }
 
 /// Entry point of a child that gets its task over the channel (spawn, forkserver).
-pub fn serve(mut channel: Channel) -> ! {
+pub fn serve(channel: Channel) -> ! {
+    with_start(channel, |channel, start, args, fds, blocks| {
+        if let Some(setup) = &start.worker {
+            prepare(&start, &channel);
+            let initializer = setup.initializer.clone();
+            let in_memory = setup.args_in_memory;
+            worker::run(channel, move || match initializer {
+                Some(name) => {
+                    let entry =
+                        registry::lookup(&name).map_err(|e| (lookup_failure(&e), e.to_string()))?;
+                    let make_state = || {
+                        if !in_memory {
+                            return (entry.make_state)(args);
+                        }
+                        let memory: SealedMemory =
+                            codec::decode(args).map_err(registry::CallError::Args)?;
+                        (entry.make_state)(memory.as_slice())
+                    };
+                    codec::with_attachments(fds, blocks, make_state)
+                        .map_err(|e| (call_failure(&e), e.to_string()))
+                }
+                None => Ok(Box::new(())),
+            })
+        }
+        run_sent(channel, start, args, fds, blocks)
+    })
+}
+
+/// Entry point of a pool worker forked by its pool's template: it reads its `Start` from the
+/// channel, but its state is made by `make_state`, from the initializer and arguments the
+/// template holds in memory.
+pub fn serve_template_worker(
+    channel: Channel,
+    make_state: impl FnOnce() -> Result<registry::State, CallError>,
+) -> ! {
+    with_start(channel, |channel, start, _, _, _| {
+        if start.worker.is_none() {
+            let why = "a pool template's child was sent a task, not a worker's setup".to_owned();
+            finish(&channel, Outcome::Failed(FailReason::Protocol, why));
+        }
+        prepare(&start, &channel);
+        worker::run(channel, || make_state().map_err(|e| (call_failure(&e), e.to_string())))
+    })
+}
+
+/// Says hello, reads the `Start` frame, checks the handshake, and hands the rest to `then`:
+/// the channel, the message, the encoded arguments and what travels beside them.
+fn with_start(
+    mut channel: Channel,
+    then: impl FnOnce(Channel, Start, &[u8], Vec<OwnedFd>, Vec<Vec<u8>>) -> Infallible,
+) -> ! {
     // A parent that has already exited cannot hear the hello, but its task may be in the
     // channel already (written before we existed): a non-daemon child runs it anyway, as it
     // would had the parent lived, and a daemon follows its parent once it has read the `Start`.
@@ -96,28 +147,17 @@ pub fn serve(mut channel: Channel) -> ! {
     if let Some(failure) = check_handshake(&start) {
         finish(&channel, failure);
     }
-    if let Some(setup) = &start.worker {
-        prepare(&start, &channel);
-        let initializer = setup.initializer.clone();
-        let in_memory = setup.args_in_memory;
-        worker::run(channel, move || match initializer {
-            Some(name) => {
-                let entry =
-                    registry::lookup(&name).map_err(|e| (lookup_failure(&e), e.to_string()))?;
-                let make_state = || {
-                    if !in_memory {
-                        return (entry.make_state)(args);
-                    }
-                    let memory: SealedMemory =
-                        codec::decode(args).map_err(registry::CallError::Args)?;
-                    (entry.make_state)(memory.as_slice())
-                };
-                codec::with_attachments(fds, blocks, make_state)
-                    .map_err(|e| (call_failure(&e), e.to_string()))
-            }
-            None => Ok(Box::new(())),
-        })
-    }
+    match then(channel, start, args, fds, blocks) {}
+}
+
+/// Runs a task sent by name with its arguments, and ends the process.
+fn run_sent(
+    channel: Channel,
+    start: Start,
+    args: &[u8],
+    fds: Vec<OwnedFd>,
+    blocks: Vec<Vec<u8>>,
+) -> ! {
     let entry = match registry::lookup(&start.task) {
         Ok(entry) => entry,
         Err(e) => finish(&channel, Outcome::Failed(lookup_failure(&e), e.to_string())),
@@ -159,7 +199,7 @@ fn say_hello_or_exit(channel: &Channel) {
     }
 }
 
-pub(super) fn say_hello(channel: &Channel) -> Result<(), wire::SendError> {
+fn say_hello(channel: &Channel) -> Result<(), wire::SendError> {
     let hello = ToParent::Hello {
         version: PROTOCOL_VERSION,
         fingerprint: fingerprint(),
@@ -192,7 +232,7 @@ fn check_handshake(start: &Start) -> Option<Outcome> {
 
 /// Adopts the parent's settings: log level, panic capture, and (for a daemon) the watch that
 /// ends the child when its parent goes away.
-pub(super) fn prepare(start: &Start, channel: &Channel) {
+fn prepare(start: &Start, channel: &Channel) {
     crate::runtime::log::adopt(start.log.as_deref());
     install_panic_hook();
     if start.daemon {

@@ -2,7 +2,8 @@
 //!
 //! The role a re-executed binary takes before `main` ([`role`]), the link-time task table
 //! ([`registry`]) and the typed handle of a task ([`task`]), what every child runs ([`child`]),
-//! the forkserver's preloaded value ([`preload`]), and the log level children adopt ([`log`]).
+//! the forkserver's preloaded value ([`preload`]), the log level children adopt ([`log`]), and
+//! the library's own threads, which a fork parks ([`threads`]).
 //!
 //! Architecture invariant: the runtime knows nothing of `Process` or `Pool`, the parent-side
 //! handles. It imports `shared`, `transport`, `sys` and the error types.
@@ -14,4 +15,5 @@ pub mod preload;
 pub mod registry;
 pub mod role;
 pub mod task;
+pub mod threads;
 pub mod worker;

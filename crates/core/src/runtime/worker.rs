@@ -7,30 +7,14 @@
 use std::io::Write;
 use std::time::Instant;
 
-use crate::runtime::child::{
-    EXIT_FAILED, EXIT_OK, Outcome, call_failure, finish, lookup_failure, prepare, say_hello,
-};
+use crate::runtime::child::{EXIT_FAILED, EXIT_OK, Outcome, call_failure, finish, lookup_failure};
 use crate::runtime::panic::catch_panic;
-use crate::runtime::registry::{self, CallError, State};
+use crate::runtime::registry::{self, State};
 use crate::sys;
 use crate::transport::channel::{Channel, FrameError};
 use crate::transport::codec::{self, Attachments};
 use crate::transport::ring::{HOLD_BELOW, MAX_HELD, Ring};
-use crate::transport::wire::{self, FailReason, Start, ToParent, ToWorker};
-
-/// Entry point of a forked pool worker whose initializer and arguments are already in memory
-/// (fork).
-pub fn run_moved(
-    channel: Channel,
-    start: Start,
-    make_state: impl FnOnce() -> Result<State, CallError>,
-) -> ! {
-    if say_hello(&channel).is_err() {
-        sys::exit_immediately(EXIT_FAILED);
-    }
-    prepare(&start, &channel);
-    run(channel, || make_state().map_err(|e| (call_failure(&e), e.to_string())))
-}
+use crate::transport::wire::{self, FailReason, ToParent, ToWorker};
 
 /// The pool worker: builds its state (a panic there is reported like a task's, and ends the
 /// worker), says `Ready`, then runs batches until the parent closes the channel.

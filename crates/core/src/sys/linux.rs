@@ -304,22 +304,34 @@ impl MultithreadedForkPermit {
     }
 }
 
-/// `fork()`—but only while the calling process has exactly one thread.
+/// `fork()`—but only while the calling process has exactly one thread besides the `parked`
+/// threads of the library's own (parked where they hold no lock: see `runtime::threads`).
 ///
 /// Returns `Err((n, _))` naming the thread count `n` when other threads exist, because a fork
 /// then copies locks that those threads may hold (the malloc lock is the classic) into a child
-/// that has no thread to release them.
+/// that has no thread to release them. A thread that has just ended (joined, but not yet
+/// removed by the kernel) is waited for, briefly, before the count counts as too high.
 ///
 /// In the child, the descriptors in `close_in_child` are closed: they belong to the parent.
 pub fn fork_single_threaded(
     close_in_child: &[BorrowedFd<'_>],
+    parked: usize,
 ) -> Result<Forked, (usize, io::Error)> {
-    let threads = thread_count().map_err(|e| (0, e))?;
-    if threads != 1 {
-        return Err((threads, io::Error::other("process is multi-threaded")));
+    let allowed = 1 + parked;
+    let patience = Instant::now() + std::time::Duration::from_millis(20);
+    loop {
+        let threads = thread_count().map_err(|e| (0, e))?;
+        if threads <= allowed {
+            break;
+        }
+        if Instant::now() >= patience {
+            return Err((threads, io::Error::other("process is multi-threaded")));
+        }
+        std::thread::sleep(std::time::Duration::from_micros(200));
     }
-    // SAFETY: the process has one thread (checked above), so no lock can be held across the
-    // fork by a thread that does not exist in the child.
+    // SAFETY: the process has one running thread (checked above); the others are parked by
+    // the library where they hold no lock, so no lock can be held across the fork by a thread
+    // that does not exist in the child.
     fork_raw(close_in_child).map_err(|e| (1, e))
 }
 

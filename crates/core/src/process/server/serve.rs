@@ -25,13 +25,20 @@ struct Served {
 }
 
 /// Serves `Fork` (and one `Preload`) requests from `control` until it reaches end-of-file,
-/// then exits; each child runs `child_main` with its channel, after the server's signal
-/// dispositions are reset.
-pub fn serve(control: Channel, child_main: &dyn Fn(Channel) -> Infallible) -> ! {
+/// then exits; each child runs `child_main` with its channel and every signal unblocked. With
+/// `reset_dispositions`, each child first sets back to the default every signal disposition
+/// the server has changed (the forkserver ignores SIGINT); without, children keep the
+/// server's (a template's are the program's own, as a forked child's would be).
+pub fn serve(
+    control: Channel,
+    child_main: &dyn Fn(Channel) -> Infallible,
+    reset_dispositions: bool,
+) -> ! {
     let mut control = control;
     let mut children: Vec<Served> = Vec::new();
+    let not_default = || if reset_dispositions { sys::signals_not_default() } else { Vec::new() };
     // What each child must reset; asked again after a preload, whose code may install handlers.
-    let mut to_reset = sys::signals_not_default();
+    let mut to_reset = not_default();
     // One descriptor held back for the moment a request arrives: closed just before reading
     // requests, it leaves room for the first one's status socket (sent first) even when
     // children have filled the table, so that request can be answered instead of lost.
@@ -68,7 +75,7 @@ pub fn serve(control: Channel, child_main: &dyn Fn(Channel) -> Infallible) -> ! 
                 match wire::decode::<Request>(&frame) {
                     Ok((Request::Preload { task }, args)) if children.is_empty() && whole => {
                         run_preload(&task, args, &control);
-                        to_reset = sys::signals_not_default();
+                        to_reset = not_default();
                     }
                     Ok((Request::Fork { env }, _)) => {
                         // Taken on even for a request that fails: the client counts it sent.
