@@ -187,3 +187,40 @@ pub fn warm_up(ctx: &multiproc::Context) -> Result<(), Failed> {
     join(ctx.process(add, (0, 0)).start()?)??;
     Ok(())
 }
+
+/// One process below this one: its pid, whether it is a zombie, and whether it has children.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Descendant {
+    pub pid: u32,
+    pub zombie: bool,
+    pub parent_of_any: bool,
+}
+
+/// Every process below this one (children, theirs, and so on), from procfs.
+pub fn descendants() -> Vec<Descendant> {
+    fn children(pid: u32) -> Vec<u32> {
+        // Each thread lists the children it forked.
+        let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else { return Vec::new() };
+        tasks
+            .filter_map(|task| {
+                let path = task.ok()?.path().join("children");
+                std::fs::read_to_string(path).ok()
+            })
+            .flat_map(|list| {
+                list.split_whitespace().filter_map(|p| p.parse().ok()).collect::<Vec<u32>>()
+            })
+            .collect()
+    }
+    let zombie = |pid: u32| {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+        stat.rsplit_once(") ").is_some_and(|(_, rest)| rest.starts_with('Z'))
+    };
+    let mut found = Vec::new();
+    let mut next = children(std::process::id());
+    while let Some(pid) = next.pop() {
+        let below = children(pid);
+        found.push(Descendant { pid, zombie: zombie(pid), parent_of_any: !below.is_empty() });
+        next.extend(below);
+    }
+    found
+}

@@ -14,8 +14,8 @@ use serde::{Serialize, Serializer};
 
 use crate::Scenario;
 use crate::common::{
-    DEADLINE, Gate, add, ensure, fd_count, gated, living_children, nap, read_pid, wait_gone,
-    warm_up, whoami, zombie_children,
+    DEADLINE, Gate, add, descendants, ensure, fd_count, gated, living_children, nap, read_pid,
+    wait_gone, warm_up, whoami, zombie_children,
 };
 
 pub const SCENARIOS: &[Scenario] = &[
@@ -44,6 +44,9 @@ pub const SCENARIOS: &[Scenario] = &[
     ("pool_max_tasks_per_child_replaces_workers", max_tasks),
     ("pool_used_from_four_threads_at_once", from_threads),
     ("pool_close_and_join", close_and_join),
+    ("pool_polling_ready_alone_sees_every_result_arrive", ready_alone),
+    ("pool_idle_pool_reaps_and_replaces_retired_workers", idle_pool_replaces_retired),
+    ("pool_idle_pool_replaces_a_killed_worker_unasked", idle_pool_replaces_killed),
 ];
 
 /// Squares a number.
@@ -653,6 +656,109 @@ fn close_and_join(ctx: &Context) -> Result<(), Failed> {
                 ensure(wait_gone(pid, Duration::ZERO).is_some(), || format!("{pid} runs"))?;
             }
             ensure(pool.pids().is_empty(), || "workers after join".into())
+        },
+    )
+}
+
+/// Six results on two workers, seen by `ready()` alone: no thread waits on the pool.
+fn ready_alone(ctx: &Context) -> Result<(), Failed> {
+    with_pool(
+        ctx,
+        || ctx.pool().processes(2).build(),
+        |pool| {
+            let results = (0..6u64)
+                .map(|x| pool.apply_async(square, x))
+                .collect::<multiproc::Result<Vec<_>>>()?;
+            let deadline = Instant::now() + DEADLINE;
+            while !results.iter().all(|r| r.ready()) {
+                ensure(Instant::now() < deadline, || {
+                    let ready = results.iter().filter(|r| r.ready()).count();
+                    format!("{ready} of 6 ready after {DEADLINE:?} of polling ready()")
+                })?;
+                std::thread::yield_now();
+            }
+            for (x, mut result) in results.into_iter().enumerate() {
+                ensure(result.wait_timeout(Duration::ZERO), || "ready, but not at once".into())?;
+                let value = result.get_timeout(Duration::ZERO)?;
+                ensure(value == Some(x as u64 * x as u64), || format!("result {x}: {value:?}"))?;
+            }
+            Ok(())
+        },
+    )
+}
+
+/// The pool's workers as the system sees them, without asking the pool: the processes below
+/// us that fork nothing (the forkserver and a fork pool's template have children), and every
+/// zombie below us. Polled until `done` holds for them, within the deadline.
+fn workers_until(
+    what: &str,
+    mut done: impl FnMut(&[u32], &[u32]) -> bool,
+) -> Result<Vec<u32>, Failed> {
+    let deadline = Instant::now() + DEADLINE;
+    loop {
+        let below = descendants();
+        let zombies: Vec<u32> = below.iter().filter(|d| d.zombie).map(|d| d.pid).collect();
+        let leaves: Vec<u32> =
+            below.iter().filter(|d| !d.zombie && !d.parent_of_any).map(|d| d.pid).collect();
+        if done(&leaves, &zombies) {
+            return Ok(leaves);
+        }
+        ensure(Instant::now() < deadline, || {
+            format!("{what}: after {DEADLINE:?}, workers {leaves:?}, zombies {zombies:?}")
+        })?;
+        // Polling the system, not waiting for the pool: nothing here drives it.
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+fn same_set(a: &[u32], b: &[u32]) -> bool {
+    a.iter().collect::<HashSet<_>>() == b.iter().collect::<HashSet<_>>()
+}
+
+/// `Pool(3)` with `max_tasks_per_child(10)` after 100 tasks: with nobody calling the pool,
+/// the workers that retired are reaped (no zombie) and replaced (three live workers), and
+/// `pids()` then lists exactly those.
+fn idle_pool_replaces_retired(ctx: &Context) -> Result<(), Failed> {
+    with_pool(
+        ctx,
+        || ctx.pool().processes(3).max_tasks_per_child(10).chunksize(1).build(),
+        |pool| {
+            let ran = pool.map(whoami, vec![(); 100])?;
+            let mut uses: BTreeMap<u32, usize> = BTreeMap::new();
+            for pid in ran {
+                *uses.entry(pid).or_default() += 1;
+            }
+            // Those that ran their ten are retired, and must be gone.
+            let spent: HashSet<u32> =
+                uses.iter().filter(|(_, n)| **n == 10).map(|(p, _)| *p).collect();
+            ensure(spent.len() >= 8, || format!("tasks per worker: {uses:?}"))?;
+            let workers = workers_until("an idle pool after retirements", |live, zombies| {
+                live.len() == 3 && zombies.is_empty() && live.iter().all(|p| !spent.contains(p))
+            })?;
+            let pids = pool.pids();
+            ensure(same_set(&pids, &workers), || format!("pids() {pids:?}, workers {workers:?}"))
+        },
+    )
+}
+
+/// A worker of an idle pool killed from outside: reaped and replaced with nobody calling the
+/// pool.
+fn idle_pool_replaces_killed(ctx: &Context) -> Result<(), Failed> {
+    with_pool(
+        ctx,
+        || ctx.pool().processes(2).build(),
+        |pool| {
+            let before = pool.pids();
+            let victim = before[0];
+            let pidfd = sys::pidfd_open(victim)?;
+            sys::pidfd_send_signal(pidfd.as_fd(), libc::SIGKILL)?;
+            let workers = workers_until("an idle pool after a kill", |live, zombies| {
+                live.len() == 2 && zombies.is_empty() && !live.contains(&victim)
+            })?;
+            ensure(workers.contains(&before[1]), || format!("the other worker went: {workers:?}"))?;
+            let pids = pool.pids();
+            ensure(same_set(&pids, &workers), || format!("pids() {pids:?}, workers {workers:?}"))?;
+            ensure(pool.apply(square, 7)? == 49, || "the pool serves after the kill".into())
         },
     )
 }

@@ -22,7 +22,9 @@ use std::convert::Infallible;
 use std::io::{Read, Write};
 use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::net::UnixStream;
+use std::sync::atomic::{AtomicU32, Ordering::SeqCst};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::task::Waker;
 use std::time::{Duration, Instant};
 
 use crate::error::{ChildFailure, Error, ErrorKind, Result};
@@ -32,6 +34,7 @@ use crate::process::status::ExitStatus;
 use crate::process::template::Template;
 use crate::runtime::child;
 use crate::runtime::registry::{CallError, State};
+use crate::runtime::threads::LibraryThread;
 use crate::sys::{self, POLLIN, PollFd};
 use crate::transport::channel::{Channel, Frame, FrameError, OutFrame};
 use crate::transport::codec::Attachments;
@@ -76,6 +79,11 @@ const QUEUED_WORK: Duration = Duration::from_millis(1);
 /// only ten times a second).
 const RING_CHECK: std::ops::RangeInclusive<Duration> =
     Duration::from_millis(1)..=Duration::from_millis(100);
+
+/// How long the driver's turn stays free before the progress thread takes it: a caller that
+/// waits on the pool again within this (one calling `apply` in a loop) drives it itself, and
+/// an idle pool's ended workers are reaped and replaced within about this.
+const GRACE: Duration = Duration::from_millis(2);
 
 /// A pool's initializer: its name, and its arguments encoded (spawn, forkserver) or moved
 /// (fork).
@@ -494,10 +502,15 @@ struct Results {
     done: HashMap<BatchId, BatchOutcome>,
     /// Batches whose handle was dropped: their results are thrown away on arrival.
     abandoned: HashSet<BatchId>,
+    /// The tasks awaiting a batch (a future's `poll` left its waker): woken when it finishes.
+    wakers: HashMap<BatchId, Waker>,
 }
 
 impl Results {
     fn finish(&mut self, id: BatchId, outcome: BatchOutcome) {
+        if let Some(waker) = self.wakers.remove(&id) {
+            waker.wake();
+        }
         if !self.abandoned.remove(&id) {
             self.done.insert(id, outcome);
         }
@@ -516,7 +529,18 @@ pub(crate) struct Engine {
     /// Why no worker can be started any more (an initializer failed, a start was refused):
     /// set once, so that a failing worker is never restarted in a loop.
     broken: Option<Error>,
+    /// Someone holds the driver's turn: a waiting caller, or the progress thread.
     driving: bool,
+    /// The progress thread holds the turn.
+    thread_drives: bool,
+    /// A caller wants the turn the progress thread holds: it gives it back at its next wake.
+    handoff: bool,
+    /// When the turn was last given back (the progress thread takes it after [`GRACE`]).
+    turn_free_since: Instant,
+    /// The progress thread sleeps until the turn is free: giving it back rings the bell.
+    thread_waits: bool,
+    /// The pool is being dropped: the progress thread ends.
+    stopping: bool,
     /// Callers asleep on the condition while another drives: without any, waking them is
     /// skipped (a futex syscall on every turn of the driver, measured, for nobody).
     sleepers: usize,
@@ -531,6 +555,11 @@ impl Engine {
     /// Takes the outcome of a finished batch.
     pub(crate) fn take(&mut self, id: BatchId) -> Option<BatchOutcome> {
         self.results.done.remove(&id)
+    }
+
+    /// Each worker's id with the duplicates of its channel and pidfd that a poll watches.
+    fn watched(&self) -> Vec<(u64, [Arc<OwnedFd>; 2])> {
+        self.workers.iter().map(|w| (w.id, w.watch.clone())).collect()
     }
 
     fn start_worker(&mut self, config: &Config) -> Result<()> {
@@ -738,6 +767,9 @@ pub(crate) struct Shared {
     engine: Mutex<Engine>,
     changed: Condvar,
     wake: [UnixStream; 2],
+    /// What the progress thread sleeps on while it does not drive (rung when it may take the
+    /// turn).
+    bell: AtomicU32,
 }
 
 impl Shared {
@@ -757,6 +789,11 @@ impl Shared {
             terminated: false,
             broken: None,
             driving: false,
+            thread_drives: false,
+            handoff: false,
+            turn_free_since: Instant::now(),
+            thread_waits: false,
+            stopping: false,
             sleepers: 0,
         };
         let shared = Arc::new(Shared {
@@ -764,6 +801,7 @@ impl Shared {
             engine: Mutex::new(engine),
             changed: Condvar::new(),
             wake: [wake.0, wake.1],
+            bell: AtomicU32::new(0),
         });
         let started = {
             let mut engine = shared.lock();
@@ -831,22 +869,35 @@ impl Shared {
         }
     }
 
-    /// Drives the pool until `done` holds, or `deadline` passes (then false).
+    /// Drives the pool until `done` holds, or `deadline` passes (then false). A deadline that
+    /// has passed still looks at the workers once, without blocking, before it says false.
     pub(crate) fn drive_until(
         &self,
         deadline: Option<Instant>,
         mut done: impl FnMut(&mut Engine) -> bool,
     ) -> bool {
         let mut engine = self.lock();
+        let mut looked = false;
         loop {
             if done(&mut engine) {
                 return true;
             }
             let now = Instant::now();
             if deadline.is_some_and(|d| now >= d) {
-                return false;
+                if looked {
+                    return false;
+                }
+                looked = true;
+                self.look_locked(&mut engine);
+                continue;
             }
             if engine.driving {
+                if engine.thread_drives && !engine.handoff {
+                    // The progress thread gives the turn back at its next wake-up: a waiting
+                    // caller drives itself, one wake-up less per result.
+                    engine.handoff = true;
+                    self.wake_driver();
+                }
                 engine.sleepers += 1;
                 engine = match deadline {
                     Some(d) => match self.changed.wait_timeout(engine, d - now) {
@@ -862,36 +913,170 @@ impl Shared {
             // Nothing to read before the poll: what has arrived makes the poll return at once.
             engine.service(&self.config, &Ready::default());
             if done(&mut engine) {
-                engine.driving = false;
-                self.wake_sleepers(&engine);
+                self.give_back_turn(&mut engine);
                 return true;
             }
-            let watched: Vec<(u64, [Arc<OwnedFd>; 2])> =
-                engine.workers.iter().map(|w| (w.id, w.watch.clone())).collect();
+            let watched = engine.watched();
             let wake_at = match (deadline, engine.next_deadline(self.config.task_timeout)) {
                 (Some(a), Some(b)) => Some(a.min(b)),
                 (a, b) => a.or(b),
             };
             drop(engine);
-            let ready = self.poll(&watched, wake_at);
+            let mut set = self.poll_set(&watched, true);
+            let _ = sys::poll(&mut set, wake_at);
+            let ready = self.poll_result(&set, &watched, true);
+            drop(set);
             engine = self.lock();
-            engine.driving = false;
             engine.service(&self.config, &ready);
-            self.wake_sleepers(&engine);
+            self.give_back_turn(&mut engine);
         }
     }
 
-    /// Polls the workers' channels and pidfds and the wake socket; returns the workers with
-    /// something to read and those whose process has ended.
-    fn poll(&self, watched: &[(u64, [Arc<OwnedFd>; 2])], deadline: Option<Instant>) -> Ready {
+    /// Ends a caller's turn as driver: wakes the callers waiting, and the progress thread if it
+    /// waits for the turn.
+    fn give_back_turn(&self, engine: &mut Engine) {
+        engine.driving = false;
+        engine.turn_free_since = Instant::now();
+        self.wake_sleepers(engine);
+        if engine.thread_waits {
+            engine.thread_waits = false;
+            self.ring();
+        }
+    }
+
+    /// Does what can be done without blocking: reads what the workers sent, notices those that
+    /// ended, replaces them, sends queued work. Whoever holds the turn meanwhile is not
+    /// disturbed (its next poll sees what is left, if anything).
+    fn look_locked(&self, engine: &mut Engine) {
+        let watched = engine.watched();
+        let mut set = self.poll_set(&watched, false);
+        let _ = sys::poll(&mut set, Some(Instant::now()));
+        let ready = self.poll_result(&set, &watched, false);
+        drop(set);
+        engine.service(&self.config, &ready);
+        self.wake_sleepers(engine);
+    }
+
+    /// The engine, after a look at the workers ([`look_locked`](Self::look_locked)).
+    pub(crate) fn look(&self) -> MutexGuard<'_, Engine> {
+        let mut engine = self.lock();
+        self.look_locked(&mut engine);
+        engine
+    }
+
+    /// The progress thread: drives the pool whenever no caller does, so that results arrive,
+    /// ended workers are reaped and replaced, and queued work moves with nobody waiting.
+    ///
+    /// It takes the turn once it has been free for [`GRACE`] (a caller that waits again soon,
+    /// as one calling `apply` in a loop does, keeps driving itself), or at once while futures
+    /// await results. It gives the turn back when a caller asks for it. Its blocking calls
+    /// run idle (see `runtime::threads`), so that a fork of the program may happen meanwhile.
+    pub(crate) fn progress(&self) {
+        let me = LibraryThread::register();
+        let mut engine = self.lock();
+        loop {
+            if engine.stopping {
+                return;
+            }
+            let urgent = !engine.results.wakers.is_empty();
+            let free_since = engine.turn_free_since;
+            if !engine.driving && engine.sleepers == 0 && (urgent || free_since.elapsed() >= GRACE)
+            {
+                engine = self.drive_as_thread(engine, &me);
+                continue;
+            }
+            let seen = self.bell.load(SeqCst);
+            let until = if engine.driving || engine.sleepers > 0 {
+                engine.thread_waits = true;
+                None
+            } else {
+                Some(free_since + GRACE)
+            };
+            drop(engine);
+            let _ = me.idle(|| sys::futex_wait(&self.bell, seen, until));
+            engine = self.lock();
+            engine.thread_waits = false;
+        }
+    }
+
+    /// The progress thread's turn as driver, until a caller asks for it or the pool stops.
+    fn drive_as_thread<'a>(
+        &'a self,
+        mut engine: MutexGuard<'a, Engine>,
+        me: &LibraryThread,
+    ) -> MutexGuard<'a, Engine> {
+        engine.driving = true;
+        engine.thread_drives = true;
+        let mut ready = Ready::default();
+        loop {
+            engine.service(&self.config, &ready);
+            self.wake_sleepers(&engine);
+            if engine.handoff || engine.stopping {
+                break;
+            }
+            let watched = engine.watched();
+            let wake_at = engine.next_deadline(self.config.task_timeout);
+            drop(engine);
+            // Prepared before, read after: nothing between allocates or takes a lock.
+            let mut set = self.poll_set(&watched, true);
+            let _ = me.idle(|| sys::poll(&mut set, wake_at));
+            ready = self.poll_result(&set, &watched, true);
+            drop(set);
+            engine = self.lock();
+        }
+        engine.driving = false;
+        engine.thread_drives = false;
+        engine.handoff = false;
+        engine.turn_free_since = Instant::now();
+        // The caller that asked for the turn is among them.
+        self.changed.notify_all();
+        engine
+    }
+
+    /// Rings the progress thread's bell.
+    fn ring(&self) {
+        self.bell.fetch_add(1, SeqCst);
+        sys::futex_wake(&self.bell, 1);
+    }
+
+    /// Ends the progress thread (the pool is being dropped).
+    pub(crate) fn stop_progress(&self) {
+        let mut engine = self.lock();
+        engine.stopping = true;
+        self.ring();
+        if engine.thread_drives {
+            self.wake_driver();
+        }
+    }
+
+    /// The poll set: the wake socket (with `wake`), then each watched worker's channel and
+    /// pidfd.
+    fn poll_set<'a>(
+        &'a self,
+        watched: &'a [(u64, [Arc<OwnedFd>; 2])],
+        wake: bool,
+    ) -> Vec<PollFd<'a>> {
         let mut set: Vec<PollFd<'_>> = Vec::with_capacity(watched.len() * 2 + 1);
-        set.push(PollFd::new(self.wake[1].as_fd(), POLLIN));
+        if wake {
+            set.push(PollFd::new(self.wake[1].as_fd(), POLLIN));
+        }
         for (_, [channel, pidfd]) in watched {
             set.push(PollFd::new(channel.as_fd(), POLLIN));
             set.push(PollFd::new(pidfd.as_fd(), POLLIN));
         }
-        let _ = sys::poll(&mut set, deadline);
-        if set[0].revents() != 0 {
+        set
+    }
+
+    /// What a poll of [`poll_set`](Self::poll_set) saw: the workers with something to read and
+    /// those whose process has ended. Empties the wake socket if it was polled and rang.
+    fn poll_result(
+        &self,
+        set: &[PollFd<'_>],
+        watched: &[(u64, [Arc<OwnedFd>; 2])],
+        wake: bool,
+    ) -> Ready {
+        let first = usize::from(wake);
+        if wake && set[0].revents() != 0 {
             let mut sink = [0u8; 64];
             while matches!((&self.wake[1]).read(&mut sink), Ok(n) if n > 0) {}
         }
@@ -899,11 +1084,11 @@ impl Shared {
             watched
                 .iter()
                 .enumerate()
-                .filter(|(i, _)| set[offset + 2 * i].revents() != 0)
+                .filter(|(i, _)| set[first + offset + 2 * i].revents() != 0)
                 .map(|(_, (id, _))| *id)
                 .collect()
         };
-        Ready { readable: ids(1), exited: ids(2) }
+        Ready { readable: ids(0), exited: ids(1) }
     }
 
     /// Wakes the callers asleep on the condition, if there are any. Called with the lock held,
@@ -918,9 +1103,11 @@ impl Shared {
         let _ = (&self.wake[0]).write(&[1]);
     }
 
-    /// The pids of the current workers.
+    /// The pids of the workers that serve the pool now (not those that are leaving), as of a
+    /// look at them.
     pub(crate) fn pids(&self) -> Vec<u32> {
-        self.lock().workers.iter().map(|w| w.child.pid()).collect()
+        let engine = self.look();
+        engine.workers.iter().filter(|w| !w.retiring).map(|w| w.child.pid()).collect()
     }
 
     /// Accepts no more work; queued work still runs.

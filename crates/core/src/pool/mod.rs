@@ -205,7 +205,26 @@ impl<S: 'static> PoolBuilder<S> {
             max_tasks_per_child: self.max_tasks_per_child,
             task_timeout: self.task_timeout,
         })?;
-        Ok(Pool { shared, chunksize: self.chunksize, _state: PhantomData })
+        let progress = {
+            let shared = Arc::clone(&shared);
+            std::thread::Builder::new()
+                .name("multiproc-pool".into())
+                .spawn(move || shared.progress())
+                .map_err(|e| Error::io("starting the pool's progress thread", e))
+        };
+        let progress = match progress {
+            Ok(handle) => handle,
+            Err(error) => {
+                shared.terminate();
+                return Err(error);
+            }
+        };
+        Ok(Pool {
+            shared,
+            progress: Some(progress),
+            chunksize: self.chunksize,
+            _state: PhantomData,
+        })
     }
 }
 
@@ -230,6 +249,8 @@ impl<S> fmt::Debug for PoolBuilder<S> {
 /// Python's `with Pool() as pool:` block does.
 pub struct Pool<S = ()> {
     shared: Arc<Shared>,
+    /// The thread that drives the pool while no caller does (see `engine`).
+    progress: Option<std::thread::JoinHandle<()>>,
     chunksize: Option<usize>,
     _state: PhantomData<fn() -> S>,
 }
@@ -347,7 +368,9 @@ impl<S: 'static> Pool<S> {
         self.shared.terminate();
     }
 
-    /// The pids of the current workers.
+    /// The pids of the workers that serve the pool now: ended workers are reaped and replaced
+    /// first, and those leaving (retired under `max_tasks_per_child`, or after `close`) are
+    /// not listed.
     pub fn pids(&self) -> Vec<u32> {
         self.shared.pids()
     }
@@ -382,6 +405,10 @@ impl<S: 'static> Pool<S> {
 impl<S> Drop for Pool<S> {
     fn drop(&mut self) {
         self.shared.terminate();
+        self.shared.stop_progress();
+        if let Some(progress) = self.progress.take() {
+            let _ = progress.join();
+        }
     }
 }
 
@@ -655,7 +682,8 @@ impl<T> AsyncResult<T> {
         self.take(false).map(Some)
     }
 
-    /// Whether the result has arrived (never blocks).
+    /// Whether the result has arrived (never blocks): looks at the workers first, so a result
+    /// that is there is seen, with no other thread waiting on the pool.
     pub fn ready(&self) -> bool {
         self.wait_until(Some(Instant::now()))
     }
