@@ -6,6 +6,7 @@
 //! one at a time: the fork start method refuses multi-threaded callers, and the fd and zombie
 //! accounting around process-heavy tests must not count another test's children.
 
+mod asyncio;
 mod bytes;
 mod common;
 mod failures;
@@ -43,6 +44,7 @@ fn main() -> std::process::ExitCode {
         ipc::SCENARIOS,
         queue::SCENARIOS,
         bytes::SCENARIOS,
+        asyncio::SCENARIOS,
     ]
     .concat();
     if method == "forkserver" {

@@ -51,7 +51,7 @@ pub const SCENARIOS: &[Scenario] = &[
 
 /// Squares a number.
 #[task]
-fn square(x: u64) -> u64 {
+pub fn square(x: u64) -> u64 {
     x * x
 }
 
@@ -62,7 +62,7 @@ fn children_besides_server() -> Vec<u32> {
 }
 
 /// Runs `body` with a pool and checks that the pool left no descriptor, zombie or process.
-fn with_pool<S: 'static>(
+pub fn with_pool<S: 'static>(
     ctx: &Context,
     build: impl FnOnce() -> multiproc::Result<Pool<S>>,
     body: impl FnOnce(&Pool<S>) -> Result<(), Failed>,

@@ -18,13 +18,17 @@ pub use error::{ChildFailure, Error, ErrorKind, RemotePanic, Result};
 pub use ipc::listener::{Client, Listener};
 pub use ipc::pipe::{Connection, pipe};
 pub use ipc::queue::{JoinableQueue, Queue};
-pub use ipc::wait::{Waitable, wait};
+#[cfg(feature = "tokio")]
+pub use ipc::wait::wait_async;
+pub use ipc::wait::{Waitable, Watch, wait};
+#[cfg(feature = "tokio")]
+pub use pool::IMapStream;
 pub use pool::{AsyncResult, IMap, Pool, PoolBuilder};
 pub use process::method::{
     ChildHandle, ChildMain, DirectChild, Payload, StartMethod, StartRequest,
 };
 pub use process::status::ExitStatus;
-pub use process::{Process, ProcessBuilder};
+pub use process::{Process, ProcessBuilder, Signaller};
 pub use runtime::preload::preloaded;
 pub use runtime::task::{Portable, Task};
 pub use shared::shm::{SealedMemory, SealedSlice, SharedMemory, SharedSlice};

@@ -23,6 +23,11 @@
 //! Every way a child can fail—panic, exit code, signal, death before the handshake, bytes that
 //! do not decode—comes back as an [`Error`] on the call that waited for it; see
 //! [`Error::kind`] and [`Error::child_failure`].
+//!
+//! With the `tokio` feature, every handle can be awaited without a blocked thread:
+//! `Process::join_async`, an [`AsyncResult`] is a `Future`, `imap` a `Stream`,
+//! `Connection::{send_async, recv_async}`, `Queue::{put_async, get_async}`,
+//! `JoinableQueue::join_async`, and `wait_async`. The library never starts a runtime.
 
 use std::fmt;
 use std::sync::Arc;
@@ -36,8 +41,10 @@ pub use multiproc_core::{
     AsyncResult, Bytes, ChildFailure, Client, Connection, Error, ErrorKind, ExitStatus, Fd, IMap,
     JoinableQueue, Listener, MultithreadedForkPermit, Pool, PoolBuilder, Portable, Process,
     ProcessBuilder, Queue, RemotePanic, Result, SealedMemory, SealedSlice, SharedMemory,
-    SharedSlice, StartMethod, Task, Waitable, init, wait,
+    SharedSlice, Signaller, StartMethod, Task, Waitable, Watch, init, wait,
 };
+#[cfg(feature = "tokio")]
+pub use multiproc_core::{IMapStream, wait_async};
 pub use multiproc_forkserver::DEFAULT_START_TIMEOUT as DEFAULT_FORKSERVER_START_TIMEOUT;
 pub use multiproc_forkserver::server_pid as forkserver_pid;
 pub use multiproc_forkserver::set_preload as set_forkserver_preload;

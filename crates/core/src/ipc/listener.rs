@@ -33,7 +33,7 @@ use sha2::Sha256;
 
 use crate::error::{Error, ErrorKind, Result};
 use crate::ipc::pipe::Connection;
-use crate::ipc::wait::Waitable;
+use crate::ipc::wait::{Waitable, Watch};
 use crate::sys::{self, POLLIN, PollFd};
 use crate::transport::channel::Channel;
 
@@ -153,7 +153,7 @@ impl Listener {
                 (a, b) => a.or(b),
             };
             let mut set = Vec::with_capacity(pending.len() + 1);
-            set.push(PollFd::new(self.wait_fd(), POLLIN));
+            set.push(PollFd::new(self.socket_fd(), POLLIN));
             set.extend(pending.iter().map(|p| PollFd::new(p.stream.as_fd(), POLLIN)));
             sys::poll(&mut set, wake).map_err(|e| Error::io("poll a listener", e))?;
             if deadline.is_some_and(|deadline| Instant::now() >= deadline) && !ready(&set) {
@@ -370,12 +370,19 @@ fn handshake_error(e: io::Error) -> Error {
     }
 }
 
-impl Waitable for Listener {
-    /// Ready when a client is waiting to be accepted.
-    fn wait_fd(&self) -> BorrowedFd<'_> {
+impl Listener {
+    /// The listening socket: readable when a client is waiting.
+    fn socket_fd(&self) -> BorrowedFd<'_> {
         match &self.socket {
             interprocess::local_socket::Listener::UdSocket(listener) => listener.as_fd(),
         }
+    }
+}
+
+impl Waitable for Listener {
+    /// Ready when a client is waiting to be accepted.
+    fn watch(&self) -> Watch<'_> {
+        Watch::fd(self.socket_fd())
     }
 }
 

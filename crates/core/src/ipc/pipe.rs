@@ -10,6 +10,7 @@
 use std::fmt;
 use std::marker::PhantomData;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use serde::de::DeserializeOwned;
@@ -30,6 +31,8 @@ pub fn pipe<T>() -> Result<(Connection<T>, Connection<T>), Error> {
 /// One end of a pipe that carries values of type `T` both ways.
 pub struct Connection<T> {
     channel: Channel,
+    /// A `send_async` was dropped after writing part of a message: the stream is broken.
+    torn: AtomicBool,
     _messages: PhantomData<fn(T) -> T>,
 }
 
@@ -76,7 +79,7 @@ pub enum RecvTimeoutError {
 impl<T> Connection<T> {
     pub(crate) fn new(channel: Channel) -> Self {
         tracked::track(channel.as_fd().as_raw_fd());
-        Connection { channel, _messages: PhantomData }
+        Connection { channel, torn: AtomicBool::new(false), _messages: PhantomData }
     }
 }
 
@@ -90,6 +93,7 @@ impl<T: Serialize + DeserializeOwned> Connection<T> {
     /// Sends `value` (and the descriptors it holds); blocks while the other end's buffer is
     /// full.
     pub fn send(&self, value: &T) -> Result<(), SendError> {
+        self.check_whole()?;
         let (bytes, attachments) = codec::collecting(|| codec::encode(value));
         let bytes = bytes.map_err(|e| {
             SendError::Failed(Error::new(ErrorKind::Encode, format!("pipe message: {e}")))
@@ -142,6 +146,67 @@ impl<T: Serialize + DeserializeOwned> Connection<T> {
     }
 }
 
+#[cfg(feature = "tokio")]
+impl<T: Serialize + DeserializeOwned> Connection<T> {
+    /// [`send`](Self::send) as a future: waits for room in the socket through the tokio
+    /// runtime's reactor, with no thread blocked.
+    ///
+    /// Dropped before it has written anything, it sends nothing. Dropped once it has written
+    /// part of a message (one larger than the socket's buffer, whose reader is slow), it leaves
+    /// that part in the stream: the other end then fails with a protocol error on that message,
+    /// and every later `send` on this end fails too.
+    pub async fn send_async(&self, value: &T) -> Result<(), SendError> {
+        self.check_whole()?;
+        let (bytes, attachments) = codec::collecting(|| codec::encode(value));
+        let bytes = bytes.map_err(|e| {
+            SendError::Failed(Error::new(ErrorKind::Encode, format!("pipe message: {e}")))
+        })?;
+        let fds = attachments.borrowed_fds();
+        let blocks = &attachments.blocks;
+        let frame = crate::transport::channel::OutFrame { body: &[&bytes], fds: &fds, blocks };
+        /// Marks the connection torn if dropped while part of the message is out.
+        struct Tear<'a>(&'a AtomicBool, &'a std::sync::atomic::AtomicUsize);
+        impl Drop for Tear<'_> {
+            fn drop(&mut self) {
+                if self.1.load(Ordering::Relaxed) > 0 {
+                    self.0.store(true, Ordering::Relaxed);
+                }
+            }
+        }
+        let sent = std::sync::atomic::AtomicUsize::new(0);
+        let tear = Tear(&self.torn, &sent);
+        let outcome = self.channel.send_async(frame, &sent).await;
+        if outcome.is_ok() {
+            sent.store(0, Ordering::Relaxed);
+        }
+        drop(tear);
+        match outcome {
+            Ok(()) => Ok(()),
+            Err((_, FrameError::Disconnected)) => Err(SendError::Disconnected),
+            Err((_, e)) => {
+                Err(SendError::Failed(Error::new(ErrorKind::Io, format!("pipe send: {e}"))))
+            }
+        }
+    }
+
+    /// [`recv`](Self::recv) as a future: waits for the next message through the tokio
+    /// runtime's reactor. Dropping it loses nothing: what was read of a message stays buffered
+    /// in this end for the next receive.
+    pub async fn recv_async(&mut self) -> Result<T, RecvError> {
+        loop {
+            match self.try_recv() {
+                Ok(value) => return Ok(value),
+                Err(TryRecvError::Disconnected) => return Err(RecvError::Disconnected),
+                Err(TryRecvError::Failed(e)) => return Err(RecvError::Failed(e)),
+                Err(TryRecvError::Empty) => {}
+            }
+            crate::transport::reactor::readable(&[self.channel.as_fd()])
+                .await
+                .map_err(|e| RecvError::Failed(Error::io("waiting for a pipe message", e)))?;
+        }
+    }
+}
+
 /// The outcome of a blocking receive, before it is cast into the caller's error type.
 enum Received {
     Disconnected,
@@ -159,6 +224,18 @@ fn frame_error(e: FrameError) -> Error {
 }
 
 impl<T> Connection<T> {
+    /// An error if a dropped `send_async` left part of a message in the stream.
+    fn check_whole(&self) -> Result<(), SendError> {
+        if self.torn.load(Ordering::Relaxed) {
+            return Err(SendError::Failed(Error::new(
+                ErrorKind::InvalidState,
+                "a send_async on this connection was dropped part-way through a message; the \
+                 stream is broken",
+            )));
+        }
+        Ok(())
+    }
+
     /// Whether a whole message has already been read ahead into this end's buffer.
     pub(crate) fn has_buffered_message(&self) -> bool {
         self.channel.has_buffered_frame()

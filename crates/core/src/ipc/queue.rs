@@ -104,6 +104,10 @@ struct Shared {
     /// ...and this process's mapping of it, made when first needed (`None` if it could not
     /// be: the queue then waits for room in its socket, as a bounded kernel buffer makes it).
     log_map: OnceLock<Option<Mapping>>,
+    /// An eventfd written whenever a slot is freed or the unfinished count reaches zero while
+    /// someone waits: async waiters watch it through the runtime's reactor (futex waiters need
+    /// no descriptor). Never read, so that every write wakes every watcher.
+    bell: OwnedFd,
 }
 
 /// Why [`Queue::try_put`] failed.
@@ -173,6 +177,7 @@ impl<T> Queue<T> {
         let control = SharedMemory::new(WORDS * 4)?;
         let log_file = sys::memfd("multiproc-queue-log", 0)
             .map_err(|e| Error::io("memfd for a queue's overflow log", e))?;
+        let bell = sys::eventfd().map_err(|e| Error::io("eventfd for a queue", e))?;
         let words = control.atomic_words();
         words[CAPACITY].store(capacity, SeqCst);
         words[FREE].store(capacity, SeqCst);
@@ -184,6 +189,7 @@ impl<T> Queue<T> {
             control,
             log_file,
             log_map: OnceLock::new(),
+            bell,
         }))
     }
 
@@ -526,6 +532,7 @@ impl<T: Serialize + DeserializeOwned> Queue<T> {
         self.word(FREE).fetch_add(1, SeqCst);
         if self.word(FREE_WAITERS).load(SeqCst) > 0 {
             sys::futex_wake(self.word(FREE), 1);
+            sys::eventfd_add_one(self.shared.bell.as_fd());
         }
     }
 }
@@ -546,6 +553,7 @@ impl<T> Queue<T> {
         }
         if count == 1 && self.word(JOIN_WAITERS).load(SeqCst) > 0 {
             sys::futex_wake(unfinished, u32::MAX);
+            sys::eventfd_add_one(self.shared.bell.as_fd());
         }
         true
     }
@@ -567,6 +575,82 @@ impl<T> Queue<T> {
             waiters.fetch_sub(1, SeqCst);
             slept.map_err(|e| Error::io("futex wait in a queue's join", e))?;
         }
+    }
+}
+
+/// Counts an async waiter in a waiters word of the control page while it lives, so that the
+/// side that frees a slot or finishes the last item rings the bell.
+#[cfg(feature = "tokio")]
+struct Waiting<'a>(&'a AtomicU32);
+
+#[cfg(feature = "tokio")]
+impl<'a> Waiting<'a> {
+    fn new(word: &'a AtomicU32) -> Self {
+        word.fetch_add(1, SeqCst);
+        Waiting(word)
+    }
+}
+
+#[cfg(feature = "tokio")]
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, SeqCst);
+    }
+}
+
+#[cfg(feature = "tokio")]
+impl<T: Serialize + DeserializeOwned> Queue<T> {
+    /// [`put`](Self::put) as a future: while the queue is full, waits for room through the
+    /// tokio runtime's reactor, with no thread blocked. Dropped before it returns, it has put
+    /// nothing.
+    pub async fn put_async(&self, value: &T) -> Result<()> {
+        use crate::transport::reactor;
+        loop {
+            match self.try_put(value) {
+                Ok(()) => return Ok(()),
+                Err(TryPutError::Failed(e)) => return Err(e),
+                Err(TryPutError::Full) => {}
+            }
+            let waited = if self.capacity().is_some() && self.word(FREE).load(SeqCst) == 0 {
+                let _waiting = Waiting::new(self.word(FREE_WAITERS));
+                reactor::until(self.shared.bell.as_fd(), || Ok(self.word(FREE).load(SeqCst) > 0))
+                    .await
+            } else {
+                // A message with descriptors waits for room in the socket itself.
+                reactor::writable(self.shared.put_end.as_fd()).await
+            };
+            waited.map_err(|e| Error::io("waiting for room in a queue", e))?;
+        }
+    }
+
+    /// [`get`](Self::get) as a future: waits for a message through the tokio runtime's
+    /// reactor. Dropped before it returns, it has taken nothing.
+    pub async fn get_async(&self) -> Result<T> {
+        loop {
+            match self.try_get() {
+                Ok(value) => return Ok(value),
+                Err(TryGetError::Failed(e)) => return Err(e),
+                Err(TryGetError::Empty) => {}
+            }
+            crate::transport::reactor::readable(&[self.shared.get_end.as_fd()])
+                .await
+                .map_err(|e| Error::io("waiting for a queue message", e))?;
+        }
+    }
+}
+
+#[cfg(feature = "tokio")]
+impl<T> JoinableQueue<T> {
+    /// [`join`](Self::join) as a future: waits through the tokio runtime's reactor until every
+    /// item put has been marked done.
+    pub async fn join_async(&self) -> Result<()> {
+        let queue = &self.queue;
+        let _waiting = Waiting::new(queue.word(JOIN_WAITERS));
+        crate::transport::reactor::until(queue.shared.bell.as_fd(), || {
+            Ok(queue.word(UNFINISHED).load(SeqCst) == 0)
+        })
+        .await
+        .map_err(|e| Error::io("waiting for a queue's items to be done", e))
     }
 }
 
@@ -660,6 +744,7 @@ struct Handle<F, M> {
     get_end: F,
     control: M,
     log: F,
+    bell: F,
 }
 
 impl<T> Serialize for Queue<T> {
@@ -670,6 +755,7 @@ impl<T> Serialize for Queue<T> {
             get_end: Fd::new(shared.get_end.as_fd()),
             control: &shared.control,
             log: Fd::new(shared.log_file.as_fd()),
+            bell: Fd::new(shared.bell.as_fd()),
         }
         .serialize(serializer)
     }
@@ -677,7 +763,7 @@ impl<T> Serialize for Queue<T> {
 
 impl<'de, T> Deserialize<'de> for Queue<T> {
     fn deserialize<D: Deserializer<'de>>(deserializer: D) -> std::result::Result<Self, D::Error> {
-        let Handle { put_end, get_end, control, log } =
+        let Handle { put_end, get_end, control, log, bell } =
             Handle::<Fd<OwnedFd>, SharedMemory>::deserialize(deserializer)?;
         let words = control.atomic_words();
         if words.len() < WORDS || words[MAGIC].load(SeqCst) != PAGE_MAGIC {
@@ -689,6 +775,7 @@ impl<'de, T> Deserialize<'de> for Queue<T> {
             control,
             log_file: log.into_inner(),
             log_map: OnceLock::new(),
+            bell: bell.into_inner(),
         };
         Ok(Queue::from_shared(shared))
     }

@@ -502,13 +502,13 @@ struct Results {
     done: HashMap<BatchId, BatchOutcome>,
     /// Batches whose handle was dropped: their results are thrown away on arrival.
     abandoned: HashSet<BatchId>,
-    /// The tasks awaiting a batch (a future's `poll` left its waker): woken when it finishes.
-    wakers: HashMap<BatchId, Waker>,
+    /// Who awaits a batch (a future's `poll`, a `wait()`): woken when it finishes.
+    wakers: HashMap<BatchId, Vec<Waker>>,
 }
 
 impl Results {
     fn finish(&mut self, id: BatchId, outcome: BatchOutcome) {
-        if let Some(waker) = self.wakers.remove(&id) {
+        for waker in self.wakers.remove(&id).into_iter().flatten() {
             waker.wake();
         }
         if !self.abandoned.remove(&id) {
@@ -550,6 +550,17 @@ impl Engine {
     /// Whether batch `id` has finished (or failed).
     pub(crate) fn is_done(&self, id: BatchId) -> bool {
         self.results.done.contains_key(&id)
+    }
+
+    /// Has `waker` woken when batch `id` finishes (at once if it has).
+    pub(crate) fn notify_when_done(&mut self, id: BatchId, waker: &Waker) {
+        if self.is_done(id) {
+            return waker.wake_by_ref();
+        }
+        let wakers = self.results.wakers.entry(id).or_default();
+        if !wakers.iter().any(|w| w.will_wake(waker)) {
+            wakers.push(waker.clone());
+        }
     }
 
     /// Takes the outcome of a finished batch.
@@ -859,6 +870,7 @@ impl Shared {
     pub(crate) fn abandon(&self, ids: impl IntoIterator<Item = BatchId>) {
         let mut engine = self.lock();
         for id in ids {
+            engine.results.wakers.remove(&id);
             if engine.results.done.remove(&id).is_none() {
                 let queued = engine.pending.len();
                 engine.pending.retain(|b| b.id != id);
@@ -1031,6 +1043,14 @@ impl Shared {
         // The caller that asked for the turn is among them.
         self.changed.notify_all();
         engine
+    }
+
+    /// Tells the progress thread that someone awaits results: it takes the turn at once if it
+    /// is free (a waiting caller, if any, drives meanwhile).
+    pub(crate) fn awaited(&self, engine: &Engine) {
+        if !engine.driving {
+            self.ring();
+        }
     }
 
     /// Rings the progress thread's bell.

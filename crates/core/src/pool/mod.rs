@@ -20,8 +20,11 @@ mod engine;
 
 use std::collections::VecDeque;
 use std::fmt;
+use std::future::Future;
 use std::marker::PhantomData;
+use std::pin::Pin;
 use std::sync::{Arc, Mutex};
+use std::task::{Context as TaskContext, Poll, Waker};
 use std::time::{Duration, Instant};
 
 use serde::de::{DeserializeSeed, Deserializer, SeqAccess, Visitor};
@@ -29,6 +32,7 @@ use serde::de::{DeserializeSeed, Deserializer, SeqAccess, Visitor};
 use engine::{BatchId, BatchOutcome, Config, Encoded, InitArgs, Initializer, MoveInit, Shared};
 
 use crate::error::{ChildFailure, Error, ErrorKind, Result};
+use crate::ipc::wait::{Notify, Waitable, Watch};
 use crate::process::method::StartMethod;
 use crate::runtime::registry::{self, State};
 use crate::runtime::task::{Portable, Task};
@@ -723,6 +727,66 @@ impl<T> AsyncResult<T> {
     }
 }
 
+impl<T> AsyncResult<T> {
+    /// The first batch not finished yet, if any.
+    fn first_pending(&self, engine: &engine::Engine) -> Option<BatchId> {
+        self.batches.iter().map(|(id, _)| *id).find(|id| !engine.is_done(*id))
+    }
+}
+
+/// Awaiting an `AsyncResult` gives what [`get`](AsyncResult::get) would, with no thread
+/// blocked: the pool's progress thread wakes the task when the result is in. Works under any
+/// executor. Dropping the future before it is ready is dropping the `AsyncResult`: what has
+/// not started is cancelled, and the rest is discarded when it arrives.
+impl<T> Future for AsyncResult<T> {
+    type Output = Result<T>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut TaskContext<'_>) -> Poll<Result<T>> {
+        let this = &mut *self;
+        if this.collect.is_some() {
+            let mut engine = this.shared.lock();
+            if let Some(id) = this.first_pending(&engine) {
+                engine.notify_when_done(id, cx.waker());
+                this.shared.awaited(&engine);
+                return Poll::Pending;
+            }
+        }
+        Poll::Ready(this.take(false))
+    }
+}
+
+impl<T> Waitable for AsyncResult<T> {
+    /// Ready when the result has arrived (or it was taken).
+    fn watch(&self) -> Watch<'_> {
+        let ids = self.batches.iter().map(|(id, _)| *id).collect();
+        Watch::notify(Arrival { shared: Arc::clone(&self.shared), ids })
+    }
+}
+
+/// How [`wait`](crate::wait) watches an `AsyncResult`: its pool and batches.
+struct Arrival {
+    shared: Arc<Shared>,
+    ids: Vec<BatchId>,
+}
+
+impl Notify for Arrival {
+    fn is_ready(&self) -> bool {
+        let engine = self.shared.look();
+        self.ids.iter().all(|id| engine.is_done(*id))
+    }
+
+    fn notify(&self, waker: &Waker) {
+        let mut engine = self.shared.lock();
+        match self.ids.iter().find(|id| !engine.is_done(**id)) {
+            Some(id) => {
+                engine.notify_when_done(*id, waker);
+                self.shared.awaited(&engine);
+            }
+            None => waker.wake_by_ref(),
+        }
+    }
+}
+
 impl<T> Drop for AsyncResult<T> {
     fn drop(&mut self) {
         if !self.batches.is_empty() {
@@ -845,13 +909,14 @@ impl<A: Portable, R: Portable, I: Iterator<Item = A>> IMap<A, R, I> {
     }
 }
 
-impl<A: Portable, R: Portable, I: Iterator<Item = A>> Iterator for IMap<A, R, I> {
-    type Item = Result<R>;
-
-    fn next(&mut self) -> Option<Result<R>> {
+impl<A: Portable, R: Portable, I: Iterator<Item = A>> IMap<A, R, I> {
+    /// The next result: waits for it (driving the pool) without `cx`, or, with one, leaves the
+    /// task's waker with the batch it needs and says `Pending`.
+    fn step(&mut self, cx: Option<&mut TaskContext<'_>>) -> Poll<Option<Result<R>>> {
+        let mut cx = cx;
         loop {
             if let Some(result) = self.ready.pop_front() {
-                return Some(result);
+                return Poll::Ready(Some(result));
             }
             self.fill();
             if self.submitted.is_empty() {
@@ -859,20 +924,43 @@ impl<A: Portable, R: Portable, I: Iterator<Item = A>> Iterator for IMap<A, R, I>
                 for (error, count) in self.failed.drain(..) {
                     self.ready.extend((0..count).map(|_| Err(error.duplicate())));
                 }
-                return self.ready.pop_front();
+                return Poll::Ready(self.ready.pop_front());
             }
             let submitted = &self.submitted;
             let ordered = self.ordered;
-            let mut found = None;
-            self.shared.drive_until(None, |engine| {
-                found = if ordered {
+            let find = |engine: &engine::Engine| {
+                if ordered {
                     submitted.front().filter(|(id, ..)| engine.is_done(*id)).map(|_| 0)
                 } else {
                     submitted.iter().position(|(id, ..)| engine.is_done(*id))
-                };
-                found.is_some()
-            });
-            let position = found.expect("drive_until returns once found");
+                }
+            };
+            let position = match cx.as_deref_mut() {
+                None => {
+                    let mut found = None;
+                    self.shared.drive_until(None, |engine| {
+                        found = find(engine);
+                        found.is_some()
+                    });
+                    found.expect("drive_until returns once found")
+                }
+                Some(cx) => {
+                    let mut engine = self.shared.lock();
+                    match find(&engine) {
+                        Some(position) => position,
+                        None => {
+                            // In order, the front batch is the one that matters; in any order,
+                            // whichever finishes first.
+                            let awaited = if ordered { 1 } else { submitted.len() };
+                            for (id, ..) in submitted.iter().take(awaited) {
+                                engine.notify_when_done(*id, cx.waker());
+                            }
+                            self.shared.awaited(&engine);
+                            return Poll::Pending;
+                        }
+                    }
+                }
+            };
             let (id, count, first, size) =
                 self.submitted.remove(position).expect("position exists");
             self.submitted_bytes -= size;
@@ -883,6 +971,46 @@ impl<A: Portable, R: Portable, I: Iterator<Item = A>> Iterator for IMap<A, R, I>
         }
     }
 }
+
+impl<A: Portable, R: Portable, I: Iterator<Item = A>> Iterator for IMap<A, R, I> {
+    type Item = Result<R>;
+
+    fn next(&mut self) -> Option<Result<R>> {
+        match self.step(None) {
+            Poll::Ready(next) => next,
+            Poll::Pending => unreachable!("a blocking step waits until it is ready"),
+        }
+    }
+}
+
+impl<A, R, I> IMap<A, R, I> {
+    /// The same results as a [`futures_core::Stream`] (the `tokio` feature):
+    /// `pool.imap(task, items).into_stream()`.
+    #[cfg(feature = "tokio")]
+    pub fn into_stream(self) -> IMapStream<A, R, I> {
+        IMapStream(self)
+    }
+}
+
+/// `imap` and `imap_unordered` as a [`futures_core::Stream`] ([`IMap::into_stream`]): each
+/// result as it is ready, with no thread blocked (the pool's progress thread wakes the task;
+/// any executor will do). The input is read inside `poll_next`, as the iterator reads it inside
+/// `next`. Dropping the stream cancels what has not started, as dropping the iterator does.
+#[cfg(feature = "tokio")]
+#[derive(Debug)]
+pub struct IMapStream<A, R, I>(IMap<A, R, I>);
+
+#[cfg(feature = "tokio")]
+impl<A: Portable, R: Portable, I: Iterator<Item = A>> futures_core::Stream for IMapStream<A, R, I> {
+    type Item = Result<R>;
+
+    fn poll_next(self: Pin<&mut Self>, cx: &mut TaskContext<'_>) -> Poll<Option<Result<R>>> {
+        self.get_mut().0.step(Some(cx))
+    }
+}
+
+/// Nothing of an `IMap` is pinned: its input and results are only ever used through `&mut`.
+impl<A, R, I> Unpin for IMap<A, R, I> {}
 
 impl<A, R, I> Drop for IMap<A, R, I> {
     fn drop(&mut self) {

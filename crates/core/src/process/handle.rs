@@ -98,7 +98,7 @@ impl<A: Portable, R: Portable> ProcessBuilder<A, R> {
             status: None,
             gone: false,
             result_taken: false,
-            signalled: false,
+            signalled: Arc::new(AtomicBool::new(false)),
             _result: PhantomData,
         })
     }
@@ -116,6 +116,41 @@ enum Need {
     Status,
     /// Only that it ended and what it sent: `join`, which consumes the handle.
     End,
+}
+
+/// Sends signals to one child from anywhere ([`Process::signaller`]); the child's pidfd makes
+/// it safe against pid reuse, and a child that has ended is not an error.
+#[derive(Debug)]
+pub struct Signaller {
+    pid: u32,
+    pidfd: std::os::fd::OwnedFd,
+    signalled: Arc<AtomicBool>,
+}
+
+impl Signaller {
+    /// The child's pid.
+    pub fn pid(&self) -> u32 {
+        self.pid
+    }
+
+    /// Sends SIGKILL.
+    pub fn kill(&self) -> Result<()> {
+        self.signal(libc::SIGKILL)
+    }
+
+    /// Sends SIGTERM.
+    pub fn terminate(&self) -> Result<()> {
+        self.signal(libc::SIGTERM)
+    }
+
+    /// Sends `signal`; its `Process` then reports an end by it as asked for, like one by
+    /// [`Process::signal`].
+    pub fn signal(&self, signal: i32) -> Result<()> {
+        use std::os::fd::AsFd;
+        self.signalled.store(true, Ordering::Relaxed);
+        crate::process::method::signal_unless_ended(self.pidfd.as_fd(), None, signal)
+            .map_err(|e| Error::io(format!("signal {signal} to process {}", self.pid), e))
+    }
 }
 
 /// What the child sent after its hello.
@@ -150,7 +185,8 @@ pub struct Process<R> {
     /// The process is known to have ended, its status not yet reported (see [`Need::End`]).
     gone: bool,
     result_taken: bool,
-    signalled: bool,
+    /// We (or a [`Signaller`] of ours) sent the child a signal.
+    signalled: Arc<AtomicBool>,
     _result: PhantomData<fn() -> R>,
 }
 
@@ -208,7 +244,7 @@ impl<R: Portable> Process<R> {
 
     /// Sends `signal` to the child; a child that already ended is not an error.
     pub fn signal(&mut self, signal: i32) -> Result<()> {
-        self.signalled = true;
+        self.signalled.store(true, Ordering::Relaxed);
         self.handle()
             .signal(signal)
             .map_err(|e| Error::io(format!("signal {signal} to {}", self.label()), e))
@@ -236,9 +272,39 @@ impl<R: Portable> Process<R> {
         }
     }
 
+    /// A handle that can signal the child from elsewhere (another thread, or another task while
+    /// this one awaits [`join_async`](Self::join_async)), through a duplicate of its pidfd: it
+    /// can never signal another process that reused the pid.
+    pub fn signaller(&self) -> Result<Signaller> {
+        let pidfd = self
+            .handle()
+            .pidfd()
+            .try_clone_to_owned()
+            .map_err(|e| Error::io(format!("dup of the pidfd of {}", self.label()), e))?;
+        Ok(Signaller { pid: self.pid(), pidfd, signalled: Arc::clone(&self.signalled) })
+    }
+
+    /// [`join`](Self::join) as a future: waits for the child's result and its end through the
+    /// tokio runtime's reactor (its pidfd and channel), with no thread blocked. Dropping the
+    /// future drops the `Process`, as dropping it unjoined would.
+    #[cfg(feature = "tokio")]
+    pub async fn join_async(mut self) -> Result<R> {
+        loop {
+            if self.wait_until(Some(Instant::now()), Need::End)? {
+                return self.take_result();
+            }
+            let mut fds = vec![self.handle().sentinel(), self.handle().pidfd()];
+            if self.reading {
+                fds.push(self.channel.as_fd());
+            }
+            let waited = crate::transport::reactor::readable(&fds).await;
+            waited.map_err(|e| Error::io(format!("waiting for {}", self.label()), e))?;
+        }
+    }
+
     /// Whether we signalled the child and a signal is what ended it.
     fn ended_by_our_signal(&self) -> bool {
-        self.signalled && self.status.is_some_and(|s| s.signal().is_some())
+        self.signalled.load(Ordering::Relaxed) && self.status.is_some_and(|s| s.signal().is_some())
     }
 
     fn handle(&self) -> &dyn ChildHandle {

@@ -16,4 +16,4 @@ pub mod status;
 pub(crate) mod template;
 pub mod tracked;
 
-pub use handle::{Process, ProcessBuilder};
+pub use handle::{Process, ProcessBuilder, Signaller};

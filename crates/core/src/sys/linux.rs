@@ -885,6 +885,30 @@ pub fn seqpacket_pair() -> io::Result<(OwnedFd, OwnedFd)> {
     Ok(unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) })
 }
 
+/// `eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK)`: a counter that is readable while above zero, and
+/// that wakes every poller on each write.
+pub fn eventfd() -> io::Result<OwnedFd> {
+    // SAFETY: eventfd takes no pointers.
+    let fd = cvt(unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) })?;
+    // SAFETY: eventfd returned a new descriptor that nothing else owns.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// Adds one to an [`eventfd`]'s counter (a counter at its maximum is left there: it is
+/// readable already).
+pub fn eventfd_add_one(fd: BorrowedFd<'_>) {
+    let one = 1u64.to_ne_bytes();
+    // SAFETY: `one` is valid for reads of its 8 bytes for the call.
+    let _ = unsafe { libc::write(fd.as_raw_fd(), one.as_ptr().cast(), one.len()) };
+}
+
+/// Reads an [`eventfd`]'s counter, setting it back to zero (nothing happens if it is zero).
+pub fn eventfd_take(fd: BorrowedFd<'_>) {
+    let mut count = [0u8; 8];
+    // SAFETY: `count` is valid for writes of its 8 bytes for the call.
+    let _ = unsafe { libc::read(fd.as_raw_fd(), count.as_mut_ptr().cast(), count.len()) };
+}
+
 /// Fills `buf` from the kernel's cryptographically secure generator (`getrandom(2)`).
 pub fn random_bytes(buf: &mut [u8]) -> io::Result<()> {
     let mut filled = 0;
@@ -1206,4 +1230,16 @@ impl Drop for Mapping {
             unsafe { libc::munmap(self.ptr.as_ptr().cast(), self.len) };
         }
     }
+}
+
+/// Registers `fd` with the current tokio runtime's reactor, for `interest` (the `tokio`
+/// feature). Panics outside a runtime, as tokio does; callers check first.
+#[cfg(feature = "tokio")]
+pub fn register_with_reactor(
+    fd: OwnedFd,
+    interest: tokio::io::Interest,
+) -> io::Result<tokio::io::unix::AsyncFd<OwnedFd>> {
+    // SAFETY: an `OwnedFd` is open until it is dropped, which happens only when the `AsyncFd`
+    // that owns it is (or gives it back), and its `as_raw_fd` never changes.
+    unsafe { tokio::io::unix::AsyncFd::register_with_interest(fd, interest) }.map_err(|e| e.into())
 }

@@ -391,17 +391,7 @@ impl Channel {
         while start < frames.len() {
             let end =
                 start + 1 + frames[start + 1..].iter().take_while(|f| f.fds.is_empty()).count();
-            let count = |f: &OutFrame<'_>| 2 + f.body.len() + f.blocks.len();
-            let mut parts: Vec<&[u8]> =
-                Vec::with_capacity(frames[start..end].iter().map(count).sum());
-            for (frame, (header, table)) in frames[start..end].iter().zip(&heads[start..end]) {
-                assert!(frame.blocks.len() <= MAX_BLOCKS, "the encoder never collects more blocks");
-                parts.push(header);
-                parts.push(table);
-                parts.extend(frame.body.iter().copied());
-                parts.extend(frame.blocks.iter().map(|block| block.as_slice()));
-            }
-            parts.retain(|part| !part.is_empty());
+            let parts = frame_parts(&frames[start..end], &heads[start..end]);
             self.write_parts(&parts, frames[start].fds, deadline, abort).map_err(|(sent, e)| {
                 // The frames of this call whose last byte went out.
                 let mut written = 0;
@@ -420,6 +410,34 @@ impl Channel {
         Ok(())
     }
 
+    /// Sends one frame as [`send`](Self::send) does, waiting for room in the socket through
+    /// the tokio runtime's reactor instead of blocking the thread. On failure, also says how
+    /// many bytes went out: if any did, the peer has part of a frame, and the stream is
+    /// unusable from then on (so it is if this future is dropped after its first write).
+    #[cfg(feature = "tokio")]
+    /// `progress` counts the bytes out so far, for a caller that must know whether a dropped
+    /// send left part of a frame behind.
+    pub async fn send_async(
+        &self,
+        frame: OutFrame<'_>,
+        progress: &std::sync::atomic::AtomicUsize,
+    ) -> Result<(), (usize, FrameError)> {
+        let heads = [frame.head()];
+        let parts = frame_parts(std::slice::from_ref(&frame), &heads);
+        let total: usize = parts.iter().map(|part| part.len()).sum();
+        let (mut sent, mut fds) = (0, frame.fds);
+        loop {
+            let done = self.write_step(&parts, total, &mut sent, &mut fds);
+            progress.store(sent, std::sync::atomic::Ordering::Relaxed);
+            if done.map_err(|e| (sent, e))? {
+                return Ok(());
+            }
+            crate::transport::reactor::writable(self.sock.as_fd())
+                .await
+                .map_err(|e| (sent, FrameError::Io(e)))?;
+        }
+    }
+
     /// Writes the concatenation of `parts`, `fds` on its first byte; on failure, also says how
     /// many bytes were written.
     fn write_parts(
@@ -430,23 +448,36 @@ impl Channel {
         abort: Option<BorrowedFd<'_>>,
     ) -> Result<(), (usize, FrameError)> {
         let total: usize = parts.iter().map(|part| part.len()).sum();
-        let mut sent = 0usize;
-        let mut fds_to_send = fds;
-        while sent < total {
-            let slices = remaining_slices(parts, sent);
-            match sys::send_with_fds(self.sock.as_fd(), &slices, fds_to_send, true) {
-                Ok(n) => {
-                    sent += n;
-                    fds_to_send = &[];
-                }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                    self.wait(POLLOUT, deadline, abort).map_err(|e| (sent, e))?;
-                }
-                Err(e) if is_disconnect(&e) => return Err((sent, FrameError::Disconnected)),
-                Err(e) => return Err((sent, FrameError::Io(e))),
-            }
+        let (mut sent, mut fds) = (0, fds);
+        while !self.write_step(parts, total, &mut sent, &mut fds).map_err(|e| (sent, e))? {
+            self.wait(POLLOUT, deadline, abort).map_err(|e| (sent, e))?;
         }
         Ok(())
+    }
+
+    /// Writes what it can of `parts` after the first `sent` bytes without blocking, `fds` on
+    /// the first byte written: true once all `total` bytes are out, false when the socket is
+    /// full.
+    fn write_step(
+        &self,
+        parts: &[&[u8]],
+        total: usize,
+        sent: &mut usize,
+        fds: &mut &[BorrowedFd<'_>],
+    ) -> Result<bool, FrameError> {
+        while *sent < total {
+            let slices = remaining_slices(parts, *sent);
+            match sys::send_with_fds(self.sock.as_fd(), &slices, fds, true) {
+                Ok(n) => {
+                    *sent += n;
+                    *fds = &[];
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(false),
+                Err(e) if is_disconnect(&e) => return Err(FrameError::Disconnected),
+                Err(e) => return Err(FrameError::Io(e)),
+            }
+        }
+        Ok(true)
     }
 
     /// Receives one frame if a whole one is available without blocking.
@@ -768,6 +799,25 @@ impl Pending {
 
 /// The parts of a frame still to send after the first `skip` bytes, as many as one `sendmsg`
 /// takes.
+/// The bytes of `frames`, in order, each header and table before its body and blocks; `heads`
+/// are the frames' own.
+fn frame_parts<'a>(
+    frames: &[OutFrame<'a>],
+    heads: &'a [([u8; HEADER_LEN], Vec<u8>)],
+) -> Vec<&'a [u8]> {
+    let count = |f: &OutFrame<'_>| 2 + f.body.len() + f.blocks.len();
+    let mut parts: Vec<&[u8]> = Vec::with_capacity(frames.iter().map(count).sum());
+    for (frame, (header, table)) in frames.iter().zip(heads) {
+        assert!(frame.blocks.len() <= MAX_BLOCKS, "the encoder never collects more blocks");
+        parts.push(header);
+        parts.push(table);
+        parts.extend(frame.body.iter().copied());
+        parts.extend(frame.blocks.iter().map(|block| block.as_slice()));
+    }
+    parts.retain(|part| !part.is_empty());
+    parts
+}
+
 fn remaining_slices<'a>(parts: &[&'a [u8]], mut skip: usize) -> Vec<IoSlice<'a>> {
     let mut out = Vec::with_capacity(parts.len().min(MAX_IOVECS));
     for part in parts {

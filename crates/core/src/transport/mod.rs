@@ -3,7 +3,8 @@
 //! Frames over a Unix socket with descriptors beside them ([`channel`]), the value codec
 //! ([`codec`]), the protocol messages ([`wire`]), descriptors and byte blocks as values ([`fd`],
 //! [`bytes`]), the buffers large frames are read into ([`buffer`]), and a byte ring in shared
-//! memory (`ring`, which pool workers hold results back in).
+//! memory (`ring`, which pool workers hold results back in); with the `tokio` feature, waiting
+//! for descriptors through the runtime's reactor (`reactor`).
 //!
 //! Architecture invariant: the transport knows nothing of processes. It imports only `sys` and
 //! the error types, so that any two processes—a parent and its child, a forkserver and its
@@ -14,5 +15,7 @@ pub mod bytes;
 pub mod channel;
 pub mod codec;
 pub mod fd;
+#[cfg(feature = "tokio")]
+pub mod reactor;
 pub(crate) mod ring;
 pub mod wire;
