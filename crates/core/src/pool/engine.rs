@@ -504,12 +504,19 @@ struct Results {
     abandoned: HashSet<BatchId>,
     /// Who awaits a batch (a future's `poll`, a `wait()`): woken when it finishes.
     wakers: HashMap<BatchId, Vec<Waker>>,
+    /// With `Some`, wakers are collected here instead of woken at once: the progress thread
+    /// wakes them once it has let go of the engine's lock, so that a woken task (or the
+    /// futex syscall that wakes its runtime's thread) does not wait for or hold up the lock.
+    deferred: Option<Vec<Waker>>,
 }
 
 impl Results {
     fn finish(&mut self, id: BatchId, outcome: BatchOutcome) {
         for waker in self.wakers.remove(&id).into_iter().flatten() {
-            waker.wake();
+            match &mut self.deferred {
+                Some(deferred) => deferred.push(waker),
+                None => waker.wake(),
+            }
         }
         if !self.abandoned.remove(&id) {
             self.done.insert(id, outcome);
@@ -541,6 +548,8 @@ pub(crate) struct Engine {
     thread_waits: bool,
     /// The pool is being dropped: the progress thread ends.
     stopping: bool,
+    /// A submission has woken the driver, which has not serviced the pool since.
+    wake_pending: bool,
     /// Callers asleep on the condition while another drives: without any, waking them is
     /// skipped (a futex syscall on every turn of the driver, measured, for nobody).
     sleepers: usize,
@@ -686,9 +695,20 @@ impl Engine {
     /// Sends queued batches to workers that can take them, the least busy first; what one
     /// worker gets goes in one write.
     fn dispatch(&mut self, config: &Config) {
+        self.dispatch_to(config, false);
+    }
+
+    /// [`dispatch`](Self::dispatch), to idle workers only with `idle_only`: a submission while
+    /// the progress thread drives leaves the busy workers' refills to it, which sends them in
+    /// bulk when their results come in (one write for many batches, not one per submission).
+    fn dispatch_to(&mut self, config: &Config, idle_only: bool) {
         while !self.pending.is_empty() {
             let unsent: Vec<usize> = self.workers.iter().map(|w| w.in_flight.len()).collect();
-            let open: Vec<bool> = self.workers.iter().map(Worker::wants_more).collect();
+            let open: Vec<bool> = self
+                .workers
+                .iter()
+                .map(|w| w.wants_more() && (!idle_only || w.in_flight.is_empty()))
+                .collect();
             while let Some(batch) = self.pending.front() {
                 let max = config.max_tasks_per_child;
                 let Some(worker) = self
@@ -805,6 +825,7 @@ impl Shared {
             turn_free_since: Instant::now(),
             thread_waits: false,
             stopping: false,
+            wake_pending: false,
             sleepers: 0,
         };
         let shared = Arc::new(Shared {
@@ -855,11 +876,22 @@ impl Shared {
             engine.pending.push_back(Batch { id, task, count, args, attachments });
             ids.push(id);
         }
-        engine.dispatch(&self.config);
+        // While the progress thread drives, work is sent at once only to a pool with nothing
+        // in flight (a lone request: no hop through the thread); in a burst, the thread sends
+        // what piles up in bulk, one write per worker for many batches.
+        let idle_only = engine.thread_drives;
+        let quiet = engine.pending.len() == ids.len()
+            && engine.workers.iter().all(|w| w.in_flight.is_empty());
+        if !idle_only || quiet {
+            engine.dispatch_to(&self.config, idle_only);
+        }
         if engine.workers.is_empty() {
             engine.fail_pending(|| None);
         }
-        if engine.driving {
+        // The driver looks again (new deadlines, queued work), woken once however many
+        // submissions come before it does.
+        if engine.driving && !engine.wake_pending {
+            engine.wake_pending = true;
             self.wake_driver();
         }
         Ok(ids)
@@ -939,6 +971,7 @@ impl Shared {
             let ready = self.poll_result(&set, &watched, true);
             drop(set);
             engine = self.lock();
+            engine.wake_pending = false;
             engine.service(&self.config, &ready);
             self.give_back_turn(&mut engine);
         }
@@ -1021,20 +1054,27 @@ impl Shared {
         engine.thread_drives = true;
         let mut ready = Ready::default();
         loop {
+            engine.results.deferred = Some(Vec::new());
             engine.service(&self.config, &ready);
+            let woken = engine.results.deferred.take().unwrap_or_default();
             self.wake_sleepers(&engine);
             if engine.handoff || engine.stopping {
+                drop(engine);
+                woken.into_iter().for_each(Waker::wake);
+                engine = self.lock();
                 break;
             }
             let watched = engine.watched();
             let wake_at = engine.next_deadline(self.config.task_timeout);
             drop(engine);
+            woken.into_iter().for_each(Waker::wake);
             // Prepared before, read after: nothing between allocates or takes a lock.
             let mut set = self.poll_set(&watched, true);
             let _ = me.idle(|| sys::poll(&mut set, wake_at));
             ready = self.poll_result(&set, &watched, true);
             drop(set);
             engine = self.lock();
+            engine.wake_pending = false;
         }
         engine.driving = false;
         engine.thread_drives = false;
