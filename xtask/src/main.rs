@@ -114,6 +114,19 @@ fn ci() -> Result<(), String> {
     let mut clippy = cargo();
     clippy.args(["clippy", "--workspace", "--all-targets", "--", "-D", "warnings"]);
     run(clippy, "cargo clippy -D warnings")?;
+    // The library as users get it by default, without the `tokio` feature the tests turn on.
+    let mut default_features = cargo();
+    default_features.args([
+        "clippy",
+        "-p",
+        "multiproc",
+        "-p",
+        "multiproc-core",
+        "--",
+        "-D",
+        "warnings",
+    ]);
+    run(default_features, "cargo clippy of the default features")?;
     test_all_methods()?;
     let mut doc = cargo();
     doc.args(["doc", "--workspace", "--no-deps"]).env("RUSTDOCFLAGS", "-D warnings");

@@ -1,6 +1,6 @@
 //! [`wait`]: block until any of several processes, connections, queues, listeners or pool
 //! results is ready (Python's `multiprocessing.connection.wait`, and `as_completed` for pool
-//! results); [`wait_async`] is the same as a future.
+//! results); `wait_async` (the `tokio` feature) is the same as a future.
 
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::sync::Arc;

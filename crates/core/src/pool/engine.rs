@@ -1,12 +1,13 @@
 //! The pool's engine: its workers, the queue of batches, and the driving of both.
 //!
-//! There is no helper thread. Whichever caller waits on the pool (`get`, `map`, an `imap`
-//! iterator, `join`) drives it: one waiting thread at a time holds the driver's turn, polls
-//! every worker's channel and pidfd with the engine unlocked, then locks it to read results,
-//! replace dead workers and send queued batches, and wakes the other waiters, who check
-//! whether what they wait for has arrived. So under the fork start method the pool never
-//! makes the caller's process multi-threaded, and every replacement worker is forked by a
-//! thread of the user's own (and refused, like any fork, if the program has grown threads).
+//! One thread at a time holds the driver's turn: a caller that waits on the pool (`get`,
+//! `map`, an `imap` iterator, `join`), or the pool's progress thread, which takes the turn
+//! when nobody else has held it for [`GRACE`] or when futures await results, and gives it back
+//! when a caller asks. The driver polls every worker's channel and pidfd with the engine
+//! unlocked, then locks it to read results, replace dead workers and send queued batches, and
+//! wakes the other waiters (threads on the condition, tasks through their wakers), who check
+//! whether what they wait for has arrived. Under the fork start method, replacements come
+//! from the pool's template (`process::template`), never from a fork of the program.
 //!
 //! A worker holds several batches: the one it runs and, while they are small, some queued
 //! behind it, so that it never waits for a round trip between batches. How many depends on

@@ -14,7 +14,8 @@
 //! fails only its item, and the worker keeps serving. A worker that dies (killed, out of
 //! memory, a crash in C code) fails the batch it was running, with its exit status; the batch
 //! queued behind it runs elsewhere, and a new worker takes its place. The engine behind this is
-//! in `pool/engine.rs`; it has no helper thread (ARCHITECTURE.md says why).
+//! in `pool/engine.rs`, with the progress thread that drives a pool nobody waits on
+//! (ARCHITECTURE.md says why it is safe under fork).
 
 mod engine;
 
@@ -247,10 +248,20 @@ impl<S> fmt::Debug for PoolBuilder<S> {
 
 /// A pool of worker processes whose state is an `S` (see [`PoolBuilder::initializer`]).
 ///
-/// Usable from several threads at once (`&Pool` is enough). Work queued beyond what the
-/// workers hold moves on whenever some thread waits on the pool (`map`, `get`, an `imap`
-/// iterator, `join`): there is no helper thread. Dropping the pool terminates it, as leaving
-/// Python's `with Pool() as pool:` block does.
+/// Usable from several threads at once (`&Pool` is enough). A caller that waits on the pool
+/// drives it; when nobody does, its progress thread does, so results arrive, ended workers are
+/// reaped and replaced, and queued work moves with nobody waiting. Dropping the pool
+/// terminates it, as leaving Python's `with Pool() as pool:` block does.
+///
+/// With the `tokio` feature, results can be awaited (an [`AsyncResult`] is a `Future`, and
+/// `IMap::into_stream` a `Stream`), with no thread blocked:
+///
+/// ```ignore
+/// let pending = pool.apply_async(square, 12)?;
+/// assert_eq!(pending.await?, 144);
+/// let mut squares = pool.imap(square, 0..100).into_stream();
+/// while let Some(square) = squares.next().await { println!("{}", square?); }
+/// ```
 pub struct Pool<S = ()> {
     shared: Arc<Shared>,
     /// The thread that drives the pool while no caller does (see `engine`).

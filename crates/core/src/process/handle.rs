@@ -273,7 +273,7 @@ impl<R: Portable> Process<R> {
     }
 
     /// A handle that can signal the child from elsewhere (another thread, or another task while
-    /// this one awaits [`join_async`](Self::join_async)), through a duplicate of its pidfd: it
+    /// this one awaits `join_async`, with the `tokio` feature), through a duplicate of its pidfd: it
     /// can never signal another process that reused the pid.
     pub fn signaller(&self) -> Result<Signaller> {
         let pidfd = self
