@@ -20,10 +20,11 @@
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::convert::Infallible;
+use std::hash::BuildHasherDefault;
 use std::io::{Read, Write};
 use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::net::UnixStream;
-use std::sync::atomic::{AtomicU32, Ordering::SeqCst};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering::SeqCst};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::task::Waker;
 use std::time::{Duration, Instant};
@@ -497,14 +498,41 @@ fn depth_for(batch_time: Option<Duration>) -> usize {
     })
 }
 
+/// A map keyed by batch number.
+type IdMap<V> = HashMap<BatchId, V, BuildHasherDefault<IdHasher>>;
+
+/// Hashes a batch number for the engine's maps: the numbers are ours, given out in sequence,
+/// so a multiplicative mix spreads them well, without SipHash's cost (measured: the maps'
+/// hashing was a tenth of the work of an awaited result).
+#[derive(Default)]
+struct IdHasher(u64);
+
+impl std::hash::Hasher for IdHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        for byte in bytes {
+            self.0 = (self.0.rotate_left(8) ^ u64::from(*byte)).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+        }
+    }
+
+    fn write_u64(&mut self, n: u64) {
+        self.0 = (self.0 ^ n).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    }
+}
+
 /// Finished batches, kept until their handle takes them.
 #[derive(Default)]
 struct Results {
-    done: HashMap<BatchId, BatchOutcome>,
+    done: IdMap<BatchOutcome>,
     /// Batches whose handle was dropped: their results are thrown away on arrival.
-    abandoned: HashSet<BatchId>,
-    /// Who awaits a batch (a future's `poll`, a `wait()`): woken when it finishes.
-    wakers: HashMap<BatchId, Vec<Waker>>,
+    abandoned: HashSet<BatchId, BuildHasherDefault<IdHasher>>,
+    /// Who awaits a batch (a future's `poll`, a `wait()`): woken when it finishes. The first
+    /// waker of a batch is here, any others (several `wait()`s) in `more_wakers`.
+    wakers: IdMap<Waker>,
+    more_wakers: IdMap<Vec<Waker>>,
     /// With `Some`, wakers are collected here instead of woken at once: the progress thread
     /// wakes them once it has let go of the engine's lock, so that a woken task (or the
     /// futex syscall that wakes its runtime's thread) does not wait for or hold up the lock.
@@ -513,7 +541,8 @@ struct Results {
 
 impl Results {
     fn finish(&mut self, id: BatchId, outcome: BatchOutcome) {
-        for waker in self.wakers.remove(&id).into_iter().flatten() {
+        let more = if self.more_wakers.is_empty() { None } else { self.more_wakers.remove(&id) };
+        for waker in self.wakers.remove(&id).into_iter().chain(more.into_iter().flatten()) {
             match &mut self.deferred {
                 Some(deferred) => deferred.push(waker),
                 None => waker.wake(),
@@ -530,7 +559,6 @@ pub(crate) struct Engine {
     workers: Vec<Worker>,
     pending: VecDeque<Batch>,
     results: Results,
-    next_batch: BatchId,
     next_worker: u64,
     closed: bool,
     terminated: bool,
@@ -549,8 +577,6 @@ pub(crate) struct Engine {
     thread_waits: bool,
     /// The pool is being dropped: the progress thread ends.
     stopping: bool,
-    /// A submission has woken the driver, which has not serviced the pool since.
-    wake_pending: bool,
     /// Callers asleep on the condition while another drives: without any, waking them is
     /// skipped (a futex syscall on every turn of the driver, measured, for nobody).
     sleepers: usize,
@@ -567,9 +593,21 @@ impl Engine {
         if self.is_done(id) {
             return waker.wake_by_ref();
         }
-        let wakers = self.results.wakers.entry(id).or_default();
-        if !wakers.iter().any(|w| w.will_wake(waker)) {
-            wakers.push(waker.clone());
+        match self.results.wakers.entry(id) {
+            std::collections::hash_map::Entry::Vacant(entry) => {
+                entry.insert(waker.clone());
+            }
+            std::collections::hash_map::Entry::Occupied(mut entry) => {
+                if entry.get().will_wake(waker) {
+                    return;
+                }
+                // A future's own waker is replaced; a second waiter (a `wait()` beside it)
+                // is kept too.
+                let more = self.results.more_wakers.entry(id).or_default();
+                if !more.iter().any(|w| w.will_wake(waker)) {
+                    more.push(entry.insert(waker.clone()));
+                }
+            }
         }
     }
 
@@ -802,6 +840,17 @@ pub(crate) struct Shared {
     /// What the progress thread sleeps on while it does not drive (rung when it may take the
     /// turn).
     bell: AtomicU32,
+    /// Batches submitted while the progress thread was busy with the engine: the submitter
+    /// does not wait for the engine's lock, the driver moves them to the queue at its next
+    /// service.
+    inbox: Mutex<Vec<Batch>>,
+    /// The last batch number given out.
+    next_batch: AtomicU64,
+    /// Mirrors of the engine's `thread_drives` and `closed`, read without its lock.
+    thread_drives: AtomicBool,
+    closed: AtomicBool,
+    /// A submission has woken the driver, which has not serviced the pool since.
+    wake_pending: AtomicBool,
 }
 
 impl Shared {
@@ -815,7 +864,6 @@ impl Shared {
             workers: Vec::new(),
             pending: VecDeque::new(),
             results: Results::default(),
-            next_batch: 0,
             next_worker: 0,
             closed: false,
             terminated: false,
@@ -826,7 +874,6 @@ impl Shared {
             turn_free_since: Instant::now(),
             thread_waits: false,
             stopping: false,
-            wake_pending: false,
             sleepers: 0,
         };
         let shared = Arc::new(Shared {
@@ -835,6 +882,11 @@ impl Shared {
             changed: Condvar::new(),
             wake: [wake.0, wake.1],
             bell: AtomicU32::new(0),
+            inbox: Mutex::new(Vec::new()),
+            next_batch: AtomicU64::new(0),
+            thread_drives: AtomicBool::new(false),
+            closed: AtomicBool::new(false),
+            wake_pending: AtomicBool::new(false),
         });
         let started = {
             let mut engine = shared.lock();
@@ -863,20 +915,45 @@ impl Shared {
     /// Queues batches of `task`; each item of `batches` is `(item count, encoded Vec, the
     /// descriptors it holds)`.
     pub(crate) fn submit(&self, task: &'static str, batches: Vec<Encoded>) -> Result<Vec<BatchId>> {
-        let mut engine = self.lock();
+        let closed = || {
+            let engine = self.lock();
+            Error::new(
+                ErrorKind::InvalidState,
+                if engine.terminated { "the pool was terminated" } else { "the pool is closed" },
+            )
+        };
+        if self.closed.load(SeqCst) {
+            return Err(closed());
+        }
+        let mut ids = Vec::with_capacity(batches.len());
+        let batches: Vec<Batch> = batches
+            .into_iter()
+            .map(|(count, args, attachments)| {
+                let id = self.next_batch.fetch_add(1, SeqCst) + 1;
+                ids.push(id);
+                Batch { id, task, count, args, attachments }
+            })
+            .collect();
+        // While the progress thread drives and holds the engine, a submission does not wait
+        // for it: the batches go to the inbox, which the thread empties at its next service.
+        let mut engine = match self.engine.try_lock() {
+            Ok(engine) => engine,
+            Err(std::sync::TryLockError::Poisoned(poisoned)) => poisoned.into_inner(),
+            Err(std::sync::TryLockError::WouldBlock) if self.thread_drives.load(SeqCst) => {
+                self.inbox.lock().unwrap_or_else(|p| p.into_inner()).extend(batches);
+                self.wake_once();
+                return Ok(ids);
+            }
+            Err(std::sync::TryLockError::WouldBlock) => self.lock(),
+        };
         if engine.closed {
             return Err(Error::new(
                 ErrorKind::InvalidState,
                 if engine.terminated { "the pool was terminated" } else { "the pool is closed" },
             ));
         }
-        let mut ids = Vec::with_capacity(batches.len());
-        for (count, args, attachments) in batches {
-            engine.next_batch += 1;
-            let id = engine.next_batch;
-            engine.pending.push_back(Batch { id, task, count, args, attachments });
-            ids.push(id);
-        }
+        self.take_inbox(&mut engine);
+        engine.pending.extend(batches);
         // While the progress thread drives, work is sent at once only to a pool with nothing
         // in flight (a lone request: no hop through the thread); in a burst, the thread sends
         // what piles up in bulk, one write per worker for many batches.
@@ -889,21 +966,42 @@ impl Shared {
         if engine.workers.is_empty() {
             engine.fail_pending(|| None);
         }
-        // The driver looks again (new deadlines, queued work), woken once however many
-        // submissions come before it does.
-        if engine.driving && !engine.wake_pending {
-            engine.wake_pending = true;
-            self.wake_driver();
+        if engine.driving {
+            self.wake_once();
         }
         Ok(ids)
+    }
+
+    /// Wakes the driver so that it looks again (new deadlines, queued work), once however
+    /// many submissions come before it does.
+    fn wake_once(&self) {
+        if !self.wake_pending.swap(true, SeqCst) {
+            self.wake_driver();
+        }
+    }
+
+    /// Moves what was submitted to the inbox to the queue, behind what was queued before.
+    fn take_inbox(&self, engine: &mut Engine) {
+        let mut inbox = self.inbox.lock().unwrap_or_else(|p| p.into_inner());
+        if !inbox.is_empty() {
+            engine.pending.extend(inbox.drain(..));
+        }
+    }
+
+    /// [`Engine::service`], with the inbox emptied first.
+    fn service(&self, engine: &mut Engine, ready: &Ready) {
+        self.take_inbox(engine);
+        engine.service(&self.config, ready);
     }
 
     /// Forgets batches whose handle went away: queued ones are dropped, running ones' results
     /// are thrown away when they arrive.
     pub(crate) fn abandon(&self, ids: impl IntoIterator<Item = BatchId>) {
         let mut engine = self.lock();
+        self.take_inbox(&mut engine);
         for id in ids {
             engine.results.wakers.remove(&id);
+            engine.results.more_wakers.remove(&id);
             if engine.results.done.remove(&id).is_none() {
                 let queued = engine.pending.len();
                 engine.pending.retain(|b| b.id != id);
@@ -956,7 +1054,7 @@ impl Shared {
             }
             engine.driving = true;
             // Nothing to read before the poll: what has arrived makes the poll return at once.
-            engine.service(&self.config, &Ready::default());
+            self.service(&mut engine, &Ready::default());
             if done(&mut engine) {
                 self.give_back_turn(&mut engine);
                 return true;
@@ -972,8 +1070,8 @@ impl Shared {
             let ready = self.poll_result(&set, &watched, true);
             drop(set);
             engine = self.lock();
-            engine.wake_pending = false;
-            engine.service(&self.config, &ready);
+            self.wake_pending.store(false, SeqCst);
+            self.service(&mut engine, &ready);
             self.give_back_turn(&mut engine);
         }
     }
@@ -999,7 +1097,7 @@ impl Shared {
         let _ = sys::poll(&mut set, Some(Instant::now()));
         let ready = self.poll_result(&set, &watched, false);
         drop(set);
-        engine.service(&self.config, &ready);
+        self.service(engine, &ready);
         self.wake_sleepers(engine);
     }
 
@@ -1053,10 +1151,11 @@ impl Shared {
     ) -> MutexGuard<'a, Engine> {
         engine.driving = true;
         engine.thread_drives = true;
+        self.thread_drives.store(true, SeqCst);
         let mut ready = Ready::default();
         loop {
             engine.results.deferred = Some(Vec::new());
-            engine.service(&self.config, &ready);
+            self.service(&mut engine, &ready);
             let woken = engine.results.deferred.take().unwrap_or_default();
             self.wake_sleepers(&engine);
             if engine.handoff || engine.stopping {
@@ -1075,10 +1174,13 @@ impl Shared {
             ready = self.poll_result(&set, &watched, true);
             drop(set);
             engine = self.lock();
-            engine.wake_pending = false;
+            self.wake_pending.store(false, SeqCst);
         }
+        // What came in meanwhile is queued before the turn is given back.
+        self.take_inbox(&mut engine);
         engine.driving = false;
         engine.thread_drives = false;
+        self.thread_drives.store(false, SeqCst);
         engine.handoff = false;
         engine.turn_free_since = Instant::now();
         // The caller that asked for the turn is among them.
@@ -1175,6 +1277,8 @@ impl Shared {
     pub(crate) fn close(&self) {
         let mut engine = self.lock();
         engine.closed = true;
+        self.closed.store(true, SeqCst);
+        self.take_inbox(&mut engine);
         engine.retire_idle(&self.config);
         if engine.driving {
             self.wake_driver();
@@ -1197,6 +1301,8 @@ impl Shared {
     pub(crate) fn terminate(&self) {
         let mut engine = self.lock();
         engine.closed = true;
+        self.closed.store(true, SeqCst);
+        self.take_inbox(&mut engine);
         engine.terminated = true;
         engine.fail_pending(|| Some(cancelled()));
         for worker in &mut engine.workers {

@@ -754,15 +754,35 @@ impl<T> Future for AsyncResult<T> {
 
     fn poll(mut self: Pin<&mut Self>, cx: &mut TaskContext<'_>) -> Poll<Result<T>> {
         let this = &mut *self;
-        if this.collect.is_some() {
+        let Some(mut collect) = this.collect.take() else {
+            return Poll::Ready(Err(Error::new(
+                ErrorKind::ResultTaken,
+                "this pool result was already taken",
+            )));
+        };
+        let outcomes: Vec<(BatchOutcome, usize)> = {
             let mut engine = this.shared.lock();
             if let Some(id) = this.first_pending(&engine) {
                 engine.notify_when_done(id, cx.waker());
                 this.shared.awaited(&engine);
+                this.collect = Some(collect);
                 return Poll::Pending;
             }
+            // Every batch is in: taken under this one lock, decoded after it.
+            this.batches
+                .drain(..)
+                .map(|(id, count)| {
+                    let outcome = engine.take(id).unwrap_or_else(|| {
+                        Err(Error::new(ErrorKind::Protocol, "a pool batch result went missing"))
+                    });
+                    (outcome, count)
+                })
+                .collect()
+        };
+        for (outcome, count) in outcomes {
+            collect.batch(outcome, count);
         }
-        Poll::Ready(this.take(false))
+        Poll::Ready(collect.finish())
     }
 }
 
