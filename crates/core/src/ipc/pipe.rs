@@ -93,17 +93,19 @@ impl<T: Serialize + DeserializeOwned> Connection<T> {
     /// Sends `value` (and the descriptors it holds); blocks while the other end's buffer is
     /// full.
     pub fn send(&self, value: &T) -> Result<(), SendError> {
+        let (bytes, attachments) = self.encode(value)?;
+        let fds = attachments.borrowed_fds();
+        self.channel.send(&[&bytes], &fds, &attachments.blocks, None, None).map_err(send_error)
+    }
+
+    /// Encodes a message to send, if this end can still send.
+    fn encode(&self, value: &T) -> Result<(Vec<u8>, codec::Attachments), SendError> {
         self.check_whole()?;
         let (bytes, attachments) = codec::collecting(|| codec::encode(value));
         let bytes = bytes.map_err(|e| {
             SendError::Failed(Error::new(ErrorKind::Encode, format!("pipe message: {e}")))
         })?;
-        let fds = attachments.borrowed_fds();
-        match self.channel.send(&[&bytes], &fds, &attachments.blocks, None, None) {
-            Ok(()) => Ok(()),
-            Err(FrameError::Disconnected) => Err(SendError::Disconnected),
-            Err(e) => Err(SendError::Failed(Error::new(ErrorKind::Io, format!("pipe send: {e}")))),
-        }
+        Ok((bytes, attachments))
     }
 
     /// Waits for the next message.
@@ -156,11 +158,7 @@ impl<T: Serialize + DeserializeOwned> Connection<T> {
     /// that part in the stream: the other end then fails with a protocol error on that message,
     /// and every later `send` on this end fails too.
     pub async fn send_async(&self, value: &T) -> Result<(), SendError> {
-        self.check_whole()?;
-        let (bytes, attachments) = codec::collecting(|| codec::encode(value));
-        let bytes = bytes.map_err(|e| {
-            SendError::Failed(Error::new(ErrorKind::Encode, format!("pipe message: {e}")))
-        })?;
+        let (bytes, attachments) = self.encode(value)?;
         let fds = attachments.borrowed_fds();
         let blocks = &attachments.blocks;
         let frame = crate::transport::channel::OutFrame { body: &[&bytes], fds: &fds, blocks };
@@ -180,13 +178,7 @@ impl<T: Serialize + DeserializeOwned> Connection<T> {
             sent.store(0, Ordering::Relaxed);
         }
         drop(tear);
-        match outcome {
-            Ok(()) => Ok(()),
-            Err((_, FrameError::Disconnected)) => Err(SendError::Disconnected),
-            Err((_, e)) => {
-                Err(SendError::Failed(Error::new(ErrorKind::Io, format!("pipe send: {e}"))))
-            }
-        }
+        outcome.map_err(|(_, e)| send_error(e))
     }
 
     /// [`recv`](Self::recv) as a future: waits for the next message through the tokio
@@ -217,6 +209,13 @@ enum Received {
 fn decode<T: DeserializeOwned>(frame: Frame) -> Result<T, Error> {
     codec::with_attachments(frame.fds, frame.blocks, || codec::decode::<T>(&frame.body))
         .map_err(|e| Error::new(ErrorKind::Decode, format!("pipe message did not decode: {e}")))
+}
+
+fn send_error(e: FrameError) -> SendError {
+    match e {
+        FrameError::Disconnected => SendError::Disconnected,
+        e => SendError::Failed(Error::new(ErrorKind::Io, format!("pipe send: {e}"))),
+    }
 }
 
 fn frame_error(e: FrameError) -> Error {
