@@ -11,7 +11,7 @@
 //! which has none of them, forgets them.
 
 use std::os::fd::BorrowedFd;
-use std::sync::atomic::{AtomicU32, Ordering::SeqCst};
+use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering::SeqCst};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -28,6 +28,11 @@ const PARKED: u32 = 2;
 /// The state of every library thread alive in this process.
 static THREADS: Mutex<Vec<Arc<AtomicU32>>> = Mutex::new(Vec::new());
 
+/// How many [`THREADS`] holds, kept beside it so that a fork in a program without any reads
+/// an atomic instead of taking the lock: taking it writes to its page, and a forked child's
+/// first write to a page it shares is a copy-on-write fault of its own.
+static COUNT: AtomicUsize = AtomicUsize::new(0);
+
 fn threads() -> MutexGuard<'static, Vec<Arc<AtomicU32>>> {
     THREADS.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
@@ -43,7 +48,9 @@ impl LibraryThread {
     /// Registers the calling thread.
     pub fn register() -> LibraryThread {
         let state = Arc::new(AtomicU32::new(BUSY));
-        threads().push(Arc::clone(&state));
+        let mut threads = threads();
+        threads.push(Arc::clone(&state));
+        COUNT.store(threads.len(), SeqCst);
         LibraryThread { state }
     }
 
@@ -62,7 +69,9 @@ impl LibraryThread {
 
 impl Drop for LibraryThread {
     fn drop(&mut self) {
-        threads().retain(|state| !Arc::ptr_eq(state, &self.state));
+        let mut threads = threads();
+        threads.retain(|state| !Arc::ptr_eq(state, &self.state));
+        COUNT.store(threads.len(), SeqCst);
     }
 }
 
@@ -95,6 +104,9 @@ impl Drop for Parked {
 /// [`sys::fork_single_threaded`] with the library's own threads parked: a program whose only
 /// other threads are ours may fork. In the child, which has none of them, they are forgotten.
 pub fn fork_parked(close_in_child: &[BorrowedFd<'_>]) -> Result<Forked, (usize, std::io::Error)> {
+    if COUNT.load(SeqCst) == 0 {
+        return sys::fork_single_threaded(close_in_child, 0);
+    }
     let parked = Parked::all();
     let forked = sys::fork_single_threaded(close_in_child, parked.0.len());
     if let Ok(Forked::Child) = forked {
@@ -102,6 +114,7 @@ pub fn fork_parked(close_in_child: &[BorrowedFd<'_>]) -> Result<Forked, (usize, 
         // fork.
         std::mem::forget(parked);
         threads().clear();
+        COUNT.store(0, SeqCst);
     }
     forked
 }
@@ -126,7 +139,7 @@ pub fn fork_error(count: usize, error: std::io::Error) -> Error {
 
 /// How many library threads this process has.
 pub fn count() -> usize {
-    threads().len()
+    COUNT.load(SeqCst)
 }
 
 #[cfg(test)]
