@@ -47,6 +47,7 @@ pub const SCENARIOS: &[Scenario] = &[
     ("pool_polling_ready_alone_sees_every_result_arrive", ready_alone),
     ("pool_idle_pool_reaps_and_replaces_retired_workers", idle_pool_replaces_retired),
     ("pool_idle_pool_replaces_a_killed_worker_unasked", idle_pool_replaces_killed),
+    ("pool_processes_start_beside_a_pool_and_right_after_its_build", start_beside_pools),
 ];
 
 /// Squares a number.
@@ -761,4 +762,20 @@ fn idle_pool_replaces_killed(ctx: &Context) -> Result<(), Failed> {
             ensure(pool.apply(square, 7)? == 49, || "the pool serves after the kill".into())
         },
     )
+}
+
+/// A pool's progress thread does not stop the program from starting processes (under fork:
+/// it is parked across each fork), not even in the instant after `build()` spawned it.
+fn start_beside_pools(ctx: &Context) -> Result<(), Failed> {
+    warm_up(ctx)?;
+    let fds = fd_count();
+    for round in 0..20u64 {
+        let pool = ctx.pool().processes(1).build()?;
+        let started = ctx.process(add, (round, 1)).start()?;
+        ensure(started.join()? == round + 1, || format!("round {round}"))?;
+        ensure(pool.apply(add, (round, 2))? == round + 2, || format!("pool, round {round}"))?;
+    }
+    ensure(zombie_children().is_empty(), || format!("zombies: {:?}", zombie_children()))?;
+    let after = fd_count();
+    ensure(after == fds, || format!("fds before {fds}, after {after}"))
 }

@@ -164,8 +164,9 @@ pub fn with_forked_peer<T>(
     parent: impl FnOnce(&mut UnixStream) -> T,
 ) -> T {
     let (mut ours, theirs) = UnixStream::pair().expect("socketpair");
-    // The child must not keep our end open, or it would never see end-of-file.
-    let pid = match sys::fork_single_threaded(&[ours.as_fd()], 0) {
+    // The child must not keep our end open, or it would never see end-of-file. A pool's
+    // progress thread may be running: it is parked across the fork, as for any of ours.
+    let pid = match multiproc_core::runtime::threads::fork_parked(&[ours.as_fd()]) {
         Ok(Forked::Child) => {
             child(theirs);
             sys::exit_immediately(0)

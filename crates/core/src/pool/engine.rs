@@ -36,7 +36,7 @@ use crate::process::status::ExitStatus;
 use crate::process::template::Template;
 use crate::runtime::child;
 use crate::runtime::registry::{CallError, State};
-use crate::runtime::threads::LibraryThread;
+pub(crate) use crate::runtime::threads::LibraryThread;
 use crate::sys::{self, POLLIN, PollFd};
 use crate::transport::channel::{Channel, Frame, FrameError, OutFrame};
 use crate::transport::codec::Attachments;
@@ -1115,8 +1115,10 @@ impl Shared {
     /// as one calling `apply` in a loop does, keeps driving itself), or at once while futures
     /// await results. It gives the turn back when a caller asks for it. Its blocking calls
     /// run idle (see `runtime::threads`), so that a fork of the program may happen meanwhile.
-    pub(crate) fn progress(&self) {
-        let me = LibraryThread::register();
+    ///
+    /// `me` is the thread's registration, made by whoever spawned it before it did, so that a
+    /// fork from that moment on already waits for the new thread.
+    pub(crate) fn progress(&self, me: LibraryThread) {
         let mut engine = self.lock();
         loop {
             if engine.stopping {

@@ -212,9 +212,10 @@ impl<S: 'static> PoolBuilder<S> {
         })?;
         let progress = {
             let shared = Arc::clone(&shared);
+            let registration = engine::LibraryThread::register();
             std::thread::Builder::new()
                 .name("multiproc-pool".into())
-                .spawn(move || shared.progress())
+                .spawn(move || shared.progress(registration))
                 .map_err(|e| Error::io("starting the pool's progress thread", e))
         };
         let progress = match progress {

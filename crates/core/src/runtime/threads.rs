@@ -24,6 +24,8 @@ const BUSY: u32 = 0;
 const IDLE: u32 = 1;
 /// Idle, and held there by a fork in progress.
 const PARKED: u32 = 2;
+/// Ending: holds nothing, and will not run our code again.
+const GONE: u32 = 3;
 
 /// The state of every library thread alive in this process.
 static THREADS: Mutex<Vec<Arc<AtomicU32>>> = Mutex::new(Vec::new());
@@ -37,15 +39,16 @@ fn threads() -> MutexGuard<'static, Vec<Arc<AtomicU32>>> {
     THREADS.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
-/// A library thread's registration: made by the thread itself when it starts, dropped when it
-/// ends. The thread starts busy.
+/// A library thread's registration: made before the thread is spawned (so that no fork can
+/// happen between its birth and its registration), moved into it, dropped when it ends. The
+/// thread counts as busy until it first goes idle.
 #[derive(Debug)]
 pub struct LibraryThread {
     state: Arc<AtomicU32>,
 }
 
 impl LibraryThread {
-    /// Registers the calling thread.
+    /// Registers a thread about to be spawned, which takes this registration along.
     pub fn register() -> LibraryThread {
         let state = Arc::new(AtomicU32::new(BUSY));
         let mut threads = threads();
@@ -69,6 +72,8 @@ impl LibraryThread {
 
 impl Drop for LibraryThread {
     fn drop(&mut self) {
+        // A fork that took its list before this removal must not wait for us to go idle.
+        self.state.store(GONE, SeqCst);
         let mut threads = threads();
         threads.retain(|state| !Arc::ptr_eq(state, &self.state));
         COUNT.store(threads.len(), SeqCst);
@@ -83,12 +88,21 @@ impl Parked {
     /// the microseconds of a pool's bookkeeping, or while a pool starts a worker).
     fn all() -> Parked {
         let states: Vec<Arc<AtomicU32>> = threads().clone();
-        for state in &states {
-            while state.compare_exchange(IDLE, PARKED, SeqCst, SeqCst).is_err() {
-                std::thread::sleep(Duration::from_micros(50));
+        let mut parked = Vec::with_capacity(states.len());
+        for state in states {
+            loop {
+                match state.compare_exchange(IDLE, PARKED, SeqCst, SeqCst) {
+                    Ok(_) => {
+                        parked.push(state);
+                        break;
+                    }
+                    // Ending: nothing of ours left to run (the fork waits for it to vanish).
+                    Err(GONE) => break,
+                    Err(_) => std::thread::sleep(Duration::from_micros(50)),
+                }
             }
         }
-        Parked(states)
+        Parked(parked)
     }
 }
 
