@@ -209,29 +209,26 @@ pub const POLLHUP: i16 = libc::POLLHUP;
 /// Error (`POLLERR`), reported whether asked for or not.
 pub const POLLERR: i16 = libc::POLLERR;
 
-/// One entry of a `poll(2)` set; layout-compatible with `struct pollfd`.
-#[repr(C)]
+/// One entry of a `poll(2)` set: rustix's, with the events as the `POLL*` constants here.
+#[repr(transparent)]
 #[derive(Debug)]
-pub struct PollFd<'fd> {
-    fd: BorrowedFd<'fd>,
-    events: i16,
-    revents: i16,
-}
+pub struct PollFd<'fd>(rustix::event::PollFd<'fd>);
 
 impl<'fd> PollFd<'fd> {
     /// Watches `fd` for `events` (a union of the `POLL*` constants of this module).
     pub fn new(fd: BorrowedFd<'fd>, events: i16) -> Self {
-        Self { fd, events, revents: 0 }
+        let events = rustix::event::PollFlags::from_bits_retain(events as u16);
+        Self(rustix::event::PollFd::from_borrowed_fd(fd, events))
     }
 
     /// The events that were ready after the last [`poll`].
     pub fn revents(&self) -> i16 {
-        self.revents
+        self.0.revents().bits() as i16
     }
 
     /// Whether any of `events` (or a hang-up or error, which always wake a poll) is ready.
     pub fn ready(&self, events: i16) -> bool {
-        self.revents & (events | POLLHUP | POLLERR) != 0
+        self.revents() & (events | POLLHUP | POLLERR) != 0
     }
 }
 
@@ -240,17 +237,24 @@ impl<'fd> PollFd<'fd> {
 /// Returns how many entries are ready; `0` means the deadline passed. `EINTR` restarts the wait
 /// with the time that is left.
 pub fn poll(fds: &mut [PollFd<'_>], deadline: Option<Instant>) -> io::Result<usize> {
+    // SAFETY: `PollFd` is a transparent wrapper of rustix's, so the slices have one layout.
+    let fds = unsafe { &mut *(std::ptr::from_mut(fds) as *mut [rustix::event::PollFd<'_>]) };
     loop {
-        let timeout = super::poll_timeout_ms(deadline);
-        // SAFETY: PollFd is repr(C) with the layout of pollfd (BorrowedFd is a transparent
-        // c_int), and the slice is valid for writes of its length.
-        let ret = unsafe {
-            libc::poll(fds.as_mut_ptr().cast::<libc::pollfd>(), fds.len() as libc::nfds_t, timeout)
-        };
-        match cvt(ret) {
-            Ok(n) => return Ok(n as usize),
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-            Err(e) => return Err(e),
+        let timeout = deadline.map(|deadline| {
+            // Rounded up to the next millisecond, as poll(2) would: a wait never returns a
+            // hair before its deadline and spins.
+            let left = deadline.saturating_duration_since(Instant::now());
+            let left =
+                std::time::Duration::from_micros(left.as_micros().div_ceil(1000) as u64 * 1000);
+            rustix::event::Timespec {
+                tv_sec: left.as_secs() as i64,
+                tv_nsec: left.subsec_nanos().into(),
+            }
+        });
+        match rustix::event::poll(fds, timeout.as_ref()) {
+            Ok(n) => return Ok(n),
+            Err(rustix::io::Errno::INTR) => continue,
+            Err(e) => return Err(e.into()),
         }
     }
 }
@@ -414,9 +418,7 @@ pub fn dev_null() -> io::Result<BorrowedFd<'static>> {
 /// `dup2(fd, 0)`—makes `fd` this process's stdin. Async-signal-safe: a forked child of a
 /// multi-threaded parent may call it.
 pub fn set_stdin(fd: BorrowedFd<'_>) -> io::Result<()> {
-    // SAFETY: dup2 only replaces descriptor 0, which no Rust value in a forked child owns (std
-    // reads stdin through the raw number, and the replacement is just as valid).
-    super::retry_eintr(|| cvt(unsafe { libc::dup2(fd.as_raw_fd(), 0) })).map(drop)
+    super::retry_eintr(|| Ok(rustix::stdio::dup2_stdin(fd)?))
 }
 
 /// Closes `fds` in a child forked from this process, before it runs its task.
@@ -445,43 +447,29 @@ pub fn exit_immediately(code: i32) -> ! {
 
 /// `getppid()`.
 pub fn parent_pid() -> u32 {
-    // SAFETY: getppid cannot fail and has no preconditions.
-    unsafe { libc::getppid() as u32 }
+    rustix::process::getppid().map_or(0, |pid| pid.as_raw_nonzero().get() as u32)
 }
 
 /// `fcntl(fd, F_DUPFD_CLOEXEC, min)`—a close-on-exec duplicate of `fd` numbered `min` or
 /// above.
 pub fn dup_at_least(fd: BorrowedFd<'_>, min: RawFd) -> io::Result<OwnedFd> {
-    // SAFETY: F_DUPFD_CLOEXEC reads no memory; `fd` is open for the borrow's lifetime.
-    let new = cvt(unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_DUPFD_CLOEXEC, min) })?;
-    // SAFETY: fcntl returned a new descriptor that nothing else owns.
-    Ok(unsafe { OwnedFd::from_raw_fd(new) })
+    Ok(rustix::io::fcntl_dupfd_cloexec(fd, min)?)
 }
 
 /// `pidfd_open(pid, 0)`—a descriptor that names this process for as long as the descriptor
 /// lives, immune to pid reuse; it becomes readable when the process exits.
 pub fn pidfd_open(pid: u32) -> io::Result<OwnedFd> {
-    // SAFETY: a raw syscall with two integer arguments.
-    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid as libc::pid_t, 0) };
-    let fd = cvt_long(fd as isize)? as RawFd;
-    // SAFETY: the kernel returned a new descriptor, which we now own. pidfds are CLOEXEC.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+    let pid = i32::try_from(pid).ok().and_then(rustix::process::Pid::from_raw);
+    let pid = pid.ok_or_else(|| io::Error::from_raw_os_error(libc::ESRCH))?;
+    Ok(rustix::process::pidfd_open(pid, rustix::process::PidfdFlags::empty())?)
 }
 
 /// `pidfd_send_signal(pidfd, signal, NULL, 0)`—sends `signal` to exactly the process the
 /// descriptor names. A process that has already exited gives `ESRCH`.
 pub fn pidfd_send_signal(pidfd: BorrowedFd<'_>, signal: i32) -> io::Result<()> {
-    // SAFETY: a raw syscall with integer arguments and a NULL siginfo, which the kernel accepts.
-    let ret = unsafe {
-        libc::syscall(
-            libc::SYS_pidfd_send_signal,
-            pidfd.as_raw_fd(),
-            signal,
-            ptr::null::<libc::siginfo_t>(),
-            0,
-        )
-    };
-    cvt_long(ret as isize).map(drop)
+    let signal = rustix::process::Signal::from_named_raw(signal)
+        .ok_or_else(|| io::Error::from_raw_os_error(libc::EINVAL))?;
+    Ok(rustix::process::pidfd_send_signal(pidfd, signal)?)
 }
 
 /// How a reaped child ended, as `waitid` reports it (`process::status::ExitStatus` is the
@@ -500,29 +488,17 @@ pub enum ChildExit {
 /// children; this is the only way multiproc reaps, so it never steals another library's child
 /// the way `waitpid(-1)` would.
 pub fn pidfd_wait(pidfd: BorrowedFd<'_>, block: bool) -> io::Result<Option<ChildExit>> {
-    const P_PIDFD: libc::idtype_t = 3;
-    let mut options = libc::WEXITED;
+    use rustix::process::{WaitId, WaitIdOptions};
+    let mut options = WaitIdOptions::EXITED;
     if !block {
-        options |= libc::WNOHANG;
+        options |= WaitIdOptions::NOHANG;
     }
-    let mut info = MaybeUninit::<libc::siginfo_t>::zeroed();
-    super::retry_eintr(|| {
-        // SAFETY: info points at a writable siginfo_t.
-        cvt(unsafe {
-            libc::waitid(P_PIDFD, pidfd.as_raw_fd() as libc::id_t, info.as_mut_ptr(), options)
-        })
-    })?;
-    // SAFETY: zero-initialised, then possibly filled by the kernel: valid either way.
-    let info = unsafe { info.assume_init() };
-    // SAFETY: for SIGCHLD-style results the pid and status fields are the ones the kernel set;
-    // a WNOHANG call that found nothing leaves si_pid zero.
-    let (pid, status) = unsafe { (info.si_pid(), info.si_status()) };
-    if pid == 0 {
-        return Ok(None);
-    }
-    Ok(Some(match info.si_code {
-        libc::CLD_EXITED => ChildExit::Exited(status),
-        _ => ChildExit::Signaled(status),
+    let status =
+        super::retry_eintr(|| Ok(rustix::process::waitid(WaitId::PidFd(pidfd), options)?))?;
+    Ok(status.map(|status| match (status.exit_status(), status.terminating_signal()) {
+        (Some(code), _) => ChildExit::Exited(code),
+        (None, Some(signal)) => ChildExit::Signaled(signal),
+        (None, None) => ChildExit::Exited(255),
     }))
 }
 
@@ -665,18 +641,14 @@ pub fn replace_environment(vars: &[(OsString, OsString)]) -> io::Result<()> {
 /// descriptor, which another process can `fchdir` into even if the directory has been renamed
 /// or removed meanwhile (as a forked or spawned child inherits it).
 pub fn open_cwd() -> io::Result<OwnedFd> {
-    // SAFETY: the path is a valid NUL-terminated string; the flags create no obligations.
-    let fd = cvt(unsafe {
-        libc::open(c".".as_ptr(), libc::O_PATH | libc::O_DIRECTORY | libc::O_CLOEXEC)
-    })?;
-    // SAFETY: open returned a new descriptor that nothing else owns.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+    use rustix::fs::{Mode, OFlags};
+    let flags = OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC;
+    Ok(rustix::fs::open(".", flags, Mode::empty())?)
 }
 
 /// `fchdir(dir)`—makes `dir` the working directory.
 pub fn fchdir(dir: BorrowedFd<'_>) -> io::Result<()> {
-    // SAFETY: fchdir only reads the descriptor number, which `dir` keeps open.
-    cvt(unsafe { libc::fchdir(dir.as_raw_fd()) }).map(drop)
+    Ok(rustix::process::fchdir(dir)?)
 }
 
 /// Reads and removes the environment variable `name`.
@@ -788,24 +760,18 @@ pub fn cstring(value: impl Into<Vec<u8>>) -> io::Result<CString> {
 /// `memfd_create(name, MFD_CLOEXEC | MFD_ALLOW_SEALING)` then `ftruncate(len)`: anonymous
 /// memory that lives as long as some process holds the descriptor or a mapping of it.
 pub fn memfd(name: &str, len: usize) -> io::Result<OwnedFd> {
-    let name = cstring(name)?;
-    // SAFETY: `name` is a valid NUL-terminated string for the duration of the call.
-    let fd = cvt(unsafe {
-        libc::memfd_create(name.as_ptr(), libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING)
-    })?;
-    // SAFETY: memfd_create returned a new descriptor that nothing else owns.
-    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
-    let len = libc::off_t::try_from(len).map_err(|_| io::Error::other("memfd size overflow"))?;
-    // SAFETY: ftruncate reads no memory; `fd` is open.
-    cvt(unsafe { libc::ftruncate(fd.as_raw_fd(), len) })?;
+    use rustix::fs::MemfdFlags;
+    let fd = rustix::fs::memfd_create(name, MemfdFlags::CLOEXEC | MemfdFlags::ALLOW_SEALING)?;
+    set_file_size(fd.as_fd(), len as u64)?;
     Ok(fd)
 }
 
 /// `ftruncate(fd, len)`—grows or shrinks the file behind `fd`; shrinking frees a memfd's pages.
 pub fn set_file_size(fd: BorrowedFd<'_>, len: u64) -> io::Result<()> {
-    let len = libc::off_t::try_from(len).map_err(|_| io::Error::other("file size overflow"))?;
-    // SAFETY: ftruncate reads no memory; `fd` is open.
-    super::retry_eintr(|| cvt(unsafe { libc::ftruncate(fd.as_raw_fd(), len) })).map(drop)
+    if i64::try_from(len).is_err() {
+        return Err(io::Error::other("file size overflow"));
+    }
+    super::retry_eintr(|| Ok(rustix::fs::ftruncate(fd, len)?))
 }
 
 /// Whether process `pid` still runs (it exists and is not a zombie), from `/proc/<pid>/stat`.
@@ -838,75 +804,57 @@ fn borrowed_file(fd: BorrowedFd<'_>) -> std::mem::ManuallyDrop<std::fs::File> {
 /// Seals `fd` against writing, shrinking and growing, and against further sealing
 /// (`F_ADD_SEALS`). Fails with `EBUSY` while a writable shared mapping of it exists.
 pub fn seal_read_only(fd: BorrowedFd<'_>) -> io::Result<()> {
-    let seals = libc::F_SEAL_WRITE | libc::F_SEAL_SHRINK | libc::F_SEAL_GROW | libc::F_SEAL_SEAL;
-    // SAFETY: F_ADD_SEALS reads no memory; `fd` is open.
-    cvt(unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_ADD_SEALS, seals) }).map(drop)
+    use rustix::fs::SealFlags;
+    let seals = SealFlags::WRITE | SealFlags::SHRINK | SealFlags::GROW | SealFlags::SEAL;
+    Ok(rustix::fs::fcntl_add_seals(fd, seals)?)
 }
 
 /// Seals `fd` against shrinking and growing, and against further sealing: a process that
 /// maps it can never fault past its end, whoever else holds it.
 pub fn seal_size(fd: BorrowedFd<'_>) -> io::Result<()> {
-    let seals = libc::F_SEAL_SHRINK | libc::F_SEAL_GROW | libc::F_SEAL_SEAL;
-    // SAFETY: F_ADD_SEALS reads no memory; `fd` is open.
-    cvt(unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_ADD_SEALS, seals) }).map(drop)
+    use rustix::fs::SealFlags;
+    Ok(rustix::fs::fcntl_add_seals(fd, SealFlags::SHRINK | SealFlags::GROW | SealFlags::SEAL)?)
 }
 
 /// Whether `fd` is sealed so that its size can never change again.
 pub fn is_size_sealed(fd: BorrowedFd<'_>) -> io::Result<bool> {
-    // SAFETY: F_GET_SEALS reads no memory; `fd` is open.
-    let seals = cvt(unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_GET_SEALS) })?;
-    let needed = libc::F_SEAL_SHRINK | libc::F_SEAL_GROW;
-    Ok(seals & needed == needed)
+    use rustix::fs::SealFlags;
+    Ok(rustix::fs::fcntl_get_seals(fd)?.contains(SealFlags::SHRINK | SealFlags::GROW))
 }
 
 /// Whether `fd` is sealed so that its contents and size can never change again.
 pub fn is_sealed_read_only(fd: BorrowedFd<'_>) -> io::Result<bool> {
-    // SAFETY: F_GET_SEALS reads no memory; `fd` is open.
-    let seals = cvt(unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_GET_SEALS) })?;
-    let needed = libc::F_SEAL_WRITE | libc::F_SEAL_SHRINK | libc::F_SEAL_GROW;
-    Ok(seals & needed == needed)
+    use rustix::fs::SealFlags;
+    let needed = SealFlags::WRITE | SealFlags::SHRINK | SealFlags::GROW;
+    Ok(rustix::fs::fcntl_get_seals(fd)?.contains(needed))
 }
 
 /// `socketpair(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC)`: a connected pair whose every
 /// `sendmsg` is one record, delivered whole to exactly one `recvmsg` and never interleaved with
 /// another sender's—what lets many processes share one end.
 pub fn seqpacket_pair() -> io::Result<(OwnedFd, OwnedFd)> {
-    let mut fds = [0 as c_int; 2];
-    // SAFETY: `fds` is valid for writes of two ints.
-    cvt(unsafe {
-        libc::socketpair(
-            libc::AF_UNIX,
-            libc::SOCK_SEQPACKET | libc::SOCK_CLOEXEC,
-            0,
-            fds.as_mut_ptr(),
-        )
-    })?;
-    // SAFETY: socketpair returned two new descriptors that nothing else owns.
-    Ok(unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) })
+    use rustix::net::{AddressFamily, SocketFlags, SocketType};
+    let family = AddressFamily::UNIX;
+    Ok(rustix::net::socketpair(family, SocketType::SEQPACKET, SocketFlags::CLOEXEC, None)?)
 }
 
 /// `eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK)`: a counter that is readable while above zero, and
 /// that wakes every poller on each write.
 pub fn eventfd() -> io::Result<OwnedFd> {
-    // SAFETY: eventfd takes no pointers.
-    let fd = cvt(unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) })?;
-    // SAFETY: eventfd returned a new descriptor that nothing else owns.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+    use rustix::event::EventfdFlags;
+    Ok(rustix::event::eventfd(0, EventfdFlags::CLOEXEC | EventfdFlags::NONBLOCK)?)
 }
 
 /// Adds one to an [`eventfd`]'s counter (a counter at its maximum is left there: it is
 /// readable already).
 pub fn eventfd_add_one(fd: BorrowedFd<'_>) {
-    let one = 1u64.to_ne_bytes();
-    // SAFETY: `one` is valid for reads of its 8 bytes for the call.
-    let _ = unsafe { libc::write(fd.as_raw_fd(), one.as_ptr().cast(), one.len()) };
+    let _ = rustix::io::write(fd, &1u64.to_ne_bytes());
 }
 
 /// Reads an [`eventfd`]'s counter, setting it back to zero (nothing happens if it is zero).
 pub fn eventfd_take(fd: BorrowedFd<'_>) {
     let mut count = [0u8; 8];
-    // SAFETY: `count` is valid for writes of its 8 bytes for the call.
-    let _ = unsafe { libc::read(fd.as_raw_fd(), count.as_mut_ptr().cast(), count.len()) };
+    let _ = rustix::io::read(fd, &mut count);
 }
 
 /// Fills `buf` from the kernel's cryptographically secure generator (`getrandom(2)`).
@@ -1035,34 +983,26 @@ pub fn futex_wait(word: &AtomicU32, expected: u32, deadline: Option<Instant>) ->
             if left.is_zero() {
                 return Ok(false);
             }
-            Some(libc::timespec {
-                tv_sec: left.as_secs() as libc::time_t,
-                tv_nsec: left.subsec_nanos() as libc::c_long,
+            Some(rustix::thread::futex::Timespec {
+                tv_sec: left.as_secs() as i64,
+                tv_nsec: left.subsec_nanos().into(),
             })
         }
     };
-    let timeout_ptr = timeout.as_ref().map_or(ptr::null(), |t| t as *const libc::timespec);
-    // SAFETY: `word` is a live, aligned u32 for the duration of the call, and `timeout_ptr`
-    // is null or points at a timespec on this stack frame; FUTEX_WAIT writes no memory.
-    let ret = unsafe {
-        libc::syscall(libc::SYS_futex, word.as_ptr(), libc::FUTEX_WAIT, expected, timeout_ptr)
-    };
-    if ret == 0 {
-        return Ok(true);
-    }
-    let error = io::Error::last_os_error();
-    match error.raw_os_error() {
-        Some(libc::ETIMEDOUT) => Ok(false),
-        Some(libc::EAGAIN) | Some(libc::EINTR) => Ok(true),
-        _ => Err(error),
+    // Not FUTEX_PRIVATE_FLAG: the word may be in memory shared with other processes.
+    let flags = rustix::thread::futex::Flags::empty();
+    match rustix::thread::futex::wait(word, flags, expected, timeout.as_ref()) {
+        Ok(()) => Ok(true),
+        Err(rustix::io::Errno::TIMEDOUT) => Ok(false),
+        Err(rustix::io::Errno::AGAIN | rustix::io::Errno::INTR) => Ok(true),
+        Err(e) => Err(e.into()),
     }
 }
 
 /// `FUTEX_WAKE`: wakes up to `count` processes or threads sleeping in [`futex_wait`] on `word`.
 pub fn futex_wake(word: &AtomicU32, count: u32) {
     let count = count.min(i32::MAX as u32);
-    // SAFETY: `word` is a live, aligned u32; FUTEX_WAKE reads and writes no user memory.
-    unsafe { libc::syscall(libc::SYS_futex, word.as_ptr(), libc::FUTEX_WAKE, count) };
+    let _ = rustix::thread::futex::wake(word, rustix::thread::futex::Flags::empty(), count);
 }
 
 /// A shared mapping of `len` bytes of a memory file, unmapped on drop.
