@@ -49,38 +49,18 @@ pub fn send_with_fds(
             format!("{} fds in one message, at most {MAX_FDS_PER_MESSAGE}", fds.len()),
         ));
     }
-    let mut cmsg = CmsgBuffer([0; 1088]);
-    // SAFETY: msghdr is plain old data; all-zero is a valid empty header.
-    let mut msg: libc::msghdr = unsafe { mem::zeroed() };
-    // The kernel only reads the iovecs; IoSlice is ABI-compatible with iovec on Unix.
-    msg.msg_iov = bufs.as_ptr() as *mut libc::iovec;
-    msg.msg_iovlen = bufs.len() as _;
-    if !fds.is_empty() {
-        let payload = mem::size_of_val(fds) as u32;
-        // SAFETY: CMSG_SPACE is arithmetic on its argument.
-        let space = unsafe { libc::CMSG_SPACE(payload) } as usize;
-        debug_assert!(space <= cmsg.0.len());
-        msg.msg_control = cmsg.0.as_mut_ptr().cast();
-        msg.msg_controllen = space as _;
-        // SAFETY: msg_control points at `space` bytes of an aligned buffer, so CMSG_FIRSTHDR is
-        // non-null and the header plus `payload` bytes of data lie inside the buffer.
-        unsafe {
-            let header = libc::CMSG_FIRSTHDR(&msg);
-            (*header).cmsg_level = libc::SOL_SOCKET;
-            (*header).cmsg_type = libc::SCM_RIGHTS;
-            (*header).cmsg_len = libc::CMSG_LEN(payload) as _;
-            let data = libc::CMSG_DATA(header).cast::<RawFd>();
-            for (i, fd) in fds.iter().enumerate() {
-                ptr::write_unaligned(data.add(i), fd.as_raw_fd());
-            }
-        }
+    use rustix::net::{SendAncillaryBuffer, SendAncillaryMessage, SendFlags};
+    let mut space =
+        [MaybeUninit::<u8>::uninit(); rustix::cmsg_space!(ScmRights(MAX_FDS_PER_MESSAGE))];
+    let mut control = SendAncillaryBuffer::new(&mut space);
+    if !fds.is_empty() && !control.push(SendAncillaryMessage::ScmRights(fds)) {
+        return Err(io::Error::other("the control buffer is too small for the descriptors"));
     }
-    let mut flags = libc::MSG_NOSIGNAL;
+    let mut flags = SendFlags::NOSIGNAL;
     if nonblocking {
-        flags |= libc::MSG_DONTWAIT;
+        flags |= SendFlags::DONTWAIT;
     }
-    // SAFETY: msg points at live buffers for the duration of the call.
-    super::retry_eintr(|| cvt_long(unsafe { libc::sendmsg(sock.as_raw_fd(), &msg, flags) }))
+    super::retry_eintr(|| Ok(rustix::net::sendmsg(sock, bufs, &mut control, flags)?))
 }
 
 /// What one `recvmsg` brought.
@@ -397,11 +377,8 @@ fn fork_raw(close_in_child: &[BorrowedFd<'_>]) -> io::Result<Forked> {
 /// `recv(sock, buf, MSG_PEEK | MSG_DONTWAIT)`—copies what is waiting in a socket without
 /// taking it; `Ok(0)` is end-of-stream, `WouldBlock` nothing yet.
 pub fn peek(sock: BorrowedFd<'_>, buf: &mut [u8]) -> io::Result<usize> {
-    let flags = libc::MSG_PEEK | libc::MSG_DONTWAIT;
-    super::retry_eintr(|| {
-        // SAFETY: buf is valid for writes of buf.len() bytes for the duration of the call.
-        cvt_long(unsafe { libc::recv(sock.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), flags) })
-    })
+    let flags = rustix::net::RecvFlags::PEEK | rustix::net::RecvFlags::DONTWAIT;
+    super::retry_eintr(|| Ok(rustix::net::recv(sock, &mut *buf, flags)?.0))
 }
 
 /// `/dev/null`, opened read-only (CLOEXEC) once per process: what a forked child gets as its
@@ -862,11 +839,8 @@ pub fn random_bytes(buf: &mut [u8]) -> io::Result<()> {
     let mut filled = 0;
     while filled < buf.len() {
         let rest = &mut buf[filled..];
-        let n = super::retry_eintr(|| {
-            // SAFETY: `rest` is valid for writes of its length.
-            cvt_long(unsafe { libc::getrandom(rest.as_mut_ptr().cast(), rest.len(), 0) })
-        })?;
-        filled += n;
+        let flags = rustix::rand::GetRandomFlags::empty();
+        filled += super::retry_eintr(|| Ok(rustix::rand::getrandom(&mut *rest, flags)?))?;
     }
     Ok(())
 }
@@ -881,10 +855,12 @@ pub fn large_buffer(len: usize) -> Vec<u8> {
         let start = (buf.as_ptr() as usize).next_multiple_of(HUGE);
         let end = (buf.as_ptr() as usize + len) / HUGE * HUGE;
         if end > start {
+            let advice = rustix::mm::Advice::LinuxHugepage;
             // SAFETY: [start, end) lies inside the vector's own allocation; MADV_HUGEPAGE only
             // changes how the kernel backs those pages, never their contents. Failure (no THP
             // support) is harmless: the advice is dropped.
-            unsafe { libc::madvise(start as *mut libc::c_void, end - start, libc::MADV_HUGEPAGE) };
+            let _ =
+                unsafe { rustix::mm::madvise(start as *mut std::ffi::c_void, end - start, advice) };
         }
     }
     buf
@@ -892,33 +868,22 @@ pub fn large_buffer(len: usize) -> Vec<u8> {
 
 /// The CPUs the calling thread may run on (`sched_getaffinity(0)`), in ascending order.
 pub fn cpu_affinity() -> io::Result<Vec<usize>> {
-    let mut set = MaybeUninit::<libc::cpu_set_t>::zeroed();
-    // SAFETY: the kernel writes at most `size_of::<cpu_set_t>()` bytes into `set`, which
-    // starts zeroed, so every bit is initialised whatever it writes.
-    cvt(unsafe { libc::sched_getaffinity(0, size_of::<libc::cpu_set_t>(), set.as_mut_ptr()) })?;
-    // SAFETY: zeroed, then filled by the call above.
-    let set = unsafe { set.assume_init() };
-    // SAFETY: CPU_ISSET reads one bit of a live set, within CPU_SETSIZE.
-    Ok((0..libc::CPU_SETSIZE as usize)
-        .filter(|&cpu| unsafe { libc::CPU_ISSET(cpu, &set) })
-        .collect())
+    let set = rustix::thread::sched_getaffinity(None)?;
+    Ok((0..rustix::thread::CpuSet::MAX_CPU).filter(|&cpu| set.is_set(cpu)).collect())
 }
 
 /// Lets the calling thread (and the processes it starts from now on, which inherit the mask)
 /// run only on `cpus` (`sched_setaffinity(0)`). The benchmarks use it to measure a round trip
 /// between processes that share one CPU.
 pub fn set_cpu_affinity(cpus: &[usize]) -> io::Result<()> {
-    // SAFETY: an all-zero cpu_set_t is the empty set.
-    let mut set: libc::cpu_set_t = unsafe { mem::zeroed() };
+    let mut set = rustix::thread::CpuSet::new();
     for &cpu in cpus {
-        if cpu >= libc::CPU_SETSIZE as usize {
+        if cpu >= rustix::thread::CpuSet::MAX_CPU {
             return Err(io::Error::from_raw_os_error(libc::EINVAL));
         }
-        // SAFETY: sets one bit of a live set; `cpu` is below CPU_SETSIZE (checked above).
-        unsafe { libc::CPU_SET(cpu, &mut set) };
+        set.set(cpu);
     }
-    // SAFETY: the kernel reads `size_of::<cpu_set_t>()` bytes from a live, initialised set.
-    cvt(unsafe { libc::sched_setaffinity(0, size_of::<libc::cpu_set_t>(), &set) }).map(drop)
+    Ok(rustix::thread::sched_setaffinity(None, &set)?)
 }
 
 /// Below this many bytes, memory is left to be faulted in page by page as it is filled.
@@ -940,11 +905,10 @@ pub fn prefault<T>(spare: &mut [MaybeUninit<T>]) {
     let start = (spare.as_ptr() as usize).next_multiple_of(PAGE);
     let end = (spare.as_ptr() as usize + len) / PAGE * PAGE;
     if end > start {
+        let advice = rustix::mm::Advice::LinuxPopulateWrite;
         // SAFETY: [start, end) lies inside `spare`, which we borrow mutably, so no one else
         // uses it; MADV_POPULATE_WRITE faults pages in as a write would, changing no byte.
-        unsafe {
-            libc::madvise(start as *mut libc::c_void, end - start, libc::MADV_POPULATE_WRITE)
-        };
+        let _ = unsafe { rustix::mm::madvise(start as *mut std::ffi::c_void, end - start, advice) };
     }
 }
 
@@ -1029,7 +993,7 @@ unsafe impl Sync for Mapping {}
 impl Mapping {
     /// `mmap(len, PROT_READ | PROT_WRITE, MAP_SHARED, fd)`.
     pub fn writable(fd: BorrowedFd<'_>, len: usize) -> io::Result<Mapping> {
-        Self::map(fd, len, libc::PROT_READ | libc::PROT_WRITE, false)
+        Self::map(fd, len, rustix::mm::ProtFlags::READ | rustix::mm::ProtFlags::WRITE, false)
     }
 
     /// `mmap(len, PROT_READ, MAP_SHARED, fd)` of a file that must be sealed read-only (checked
@@ -1038,7 +1002,7 @@ impl Mapping {
         if !is_sealed_read_only(fd)? {
             return Err(io::Error::other("the memory is not sealed read-only"));
         }
-        Self::map(fd, len, libc::PROT_READ, true)
+        Self::map(fd, len, rustix::mm::ProtFlags::READ, true)
     }
 
     /// `mmap(len, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_NORESERVE, fd)` of a file that may
@@ -1050,28 +1014,19 @@ impl Mapping {
     /// before it publishes the larger size, and publishes a smaller size before it shrinks the
     /// file, all under its lock.
     pub fn reserved(fd: BorrowedFd<'_>, len: usize) -> io::Result<Mapping> {
-        let prot = libc::PROT_READ | libc::PROT_WRITE;
-        // SAFETY: a fresh mapping chosen by the kernel (addr NULL) cannot overlap memory Rust
-        // owns. Pages past the file's end are not backed; see above for why none is touched.
-        let ptr = unsafe {
-            libc::mmap(
-                ptr::null_mut(),
-                len,
-                prot,
-                libc::MAP_SHARED | libc::MAP_NORESERVE,
-                fd.as_raw_fd(),
-                0,
-            )
-        };
-        if ptr == libc::MAP_FAILED {
-            return Err(io::Error::last_os_error());
-        }
-        let ptr = std::ptr::NonNull::new(ptr.cast::<u8>())
-            .ok_or_else(|| io::Error::other("mmap returned NULL"))?;
+        use rustix::mm::{MapFlags, ProtFlags};
+        let prot = ProtFlags::READ | ProtFlags::WRITE;
+        // Pages past the file's end are not backed; see above for why none is touched.
+        let ptr = mmap_shared(fd, len, prot, MapFlags::SHARED | MapFlags::NORESERVE)?;
         Ok(Mapping { ptr, len, sealed: false })
     }
 
-    fn map(fd: BorrowedFd<'_>, len: usize, prot: c_int, sealed: bool) -> io::Result<Mapping> {
+    fn map(
+        fd: BorrowedFd<'_>,
+        len: usize,
+        prot: rustix::mm::ProtFlags,
+        sealed: bool,
+    ) -> io::Result<Mapping> {
         let size = file_size(fd)?;
         if (size as u128) < len as u128 {
             return Err(io::Error::other(format!("memory of {size} bytes, expected {len}")));
@@ -1079,16 +1034,9 @@ impl Mapping {
         if len == 0 {
             return Ok(Mapping { ptr: std::ptr::NonNull::dangling(), len, sealed });
         }
-        // SAFETY: a fresh mapping chosen by the kernel (addr NULL) cannot overlap memory Rust
-        // owns; the file is at least `len` bytes long (checked above), so every mapped page
-        // is backed.
-        let ptr =
-            unsafe { libc::mmap(ptr::null_mut(), len, prot, libc::MAP_SHARED, fd.as_raw_fd(), 0) };
-        if ptr == libc::MAP_FAILED {
-            return Err(io::Error::last_os_error());
-        }
-        let ptr = std::ptr::NonNull::new(ptr.cast::<u8>())
-            .ok_or_else(|| io::Error::other("mmap returned NULL"))?;
+        // The file is at least `len` bytes long (checked above), so every mapped page is
+        // backed.
+        let ptr = mmap_shared(fd, len, prot, rustix::mm::MapFlags::SHARED)?;
         Ok(Mapping { ptr, len, sealed })
     }
 
@@ -1167,9 +1115,23 @@ impl Drop for Mapping {
         if self.len > 0 {
             // SAFETY: ptr/len describe a mapping made by `map` and never unmapped before; no
             // reference into it outlives `self` (slices borrow `self`).
-            unsafe { libc::munmap(self.ptr.as_ptr().cast(), self.len) };
+            let _ = unsafe { rustix::mm::munmap(self.ptr.as_ptr().cast(), self.len) };
         }
     }
+}
+
+/// A fresh shared mapping of the first `len` bytes of `fd`, at an address the kernel picks.
+fn mmap_shared(
+    fd: BorrowedFd<'_>,
+    len: usize,
+    prot: rustix::mm::ProtFlags,
+    flags: rustix::mm::MapFlags,
+) -> io::Result<std::ptr::NonNull<u8>> {
+    // SAFETY: with a NULL address the kernel picks a range no existing mapping uses, so the
+    // new one cannot overlap memory Rust owns; the caller keeps the pointer only as a
+    // `Mapping`, which unmaps it on drop.
+    let ptr = unsafe { rustix::mm::mmap(ptr::null_mut(), len, prot, flags, fd, 0) }?;
+    std::ptr::NonNull::new(ptr.cast::<u8>()).ok_or_else(|| io::Error::other("mmap returned NULL"))
 }
 
 /// Registers `fd` with the current tokio runtime's reactor, for `interest` (the `tokio`
