@@ -760,22 +760,24 @@ pub fn process_alive(pid: u32) -> bool {
 
 /// The size of the file behind `fd` (`fstat`).
 pub fn file_size(fd: BorrowedFd<'_>) -> io::Result<u64> {
-    Ok(borrowed_file(fd).metadata()?.len())
+    Ok(rustix::fs::fstat(fd)?.st_size as u64)
 }
 
 /// Writes all of `data` at `offset` in the file behind `fd` (`pwrite`). Into a memfd, the
 /// kernel allocates the pages as it copies: no page fault per page, as writing through a fresh
 /// mapping takes.
 pub fn write_all_at(fd: BorrowedFd<'_>, data: &[u8], offset: u64) -> io::Result<()> {
-    std::os::unix::fs::FileExt::write_all_at(&*borrowed_file(fd), data, offset)
-}
-
-/// The file behind a borrowed descriptor, for the standard library's file calls; never
-/// dropped, so it never closes the descriptor.
-fn borrowed_file(fd: BorrowedFd<'_>) -> std::mem::ManuallyDrop<std::fs::File> {
-    // SAFETY: the File is never dropped (ManuallyDrop), so it does not close the borrowed
-    // descriptor; callers use it only while the borrow lasts.
-    std::mem::ManuallyDrop::new(unsafe { std::fs::File::from_raw_fd(fd.as_raw_fd()) })
+    let mut written = 0;
+    while written < data.len() {
+        let at = offset + written as u64;
+        match rustix::io::pwrite(fd, &data[written..], at) {
+            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+            Ok(n) => written += n,
+            Err(rustix::io::Errno::INTR) => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Ok(())
 }
 
 /// Seals `fd` against writing, shrinking and growing, and against further sealing

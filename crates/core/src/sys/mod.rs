@@ -1,5 +1,9 @@
 //! The operating-system boundary: every `unsafe` block and every Linux-specific call of multiproc.
 //!
+//! Most calls go through rustix, which makes the raw syscalls with its safety kept upstream;
+//! what rustix lacks (`recvmsg` into uninitialised memory, `fork`, `posix_spawn`, signal
+//! dispositions) is called through libc here (ARCHITECTURE.md, "The OS boundary").
+//!
 //! The rest of the workspace denies `unsafe_code`; this module allows it per file, and each block
 //! carries a `// SAFETY:` line with its proof. Keeping the platform here (pidfd, SCM_RIGHTS,
 //! `/proc`, `posix_spawn`, `.init_array`) is what lets a macOS backend follow later by adding a
