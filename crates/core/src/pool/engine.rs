@@ -844,6 +844,8 @@ pub(crate) struct Shared {
     /// does not wait for the engine's lock, the driver moves them to the queue at its next
     /// service.
     inbox: Mutex<Vec<Batch>>,
+    /// The inbox may hold batches (set after a push, cleared by whoever empties it).
+    inbox_used: AtomicBool,
     /// The last batch number given out.
     next_batch: AtomicU64,
     /// Mirrors of the engine's `thread_drives` and `closed`, read without its lock.
@@ -883,6 +885,7 @@ impl Shared {
             wake: [wake.0, wake.1],
             bell: AtomicU32::new(0),
             inbox: Mutex::new(Vec::new()),
+            inbox_used: AtomicBool::new(false),
             next_batch: AtomicU64::new(0),
             thread_drives: AtomicBool::new(false),
             closed: AtomicBool::new(false),
@@ -915,42 +918,56 @@ impl Shared {
     /// Queues batches of `task`; each item of `batches` is `(item count, encoded Vec, the
     /// descriptors it holds)`.
     pub(crate) fn submit(&self, task: &'static str, batches: Vec<Encoded>) -> Result<Vec<BatchId>> {
-        let closed = || {
-            let engine = self.lock();
+        let batches: Vec<Batch> = batches.into_iter().map(|e| self.number(task, e)).collect();
+        let ids = batches.iter().map(|b| b.id).collect();
+        let count = batches.len();
+        self.enqueue(batches, count)?;
+        Ok(ids)
+    }
+
+    /// [`submit`](Self::submit) of one batch, with nothing to allocate beside it.
+    pub(crate) fn submit_one(&self, task: &'static str, batch: Encoded) -> Result<BatchId> {
+        let batch = self.number(task, batch);
+        let id = batch.id;
+        self.enqueue(std::iter::once(batch), 1)?;
+        Ok(id)
+    }
+
+    /// A batch with the next number.
+    fn number(&self, task: &'static str, (count, args, attachments): Encoded) -> Batch {
+        let id = self.next_batch.fetch_add(1, SeqCst) + 1;
+        Batch { id, task, count, args, attachments }
+    }
+
+    /// Queues `count` batches (or refuses them, once the pool is closed) and sends what can
+    /// go at once.
+    fn enqueue(&self, batches: impl IntoIterator<Item = Batch>, count: usize) -> Result<()> {
+        let closed = |engine: &Engine| {
             Error::new(
                 ErrorKind::InvalidState,
                 if engine.terminated { "the pool was terminated" } else { "the pool is closed" },
             )
         };
         if self.closed.load(SeqCst) {
-            return Err(closed());
+            return Err(closed(&self.lock()));
         }
-        let mut ids = Vec::with_capacity(batches.len());
-        let batches: Vec<Batch> = batches
-            .into_iter()
-            .map(|(count, args, attachments)| {
-                let id = self.next_batch.fetch_add(1, SeqCst) + 1;
-                ids.push(id);
-                Batch { id, task, count, args, attachments }
-            })
-            .collect();
         // While the progress thread drives and holds the engine, a submission does not wait
         // for it: the batches go to the inbox, which the thread empties at its next service.
         let mut engine = match self.engine.try_lock() {
             Ok(engine) => engine,
             Err(std::sync::TryLockError::Poisoned(poisoned)) => poisoned.into_inner(),
             Err(std::sync::TryLockError::WouldBlock) if self.thread_drives.load(SeqCst) => {
-                self.inbox.lock().unwrap_or_else(|p| p.into_inner()).extend(batches);
+                let mut inbox = self.inbox.lock().unwrap_or_else(|p| p.into_inner());
+                inbox.extend(batches);
+                self.inbox_used.store(true, SeqCst);
+                drop(inbox);
                 self.wake_once();
-                return Ok(ids);
+                return Ok(());
             }
             Err(std::sync::TryLockError::WouldBlock) => self.lock(),
         };
         if engine.closed {
-            return Err(Error::new(
-                ErrorKind::InvalidState,
-                if engine.terminated { "the pool was terminated" } else { "the pool is closed" },
-            ));
+            return Err(closed(&engine));
         }
         self.take_inbox(&mut engine);
         engine.pending.extend(batches);
@@ -958,8 +975,8 @@ impl Shared {
         // in flight (a lone request: no hop through the thread); in a burst, the thread sends
         // what piles up in bulk, one write per worker for many batches.
         let idle_only = engine.thread_drives;
-        let quiet = engine.pending.len() == ids.len()
-            && engine.workers.iter().all(|w| w.in_flight.is_empty());
+        let quiet =
+            engine.pending.len() == count && engine.workers.iter().all(|w| w.in_flight.is_empty());
         if !idle_only || quiet {
             engine.dispatch_to(&self.config, idle_only);
         }
@@ -969,7 +986,7 @@ impl Shared {
         if engine.driving {
             self.wake_once();
         }
-        Ok(ids)
+        Ok(())
     }
 
     /// Wakes the driver so that it looks again (new deadlines, queued work), once however
@@ -982,8 +999,8 @@ impl Shared {
 
     /// Moves what was submitted to the inbox to the queue, behind what was queued before.
     fn take_inbox(&self, engine: &mut Engine) {
-        let mut inbox = self.inbox.lock().unwrap_or_else(|p| p.into_inner());
-        if !inbox.is_empty() {
+        if self.inbox_used.swap(false, SeqCst) {
+            let mut inbox = self.inbox.lock().unwrap_or_else(|p| p.into_inner());
             engine.pending.extend(inbox.drain(..));
         }
     }
@@ -1050,6 +1067,12 @@ impl Shared {
                     None => self.changed.wait(engine).unwrap_or_else(|p| p.into_inner()),
                 };
                 engine.sleepers -= 1;
+                if engine.sleepers == 0 && !engine.driving && engine.thread_waits {
+                    // The progress thread waits for the turn to be free with nobody waiting
+                    // for it: this caller may leave without driving.
+                    engine.thread_waits = false;
+                    self.ring();
+                }
                 continue;
             }
             engine.driving = true;

@@ -327,7 +327,7 @@ impl<S: 'static> Pool<S> {
         task: Task<A, R, S>,
         args: A,
     ) -> Result<AsyncResult<R>> {
-        let chunks = encode_chunks(task.name(), std::slice::from_ref(&args), 1)?;
+        let batch = encode_batch(task.name(), std::slice::from_ref(&args))?;
         let name = task.name();
         let mut result = AsyncResult::new(
             &self.shared,
@@ -340,8 +340,8 @@ impl<S: 'static> Pool<S> {
                 })
             }),
         );
-        let ids = self.shared.submit(name, chunks)?;
-        result.batches.extend(ids.into_iter().map(|id| (id, 1)));
+        let id = self.shared.submit_one(name, batch)?;
+        result.batches.push_back((id, 1));
         Ok(result)
     }
 
@@ -439,19 +439,19 @@ impl<S> fmt::Debug for Pool<S> {
 
 /// Encodes `items` in batches of `chunksize`: `(count, encoded Vec, attachments)`.
 fn encode_chunks<A: Portable>(task: &str, items: &[A], chunksize: usize) -> Result<Vec<Encoded>> {
-    items
-        .chunks(chunksize.max(1))
-        .map(|chunk| {
-            let (bytes, attachments) = codec::collecting(|| codec::encode(chunk));
-            let bytes = bytes.and_then(|bytes| {
-                attachments.check_fits_one_message()?;
-                Ok(bytes)
-            });
-            bytes.map(|bytes| (chunk.len(), bytes, attachments)).map_err(|e| {
-                Error::new(ErrorKind::Encode, format!("arguments of pool task `{task}`: {e}"))
-            })
-        })
-        .collect()
+    items.chunks(chunksize.max(1)).map(|chunk| encode_batch(task, chunk)).collect()
+}
+
+/// Encodes one batch of `items`: `(count, encoded Vec, attachments)`.
+fn encode_batch<A: Portable>(task: &str, items: &[A]) -> Result<Encoded> {
+    let (bytes, attachments) = codec::collecting(|| codec::encode(items));
+    let bytes = bytes.and_then(|bytes| {
+        attachments.check_fits_one_message()?;
+        Ok(bytes)
+    });
+    bytes
+        .map(|bytes| (items.len(), bytes, attachments))
+        .map_err(|e| Error::new(ErrorKind::Encode, format!("arguments of pool task `{task}`: {e}")))
 }
 
 /// Turns one batch's outcome into `count` item results, appended to `out`.
