@@ -17,6 +17,7 @@ mod lifecycle;
 mod pool;
 mod protocol;
 mod queue;
+mod sync;
 
 use libtest_mimic::{Arguments, Failed, Trial};
 use multiproc::Context;
@@ -45,6 +46,7 @@ fn main() -> std::process::ExitCode {
         queue::SCENARIOS,
         bytes::SCENARIOS,
         asyncio::SCENARIOS,
+        sync::SCENARIOS,
     ]
     .concat();
     if method == "forkserver" {

@@ -38,10 +38,11 @@ pub use multiproc_core::ipc::queue::{GetTimeoutError, PutTimeoutError, TryGetErr
 pub use multiproc_core::preloaded;
 pub use multiproc_core::runtime::log::log_to_stderr;
 pub use multiproc_core::{
-    AsyncResult, Bytes, ChildFailure, Client, Connection, Error, ErrorKind, ExitStatus, Fd, IMap,
-    JoinableQueue, Listener, MultithreadedForkPermit, Pool, PoolBuilder, Portable, Process,
-    ProcessBuilder, Queue, RemotePanic, Result, SealedMemory, SealedSlice, SharedMemory,
-    SharedSlice, Signaller, StartMethod, Task, Waitable, Watch, init, wait,
+    AsyncResult, BoundedSemaphore, Bytes, ChildFailure, Client, Connection, Error, ErrorKind,
+    Event, ExitStatus, Fd, IMap, JoinableQueue, Listener, MultithreadedForkPermit, Pool,
+    PoolBuilder, Portable, Process, ProcessBuilder, Queue, RemotePanic, Result, SealedMemory,
+    SealedSlice, Semaphore, SharedMemory, SharedSlice, Signaller, StartMethod, Task, Waitable,
+    Watch, init, wait,
 };
 #[cfg(feature = "tokio")]
 pub use multiproc_core::{IMapStream, wait_async};
@@ -150,6 +151,21 @@ impl Context {
     /// [`JoinableQueue::bounded`].
     pub fn joinable_queue<T>(&self) -> Result<JoinableQueue<T>> {
         JoinableQueue::new()
+    }
+
+    /// An [`Event`] (Python's `Event()`), not set; any number of processes may hold it.
+    pub fn event(&self) -> Result<Event> {
+        Event::new()
+    }
+
+    /// A [`Semaphore`] whose count starts at `value` (Python's `Semaphore(value)`).
+    pub fn semaphore(&self, value: u32) -> Result<Semaphore> {
+        Semaphore::new(value)
+    }
+
+    /// A [`BoundedSemaphore`] whose count starts at, and never exceeds, `value`.
+    pub fn bounded_semaphore(&self, value: u32) -> Result<BoundedSemaphore> {
+        BoundedSemaphore::new(value)
     }
 
     /// A builder for a pool of worker processes started by this context's method:

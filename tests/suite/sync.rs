@@ -1,0 +1,110 @@
+//! Events and semaphores between processes, under the start method being tested: handed to
+//! children as task arguments, checked when received, with their timeouts, and freed with
+//! their last handle.
+
+use std::time::{Duration, Instant};
+
+use libtest_mimic::Failed;
+use multiproc::{BoundedSemaphore, Context, ErrorKind, Event, Semaphore, task};
+
+use crate::Scenario;
+use crate::common::{DEADLINE, ensure, fd_count, join, warm_up};
+
+pub const SCENARIOS: &[Scenario] = &[
+    ("sync_an_event_set_by_a_child_wakes_the_parent", event_from_child),
+    ("sync_a_semaphore_counts_across_processes", semaphore_across),
+    ("sync_a_bounded_semaphore_refuses_a_childs_extra_release", bounded_in_child),
+    ("sync_timeouts_return_after_their_timeout", timeouts),
+    ("sync_1000_primitives_made_and_dropped_leave_nothing", made_and_dropped),
+];
+
+/// Waits for `go`, then sets `done`.
+#[task]
+fn set_when_told(go: Event, done: Event) -> bool {
+    let told = go.wait_timeout(Duration::from_secs(60)).expect("wait for go");
+    done.set();
+    told
+}
+
+fn event_from_child(ctx: &Context) -> Result<(), Failed> {
+    let (go, done) = (ctx.event()?, ctx.event()?);
+    let child = ctx.process(set_when_told, (go.try_clone()?, done.try_clone()?)).start()?;
+    ensure(!done.wait_timeout(Duration::from_millis(20))?, || "set before it was told".into())?;
+    go.set();
+    ensure(done.wait_timeout(DEADLINE)?, || "the child's set never woke us".into())?;
+    ensure(join(child)?? && done.is_set(), || "the child saw no go".into())
+}
+
+/// Releases `semaphore` `times` times.
+#[task]
+fn release_times(semaphore: Semaphore, times: u32) {
+    for _ in 0..times {
+        semaphore.release().expect("release");
+    }
+}
+
+fn semaphore_across(ctx: &Context) -> Result<(), Failed> {
+    let semaphore = ctx.semaphore(0)?;
+    let child = ctx.process(release_times, (semaphore.try_clone()?, 3)).start()?;
+    for n in 0..3 {
+        ensure(semaphore.acquire_timeout(DEADLINE)?, || format!("acquire {n} timed out"))?;
+    }
+    join(child)??;
+    ensure(!semaphore.try_acquire()?, || "a fourth acquire of three releases".into())?;
+    ensure(semaphore.value() == 0, || format!("value {}", semaphore.value()))
+}
+
+/// Releases a bounded semaphore that is full; returns the error's kind, as text.
+#[task]
+fn release_past_bound(semaphore: BoundedSemaphore) -> String {
+    match semaphore.release() {
+        Ok(()) => "released".into(),
+        Err(e) => format!("{:?}", e.kind()),
+    }
+}
+
+fn bounded_in_child(ctx: &Context) -> Result<(), Failed> {
+    let semaphore = ctx.bounded_semaphore(1)?;
+    let outcome = join(ctx.process(release_past_bound, semaphore.try_clone()?).start()?)??;
+    ensure(outcome == format!("{:?}", ErrorKind::InvalidState), || outcome.clone())?;
+    ensure(semaphore.value() == 1, || format!("value {}", semaphore.value()))
+}
+
+fn timeouts(ctx: &Context) -> Result<(), Failed> {
+    let (event, semaphore) = (ctx.event()?, ctx.semaphore(0)?);
+    let timeout = Duration::from_millis(50);
+    // Generous slack: the machine is shared; what must not happen is a wait that ignores its
+    // timeout.
+    let slack = Duration::from_secs(5);
+    for (what, waited) in [
+        ("event", Box::new(|| event.wait_timeout(timeout)) as Box<dyn Fn() -> _>),
+        ("semaphore", Box::new(|| semaphore.acquire_timeout(timeout))),
+    ] {
+        let started = Instant::now();
+        let got = waited()?;
+        let took = started.elapsed();
+        ensure(!got, || format!("{what}: ready without anyone making it so"))?;
+        ensure(took >= timeout && took < timeout + slack, || format!("{what}: took {took:?}"))?;
+    }
+    Ok(())
+}
+
+/// Lines of this process's memory map.
+fn mappings() -> usize {
+    std::fs::read_to_string("/proc/self/maps").map(|maps| maps.lines().count()).unwrap_or(0)
+}
+
+fn made_and_dropped(ctx: &Context) -> Result<(), Failed> {
+    warm_up(ctx)?;
+    let (fds, maps) = (fd_count(), mappings());
+    for i in 0..1000 {
+        let event = ctx.event()?;
+        let semaphore = ctx.bounded_semaphore(i % 7 + 1)?;
+        event.set();
+        ensure(semaphore.try_acquire()?, || "a fresh semaphore".into())?;
+        drop((event, semaphore));
+    }
+    let (fds_after, maps_after) = (fd_count(), mappings());
+    ensure(fds_after == fds, || format!("fds before {fds}, after {fds_after}"))?;
+    ensure(maps_after <= maps + 2, || format!("mappings before {maps}, after {maps_after}"))
+}
