@@ -1,11 +1,13 @@
-//! Events and semaphores between processes, under the start method being tested: handed to
-//! children as task arguments, checked when received, with their timeouts, and freed with
-//! their last handle.
+//! Locks, events and semaphores between processes, under the start method being tested: handed
+//! to children as task arguments, a lock whose holder is SIGKILLed, their timeouts, and freed
+//! with their last handle.
 
 use std::time::{Duration, Instant};
 
 use libtest_mimic::Failed;
-use multiproc::{BoundedSemaphore, Context, ErrorKind, Event, Semaphore, task};
+use multiproc::{
+    BoundedSemaphore, Context, ErrorKind, Event, Lock, LockError, Semaphore, SharedSlice, task,
+};
 
 use crate::Scenario;
 use crate::common::{DEADLINE, ensure, fd_count, join, warm_up};
@@ -16,7 +18,68 @@ pub const SCENARIOS: &[Scenario] = &[
     ("sync_a_bounded_semaphore_refuses_a_childs_extra_release", bounded_in_child),
     ("sync_timeouts_return_after_their_timeout", timeouts),
     ("sync_1000_primitives_made_and_dropped_leave_nothing", made_and_dropped),
+    ("sync_8_processes_x_10000_increments_under_a_lock_give_80000", increments_under_lock),
+    ("sync_a_lock_whose_holder_was_sigkilled_says_so_and_is_taken", holder_killed),
 ];
+
+/// Adds one to `counter[0]` `times` times, each under `lock` (a read and a write apart: without
+/// the lock, increments are lost).
+#[task]
+fn increment(lock: Lock, counter: SharedSlice<u64>, times: u32) {
+    for _ in 0..times {
+        let _held = lock.lock().expect("lock");
+        let now = counter.get(0).expect("read");
+        counter.set(0, now + 1).expect("write");
+    }
+}
+
+fn increments_under_lock(ctx: &Context) -> Result<(), Failed> {
+    warm_up(ctx)?;
+    let fds = fd_count();
+    {
+        let lock = ctx.lock()?;
+        let counter = SharedSlice::<u64>::new(1)?;
+        let children = (0..8)
+            .map(|_| {
+                ctx.process(increment, (lock.try_clone()?, counter.try_clone()?, 10_000)).start()
+            })
+            .collect::<multiproc::Result<Vec<_>>>()?;
+        for child in children {
+            join(child)??;
+        }
+        let total = counter.get(0)?;
+        ensure(total == 80_000, || format!("8 × 10,000 increments gave {total}"))?;
+    }
+    let after = fd_count();
+    ensure(after == fds, || format!("fds before {fds}, after {after}"))
+}
+
+/// Takes `lock`, says so on `held`, and keeps it until it is killed.
+#[task]
+fn hold_until_killed(lock: Lock, held: Event) {
+    let guard = lock.lock().expect("lock");
+    held.set();
+    std::thread::sleep(Duration::from_secs(600));
+    drop(guard);
+}
+
+fn holder_killed(ctx: &Context) -> Result<(), Failed> {
+    let (lock, held) = (ctx.lock()?, ctx.event()?);
+    let mut holder =
+        ctx.process(hold_until_killed, (lock.try_clone()?, held.try_clone()?)).start()?;
+    ensure(held.wait_timeout(DEADLINE)?, || "the holder never took the lock".into())?;
+    ensure(matches!(lock.try_lock(), Ok(None)), || "free while held".into())?;
+    holder.kill()?;
+    ensure(holder.join().is_err(), || "the killed holder returned".into())?;
+    match lock.lock_timeout(DEADLINE) {
+        Err(LockError::OwnerDied(guard)) => drop(guard),
+        Ok(Some(_)) => return Err("taken with no word of the dead owner".into()),
+        Ok(None) => return Err(format!("still held {DEADLINE:?} after its holder died").into()),
+        Err(LockError::Failed(e)) => return Err(format!("{e}").into()),
+    }
+    // Consistent again: the next lock is an ordinary one.
+    ensure(matches!(lock.try_lock(), Ok(Some(_))), || "the lock after repair".into())
+}
 
 /// Waits for `go`, then sets `done`.
 #[task]
@@ -100,9 +163,12 @@ fn made_and_dropped(ctx: &Context) -> Result<(), Failed> {
     for i in 0..1000 {
         let event = ctx.event()?;
         let semaphore = ctx.bounded_semaphore(i % 7 + 1)?;
+        let (lock, rlock) = (ctx.lock()?, ctx.rlock()?);
         event.set();
         ensure(semaphore.try_acquire()?, || "a fresh semaphore".into())?;
-        drop((event, semaphore));
+        ensure(matches!(lock.try_lock(), Ok(Some(_))), || "a fresh lock".into())?;
+        ensure(matches!(rlock.try_lock(), Ok(Some(_))), || "a fresh rlock".into())?;
+        drop((event, semaphore, lock, rlock));
     }
     let (fds_after, maps_after) = (fd_count(), mappings());
     ensure(fds_after == fds, || format!("fds before {fds}, after {fds_after}"))?;

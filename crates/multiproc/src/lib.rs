@@ -39,10 +39,10 @@ pub use multiproc_core::preloaded;
 pub use multiproc_core::runtime::log::log_to_stderr;
 pub use multiproc_core::{
     AsyncResult, BoundedSemaphore, Bytes, ChildFailure, Client, Connection, Error, ErrorKind,
-    Event, ExitStatus, Fd, IMap, JoinableQueue, Listener, MultithreadedForkPermit, Pool,
-    PoolBuilder, Portable, Process, ProcessBuilder, Queue, RemotePanic, Result, SealedMemory,
-    SealedSlice, Semaphore, SharedMemory, SharedSlice, Signaller, StartMethod, Task, Waitable,
-    Watch, init, wait,
+    Event, ExitStatus, Fd, IMap, JoinableQueue, Listener, Lock, LockError, LockGuard,
+    MultithreadedForkPermit, Pool, PoolBuilder, Portable, Process, ProcessBuilder, Queue, RLock,
+    RemotePanic, Result, SealedMemory, SealedSlice, Semaphore, SharedMemory, SharedSlice,
+    Signaller, StartMethod, Task, Waitable, Watch, init, wait,
 };
 #[cfg(feature = "tokio")]
 pub use multiproc_core::{IMapStream, wait_async};
@@ -151,6 +151,16 @@ impl Context {
     /// [`JoinableQueue::bounded`].
     pub fn joinable_queue<T>(&self) -> Result<JoinableQueue<T>> {
         JoinableQueue::new()
+    }
+
+    /// A [`Lock`] (Python's `Lock()`) that survives the death of its holder.
+    pub fn lock(&self) -> Result<Lock> {
+        Lock::new()
+    }
+
+    /// An [`RLock`] (Python's `RLock()`): a lock its holder may take again.
+    pub fn rlock(&self) -> Result<RLock> {
+        RLock::new()
     }
 
     /// An [`Event`] (Python's `Event()`), not set; any number of processes may hold it.

@@ -1,5 +1,6 @@
-//! Synchronization between processes without an owner: [`Event`], [`Semaphore`] and
-//! [`BoundedSemaphore`] (Python's nouns), futexes in a page of shared memory.
+//! Synchronization between processes: [`Lock`] and [`RLock`], which survive the death of their
+//! holder, and [`Event`], [`Semaphore`] and [`BoundedSemaphore`], which have no owner
+//! (Python's nouns); futexes in a page of shared memory.
 //!
 //! Each primitive is one small memfd, sealed against resizing, whose words are the state and
 //! its waiter count; waiting is `FUTEX_WAIT` on the state word (not private: every process that
@@ -41,12 +42,17 @@ const W_WAITERS: usize = 3;
 /// A bounded semaphore's bound; 0 for none.
 const W_BOUND: usize = 4;
 
+/// Where a lock's mutex lies in its page.
+const MUTEX_AT: usize = 16;
+
 /// What a page holds.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[repr(u32)]
 enum Kind {
     Event = 1,
     Semaphore = 2,
+    Lock = 3,
+    RLock = 4,
 }
 
 /// A primitive's page: the memfd and this process's mapping of it.
@@ -133,6 +139,168 @@ impl Page {
         Ok(page)
     }
 }
+
+/// The mutex of a lock's page.
+fn mutex_of(page: &Page) -> sys::RobustMutex<'_> {
+    sys::RobustMutex::at(&page.map, MUTEX_AT).expect("a lock page holds its mutex")
+}
+
+/// A lock shared between processes that survives the death of its holder (Python's `Lock`,
+/// with `std::sync::Mutex`'s poisoning): when the process (or thread) holding it dies, even
+/// by SIGKILL, the next [`lock`](Self::lock) takes it and returns [`LockError::OwnerDied`]
+/// with the guard, so that the caller can repair what the lock protects.
+///
+/// A guard is released by the thread that took it (it is not `Send`), so a lock can never be
+/// released by a thread that does not hold it; locking it again from the thread that holds it
+/// is an error, not a deadlock (see [`RLock`] for a lock that may be re-entered).
+pub struct Lock {
+    page: Page,
+}
+
+/// The held state of a [`Lock`] or [`RLock`]; dropping it releases the lock.
+#[must_use = "the lock is released when the guard is dropped"]
+pub struct LockGuard<'a> {
+    mutex: sys::RobustMutex<'a>,
+    /// Released by the thread that took it.
+    _not_send: std::marker::PhantomData<*const ()>,
+}
+
+impl Drop for LockGuard<'_> {
+    fn drop(&mut self) {
+        let _ = self.mutex.unlock();
+    }
+}
+
+impl fmt::Debug for LockGuard<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("LockGuard")
+    }
+}
+
+/// Why a lock was not simply taken.
+#[derive(Debug)]
+pub enum LockError<'a> {
+    /// The lock is held now, but its previous holder died holding it: what it protects may be
+    /// half-changed. The guard is inside.
+    OwnerDied(LockGuard<'a>),
+    /// The lock could not be taken (this thread holds it already, or the memory is broken).
+    Failed(Error),
+}
+
+impl<'a> LockError<'a> {
+    /// The guard, if the lock was taken (from an owner that died).
+    pub fn into_guard(self) -> Option<LockGuard<'a>> {
+        match self {
+            LockError::OwnerDied(guard) => Some(guard),
+            LockError::Failed(_) => None,
+        }
+    }
+}
+
+impl fmt::Display for LockError<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            LockError::OwnerDied(_) => {
+                f.write_str("the previous holder of the lock died holding it")
+            }
+            LockError::Failed(e) => write!(f, "{e}"),
+        }
+    }
+}
+
+/// Takes `page`'s mutex until `deadline`: `Ok(None)` if it passed first.
+fn lock_page(
+    page: &Page,
+    deadline: Option<Instant>,
+) -> std::result::Result<Option<LockGuard<'_>>, LockError<'_>> {
+    let mutex = mutex_of(page);
+    let guard = |mutex| LockGuard { mutex, _not_send: std::marker::PhantomData };
+    match mutex.lock(deadline) {
+        Ok(None) => Ok(None),
+        Ok(Some(sys::Acquired::Released)) => Ok(Some(guard(mutex))),
+        Ok(Some(sys::Acquired::OwnerDied)) => Err(LockError::OwnerDied(guard(mutex))),
+        Err(e) if e.raw_os_error() == Some(libc::EDEADLK) => Err(LockError::Failed(Error::new(
+            ErrorKind::InvalidState,
+            "this thread holds the lock already (use an RLock to re-enter it)",
+        ))),
+        Err(e) => Err(LockError::Failed(Error::io("locking", e))),
+    }
+}
+
+/// A page with a fresh robust mutex in it.
+fn lock_page_new(kind: Kind) -> Result<Page> {
+    let page = Page::new(kind)?;
+    mutex_of(&page).init(kind == Kind::RLock).map_err(|e| Error::io("initialising a lock", e))?;
+    Ok(page)
+}
+
+macro_rules! lock_api {
+    ($name:ident, $kind:expr) => {
+        impl $name {
+            /// A new lock, not held.
+            pub fn new() -> Result<$name> {
+                Ok($name { page: lock_page_new($kind)? })
+            }
+
+            /// Takes the lock, waiting as long as it takes.
+            pub fn lock(&self) -> std::result::Result<LockGuard<'_>, LockError<'_>> {
+                lock_page(&self.page, None).map(|guard| guard.expect("no deadline"))
+            }
+
+            /// Takes the lock if it is free now; `Ok(None)` if it is held.
+            pub fn try_lock(&self) -> std::result::Result<Option<LockGuard<'_>>, LockError<'_>> {
+                lock_page(&self.page, Some(Instant::now()))
+            }
+
+            /// Takes the lock, waiting at most `timeout`; `Ok(None)` if it is still held then.
+            pub fn lock_timeout(
+                &self,
+                timeout: Duration,
+            ) -> std::result::Result<Option<LockGuard<'_>>, LockError<'_>> {
+                lock_page(&self.page, deadline_in(timeout))
+            }
+
+            /// Another handle to the same lock.
+            pub fn try_clone(&self) -> Result<$name> {
+                Ok($name { page: self.page.try_clone()? })
+            }
+        }
+
+        impl Serialize for $name {
+            fn serialize<S: Serializer>(
+                &self,
+                serializer: S,
+            ) -> std::result::Result<S::Ok, S::Error> {
+                self.page.serialize(serializer)
+            }
+        }
+
+        impl<'de> Deserialize<'de> for $name {
+            fn deserialize<D: Deserializer<'de>>(
+                deserializer: D,
+            ) -> std::result::Result<Self, D::Error> {
+                Ok($name { page: Page::deserialize(deserializer, $kind)? })
+            }
+        }
+
+        impl fmt::Debug for $name {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str(stringify!($name))
+            }
+        }
+    };
+}
+
+lock_api!(Lock, Kind::Lock);
+
+/// A [`Lock`] that the thread holding it may take again (Python's `RLock`): it is released
+/// when every guard of that thread is dropped. It survives the death of its holder as a
+/// `Lock` does.
+pub struct RLock {
+    page: Page,
+}
+
+lock_api!(RLock, Kind::RLock);
 
 fn deadline_in(timeout: Duration) -> Option<Instant> {
     Instant::now().checked_add(timeout)
@@ -393,6 +561,25 @@ mod tests {
         let unsealed = crate::SharedMemory::new(PAGE).unwrap();
         let refused = through_the_wire::<_, Event>(&unsealed).expect_err("unsealed");
         assert!(refused.contains("not sealed"), "{refused}");
+    }
+
+    #[test]
+    fn a_lock_is_exclusive_an_rlock_reentrant_and_a_relock_an_error() {
+        let lock = Lock::new().unwrap();
+        let guard = lock.lock().unwrap();
+        assert!(matches!(lock.try_lock(), Err(LockError::Failed(_))), "relocked by its holder");
+        let other = lock.try_clone().unwrap();
+        let waited = std::thread::spawn(move || {
+            other.lock_timeout(Duration::from_millis(20)).map(|g| g.is_some()).unwrap_or(true)
+        });
+        assert!(!waited.join().unwrap(), "taken by another thread while held");
+        drop(guard);
+        assert!(lock.try_lock().unwrap().is_some());
+        let rlock = RLock::new().unwrap();
+        let first = rlock.lock().unwrap();
+        let second = rlock.lock().unwrap();
+        drop((second, first));
+        assert!(rlock.try_lock().unwrap().is_some());
     }
 
     #[test]

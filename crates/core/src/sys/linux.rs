@@ -510,39 +510,39 @@ pub fn spawn_self(argv: &[CString], envp: &[CString], channel: BorrowedFd<'_>) -
     // call: the actions and attributes are initialised before use and destroyed after, argv and
     // envp are NULL-terminated arrays of NUL-terminated strings that outlive the call.
     unsafe {
-        spawn_check(libc::posix_spawn_file_actions_init(actions.as_mut_ptr()))?;
+        errno_value(libc::posix_spawn_file_actions_init(actions.as_mut_ptr()))?;
         let actions_ptr = actions.as_mut_ptr();
         let result = (|| {
-            spawn_check(libc::posix_spawn_file_actions_adddup2(
+            errno_value(libc::posix_spawn_file_actions_adddup2(
                 actions_ptr,
                 channel.as_raw_fd(),
                 SPAWN_CHANNEL_FD,
             ))?;
-            spawn_check(libc::posix_spawn_file_actions_addopen(
+            errno_value(libc::posix_spawn_file_actions_addopen(
                 actions_ptr,
                 0,
                 dev_null.as_ptr(),
                 libc::O_RDONLY,
                 0,
             ))?;
-            spawn_check(libc::posix_spawn_file_actions_addclosefrom_np(
+            errno_value(libc::posix_spawn_file_actions_addclosefrom_np(
                 actions_ptr,
                 SPAWN_CHANNEL_FD + 1,
             ))?;
-            spawn_check(libc::posix_spawnattr_init(attr.as_mut_ptr()))?;
+            errno_value(libc::posix_spawnattr_init(attr.as_mut_ptr()))?;
             let attr_ptr = attr.as_mut_ptr();
             let spawned = (|| {
                 let mut set = MaybeUninit::<libc::sigset_t>::uninit();
                 libc::sigemptyset(set.as_mut_ptr());
-                spawn_check(libc::posix_spawnattr_setsigmask(attr_ptr, set.as_ptr()))?;
+                errno_value(libc::posix_spawnattr_setsigmask(attr_ptr, set.as_ptr()))?;
                 libc::sigfillset(set.as_mut_ptr());
-                spawn_check(libc::posix_spawnattr_setsigdefault(attr_ptr, set.as_ptr()))?;
-                spawn_check(libc::posix_spawnattr_setflags(
+                errno_value(libc::posix_spawnattr_setsigdefault(attr_ptr, set.as_ptr()))?;
+                errno_value(libc::posix_spawnattr_setflags(
                     attr_ptr,
                     (libc::POSIX_SPAWN_SETSIGMASK | libc::POSIX_SPAWN_SETSIGDEF) as _,
                 ))?;
                 let mut pid: libc::pid_t = 0;
-                spawn_check(libc::posix_spawn(
+                errno_value(libc::posix_spawn(
                     &mut pid,
                     path.as_ptr(),
                     actions_ptr,
@@ -560,8 +560,8 @@ pub fn spawn_self(argv: &[CString], envp: &[CString], channel: BorrowedFd<'_>) -
     }
 }
 
-/// The posix_spawn family returns an errno value instead of setting `errno`.
-fn spawn_check(ret: c_int) -> io::Result<()> {
+/// The posix_spawn and pthread families return an errno value instead of setting `errno`.
+fn errno_value(ret: c_int) -> io::Result<()> {
     if ret == 0 { Ok(()) } else { Err(io::Error::from_raw_os_error(ret)) }
 }
 
@@ -1146,4 +1146,123 @@ pub fn register_with_reactor(
     // SAFETY: an `OwnedFd` is open until it is dropped, which happens only when the `AsyncFd`
     // that owns it is (or gives it back), and its `as_raw_fd` never changes.
     unsafe { tokio::io::unix::AsyncFd::register_with_interest(fd, interest) }.map_err(|e| e.into())
+}
+
+/// How a robust lock was taken.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Acquired {
+    /// From a holder that released it.
+    Released,
+    /// From a holder that died holding it (`EOWNERDEAD`): the lock is ours and consistent again,
+    /// but what it protects may be half-changed.
+    OwnerDied,
+}
+
+/// The bytes a [`RobustMutex`] takes in shared memory.
+pub const ROBUST_MUTEX_BYTES: usize = size_of::<libc::pthread_mutex_t>();
+
+/// A process-shared, robust pthread mutex in a shared mapping: glibc keeps each thread's held
+/// robust mutexes on the kernel's robust-futex list, and the kernel marks every one a dying
+/// thread held (`FUTEX_OWNER_DIED`), SIGKILL included, so that the next locker gets
+/// `EOWNERDEAD` instead of waiting forever.
+///
+/// Borrowed from a [`Mapping`], whose memory it lives in, at an offset aligned for it.
+#[derive(Debug, Clone, Copy)]
+pub struct RobustMutex<'a> {
+    ptr: *mut libc::pthread_mutex_t,
+    _map: std::marker::PhantomData<&'a Mapping>,
+}
+
+// SAFETY: the mutex is made for use by many threads and processes at once; the pointer is only
+// handed to pthread functions, which synchronize through the kernel.
+unsafe impl Send for RobustMutex<'_> {}
+// SAFETY: as above.
+unsafe impl Sync for RobustMutex<'_> {}
+
+/// `PTHREAD_PROCESS_SHARED` and `PTHREAD_MUTEX_ROBUST` (glibc's values; the libc crate does
+/// not name them on Linux).
+const PTHREAD_PROCESS_SHARED: c_int = 1;
+const PTHREAD_MUTEX_ROBUST: c_int = 1;
+
+impl<'a> RobustMutex<'a> {
+    /// The mutex at `offset` in `map`; `None` if it would not fit or is misaligned.
+    pub fn at(map: &'a Mapping, offset: usize) -> Option<RobustMutex<'a>> {
+        let fits = offset.checked_add(ROBUST_MUTEX_BYTES).is_some_and(|end| end <= map.len());
+        let aligned = offset % std::mem::align_of::<libc::pthread_mutex_t>() == 0;
+        (fits && aligned && !map.sealed).then(|| RobustMutex {
+            // SAFETY: in bounds (checked above) of a live writable mapping.
+            ptr: unsafe { map.ptr.as_ptr().add(offset) }.cast(),
+            _map: std::marker::PhantomData,
+        })
+    }
+
+    /// Initialises the mutex: process-shared, robust, and error-checking (`recursive: false`:
+    /// an unlock by a thread that does not hold it fails) or recursive. Done once, by the
+    /// process that made the memory, before any other process can reach it.
+    pub fn init(&self, recursive: bool) -> io::Result<()> {
+        let kind =
+            if recursive { libc::PTHREAD_MUTEX_RECURSIVE } else { libc::PTHREAD_MUTEX_ERRORCHECK };
+        let mut attr = MaybeUninit::<libc::pthread_mutexattr_t>::uninit();
+        // SAFETY: the attribute object is initialised before use and destroyed after; the
+        // mutex memory is ours, not yet shared, and large and aligned enough (`at`).
+        unsafe {
+            errno_value(libc::pthread_mutexattr_init(attr.as_mut_ptr()))?;
+            let result = (|| {
+                errno_value(libc::pthread_mutexattr_settype(attr.as_mut_ptr(), kind))?;
+                errno_value(libc::pthread_mutexattr_setpshared(
+                    attr.as_mut_ptr(),
+                    PTHREAD_PROCESS_SHARED,
+                ))?;
+                errno_value(libc::pthread_mutexattr_setrobust(
+                    attr.as_mut_ptr(),
+                    PTHREAD_MUTEX_ROBUST,
+                ))?;
+                errno_value(libc::pthread_mutex_init(self.ptr, attr.as_ptr()))
+            })();
+            libc::pthread_mutexattr_destroy(attr.as_mut_ptr());
+            result
+        }
+    }
+
+    /// Locks, waiting until `deadline` (`Ok(None)` when it passes first).
+    pub fn lock(&self, deadline: Option<Instant>) -> io::Result<Option<Acquired>> {
+        let ret = match deadline {
+            // SAFETY: the mutex was initialised by its maker (`init`) and lives in the mapping.
+            None => unsafe { libc::pthread_mutex_lock(self.ptr) },
+            Some(deadline) => {
+                let left = deadline.saturating_duration_since(Instant::now());
+                if left.is_zero() {
+                    // SAFETY: as above.
+                    unsafe { libc::pthread_mutex_trylock(self.ptr) }
+                } else {
+                    // pthread_mutex_timedlock takes CLOCK_REALTIME.
+                    let at = std::time::SystemTime::now() + left;
+                    let since = at.duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+                    let abs = libc::timespec {
+                        tv_sec: since.as_secs() as libc::time_t,
+                        tv_nsec: since.subsec_nanos() as libc::c_long,
+                    };
+                    // SAFETY: as above; `abs` lives across the call.
+                    unsafe { libc::pthread_mutex_timedlock(self.ptr, &abs) }
+                }
+            }
+        };
+        match ret {
+            0 => Ok(Some(Acquired::Released)),
+            libc::EOWNERDEAD => {
+                // SAFETY: we hold the mutex (EOWNERDEAD hands it over); marking it consistent
+                // keeps it usable after we unlock.
+                errno_value(unsafe { libc::pthread_mutex_consistent(self.ptr) })?;
+                Ok(Some(Acquired::OwnerDied))
+            }
+            libc::ETIMEDOUT | libc::EBUSY => Ok(None),
+            error => Err(io::Error::from_raw_os_error(error)),
+        }
+    }
+
+    /// Unlocks; `EPERM` if the calling thread does not hold it.
+    pub fn unlock(&self) -> io::Result<()> {
+        // SAFETY: the mutex was initialised by its maker and lives in the mapping.
+        errno_value(unsafe { libc::pthread_mutex_unlock(self.ptr) })
+    }
 }
