@@ -20,7 +20,29 @@ pub const SCENARIOS: &[Scenario] = &[
     ("sync_1000_primitives_made_and_dropped_leave_nothing", made_and_dropped),
     ("sync_8_processes_x_10000_increments_under_a_lock_give_80000", increments_under_lock),
     ("sync_a_lock_whose_holder_was_sigkilled_says_so_and_is_taken", holder_killed),
+    ("sync_8_processes_x_10000_fetch_add_on_a_shared_atomic_give_80000", atomic_counter),
 ];
+
+/// Adds one to `counter` `times` times.
+#[task]
+fn count_up(counter: multiproc::SharedAtomicU64, times: u32) {
+    for _ in 0..times {
+        counter.fetch_add(1);
+    }
+}
+
+fn atomic_counter(ctx: &Context) -> Result<(), Failed> {
+    let counter = multiproc::SharedAtomicU64::new(5)?;
+    let children = (0..8)
+        .map(|_| ctx.process(count_up, (counter.try_clone()?, 10_000)).start())
+        .collect::<multiproc::Result<Vec<_>>>()?;
+    for child in children {
+        join(child)??;
+    }
+    ensure(counter.load() == 80_005, || format!("8 × 10,000 on 5 gave {}", counter.load()))?;
+    ensure(counter.compare_exchange(80_005, 1) == Ok(80_005), || "compare_exchange".into())?;
+    ensure(counter.fetch_max(7) == 1 && counter.load() == 7, || "fetch_max".into())
+}
 
 /// Adds one to `counter[0]` `times` times, each under `lock` (a read and a write apart: without
 /// the lock, increments are lost).
@@ -164,11 +186,13 @@ fn made_and_dropped(ctx: &Context) -> Result<(), Failed> {
         let event = ctx.event()?;
         let semaphore = ctx.bounded_semaphore(i % 7 + 1)?;
         let (lock, rlock) = (ctx.lock()?, ctx.rlock()?);
+        let atomic = multiproc::SharedAtomicU64::new(i.into())?;
+        ensure(atomic.fetch_add(1) == u64::from(i), || "a fresh atomic".into())?;
         event.set();
         ensure(semaphore.try_acquire()?, || "a fresh semaphore".into())?;
         ensure(matches!(lock.try_lock(), Ok(Some(_))), || "a fresh lock".into())?;
         ensure(matches!(rlock.try_lock(), Ok(Some(_))), || "a fresh rlock".into())?;
-        drop((event, semaphore, lock, rlock));
+        drop((event, semaphore, lock, rlock, atomic));
     }
     let (fds_after, maps_after) = (fd_count(), mappings());
     ensure(fds_after == fds, || format!("fds before {fds}, after {fds_after}"))?;

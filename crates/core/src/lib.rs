@@ -32,7 +32,9 @@ pub use process::{Process, ProcessBuilder, Signaller};
 pub use runtime::preload::preloaded;
 pub use runtime::task::{Portable, Task};
 pub use shared::shm::{SealedMemory, SealedSlice, SharedMemory, SharedSlice};
-pub use shared::sync::{BoundedSemaphore, Event, Lock, LockError, LockGuard, RLock, Semaphore};
+pub use shared::sync::{
+    BoundedSemaphore, Event, Lock, LockError, LockGuard, RLock, Semaphore, SharedAtomicU64,
+};
 pub use sys::MultithreadedForkPermit;
 pub use transport::bytes::Bytes;
 pub use transport::fd::Fd;

@@ -41,8 +41,8 @@ pub use multiproc_core::{
     AsyncResult, BoundedSemaphore, Bytes, ChildFailure, Client, Connection, Error, ErrorKind,
     Event, ExitStatus, Fd, IMap, JoinableQueue, Listener, Lock, LockError, LockGuard,
     MultithreadedForkPermit, Pool, PoolBuilder, Portable, Process, ProcessBuilder, Queue, RLock,
-    RemotePanic, Result, SealedMemory, SealedSlice, Semaphore, SharedMemory, SharedSlice,
-    Signaller, StartMethod, Task, Waitable, Watch, init, wait,
+    RemotePanic, Result, SealedMemory, SealedSlice, Semaphore, SharedAtomicU64, SharedMemory,
+    SharedSlice, Signaller, StartMethod, Task, Waitable, Watch, init, wait,
 };
 #[cfg(feature = "tokio")]
 pub use multiproc_core::{IMapStream, wait_async};

@@ -1,6 +1,7 @@
 //! Synchronization between processes: [`Lock`] and [`RLock`], which survive the death of their
 //! holder, and [`Event`], [`Semaphore`] and [`BoundedSemaphore`], which have no owner
-//! (Python's nouns); futexes in a page of shared memory.
+//! (Python's nouns); futexes in a page of shared memory. [`SharedAtomicU64`] is a counter that
+//! needs no lock.
 //!
 //! Each primitive is one small memfd, sealed against resizing, whose words are the state and
 //! its waiter count; waiting is `FUTEX_WAIT` on the state word (not private: every process that
@@ -53,6 +54,7 @@ enum Kind {
     Semaphore = 2,
     Lock = 3,
     RLock = 4,
+    AtomicU64 = 5,
 }
 
 /// A primitive's page: the memfd and this process's mapping of it.
@@ -301,6 +303,99 @@ pub struct RLock {
 }
 
 lock_api!(RLock, Kind::RLock);
+
+/// Where a shared atomic's value lies in its page.
+const VALUE_AT: usize = 8;
+
+/// A 64-bit integer in shared memory that processes update atomically, for counters that need
+/// no lock: `fetch_add` and friends, with `SeqCst` ordering.
+///
+/// ```no_run
+/// # fn main() -> multiproc_core::Result<()> {
+/// let done = multiproc_core::SharedAtomicU64::new(0)?;
+/// // pass `done.try_clone()?` to each child, which calls `done.fetch_add(1)`...
+/// println!("{} finished", done.load());
+/// # Ok(()) }
+/// ```
+pub struct SharedAtomicU64 {
+    page: Page,
+}
+
+impl SharedAtomicU64 {
+    /// A new integer holding `value`.
+    pub fn new(value: u64) -> Result<SharedAtomicU64> {
+        let atomic = SharedAtomicU64 { page: Page::new(Kind::AtomicU64)? };
+        atomic.value().store(value, SeqCst);
+        Ok(atomic)
+    }
+
+    fn value(&self) -> &std::sync::atomic::AtomicU64 {
+        self.page.map.atomic_u64(VALUE_AT).expect("an atomic's page holds its value")
+    }
+
+    /// The value now.
+    pub fn load(&self) -> u64 {
+        self.value().load(SeqCst)
+    }
+
+    /// Sets the value.
+    pub fn store(&self, value: u64) {
+        self.value().store(value, SeqCst);
+    }
+
+    /// Sets the value, returning the one before.
+    pub fn swap(&self, value: u64) -> u64 {
+        self.value().swap(value, SeqCst)
+    }
+
+    /// Adds `n` (wrapping), returning the value before.
+    pub fn fetch_add(&self, n: u64) -> u64 {
+        self.value().fetch_add(n, SeqCst)
+    }
+
+    /// Subtracts `n` (wrapping), returning the value before.
+    pub fn fetch_sub(&self, n: u64) -> u64 {
+        self.value().fetch_sub(n, SeqCst)
+    }
+
+    /// Stores the larger of the value and `n`, returning the value before.
+    pub fn fetch_max(&self, n: u64) -> u64 {
+        self.value().fetch_max(n, SeqCst)
+    }
+
+    /// Stores the smaller of the value and `n`, returning the value before.
+    pub fn fetch_min(&self, n: u64) -> u64 {
+        self.value().fetch_min(n, SeqCst)
+    }
+
+    /// Stores `new` if the value is `current`: `Ok(current)`, or `Err(the value)` if it was not.
+    pub fn compare_exchange(&self, current: u64, new: u64) -> std::result::Result<u64, u64> {
+        self.value().compare_exchange(current, new, SeqCst, SeqCst)
+    }
+
+    /// Another handle to the same integer.
+    pub fn try_clone(&self) -> Result<SharedAtomicU64> {
+        Ok(SharedAtomicU64 { page: self.page.try_clone()? })
+    }
+}
+
+impl Serialize for SharedAtomicU64 {
+    fn serialize<S: Serializer>(&self, serializer: S) -> std::result::Result<S::Ok, S::Error> {
+        self.page.serialize(serializer)
+    }
+}
+
+impl<'de> Deserialize<'de> for SharedAtomicU64 {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> std::result::Result<Self, D::Error> {
+        Ok(SharedAtomicU64 { page: Page::deserialize(deserializer, Kind::AtomicU64)? })
+    }
+}
+
+impl fmt::Debug for SharedAtomicU64 {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("SharedAtomicU64").field("value", &self.load()).finish()
+    }
+}
 
 fn deadline_in(timeout: Duration) -> Option<Instant> {
     Instant::now().checked_add(timeout)

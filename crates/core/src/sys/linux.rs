@@ -1101,6 +1101,19 @@ impl Mapping {
         unsafe { std::slice::from_raw_parts(self.ptr.as_ptr().cast::<AtomicU32>(), self.len / 4) }
     }
 
+    /// The 64-bit atomic word at byte `offset` (a multiple of 8 inside the mapping); `None` for
+    /// a sealed mapping or an offset out of bounds or misaligned.
+    pub fn atomic_u64(&self, offset: usize) -> Option<&std::sync::atomic::AtomicU64> {
+        let fits = offset.checked_add(8).is_some_and(|end| end <= self.len);
+        if self.sealed || !fits || offset % 8 != 0 {
+            return None;
+        }
+        // SAFETY: in bounds and 8-aligned (the mapping is page-aligned), writable, and every
+        // access through the reference is atomic, which is sound however other processes change
+        // the memory; the reference borrows `self`, so it ends before the unmapping.
+        Some(unsafe { &*self.ptr.as_ptr().add(offset).cast::<std::sync::atomic::AtomicU64>() })
+    }
+
     fn check(&self, offset: usize, len: usize) -> io::Result<()> {
         match offset.checked_add(len) {
             Some(end) if end <= self.len => Ok(()),
