@@ -142,6 +142,29 @@ impl Page {
     }
 }
 
+/// The wire form of a primitive that is its page: the page's descriptor, checked for `kind`
+/// when received.
+macro_rules! page_wire {
+    ($name:ident, $kind:expr) => {
+        impl Serialize for $name {
+            fn serialize<S: Serializer>(
+                &self,
+                serializer: S,
+            ) -> std::result::Result<S::Ok, S::Error> {
+                self.page.serialize(serializer)
+            }
+        }
+
+        impl<'de> Deserialize<'de> for $name {
+            fn deserialize<D: Deserializer<'de>>(
+                deserializer: D,
+            ) -> std::result::Result<Self, D::Error> {
+                Ok($name { page: Page::deserialize(deserializer, $kind)? })
+            }
+        }
+    };
+}
+
 /// The mutex of a lock's page.
 fn mutex_of(page: &Page) -> sys::RobustMutex<'_> {
     sys::RobustMutex::at(&page.map, MUTEX_AT).expect("a lock page holds its mutex")
@@ -268,22 +291,7 @@ macro_rules! lock_api {
             }
         }
 
-        impl Serialize for $name {
-            fn serialize<S: Serializer>(
-                &self,
-                serializer: S,
-            ) -> std::result::Result<S::Ok, S::Error> {
-                self.page.serialize(serializer)
-            }
-        }
-
-        impl<'de> Deserialize<'de> for $name {
-            fn deserialize<D: Deserializer<'de>>(
-                deserializer: D,
-            ) -> std::result::Result<Self, D::Error> {
-                Ok($name { page: Page::deserialize(deserializer, $kind)? })
-            }
-        }
+        page_wire!($name, $kind);
 
         impl fmt::Debug for $name {
             fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -379,17 +387,7 @@ impl SharedAtomicU64 {
     }
 }
 
-impl Serialize for SharedAtomicU64 {
-    fn serialize<S: Serializer>(&self, serializer: S) -> std::result::Result<S::Ok, S::Error> {
-        self.page.serialize(serializer)
-    }
-}
-
-impl<'de> Deserialize<'de> for SharedAtomicU64 {
-    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> std::result::Result<Self, D::Error> {
-        Ok(SharedAtomicU64 { page: Page::deserialize(deserializer, Kind::AtomicU64)? })
-    }
-}
+page_wire!(SharedAtomicU64, Kind::AtomicU64);
 
 impl fmt::Debug for SharedAtomicU64 {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -453,17 +451,7 @@ impl Event {
     }
 }
 
-impl Serialize for Event {
-    fn serialize<S: Serializer>(&self, serializer: S) -> std::result::Result<S::Ok, S::Error> {
-        self.page.serialize(serializer)
-    }
-}
-
-impl<'de> Deserialize<'de> for Event {
-    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> std::result::Result<Self, D::Error> {
-        Ok(Event { page: Page::deserialize(deserializer, Kind::Event)? })
-    }
-}
+page_wire!(Event, Kind::Event);
 
 impl fmt::Debug for Event {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -548,17 +536,7 @@ impl Semaphore {
     }
 }
 
-impl Serialize for Semaphore {
-    fn serialize<S: Serializer>(&self, serializer: S) -> std::result::Result<S::Ok, S::Error> {
-        self.page.serialize(serializer)
-    }
-}
-
-impl<'de> Deserialize<'de> for Semaphore {
-    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> std::result::Result<Self, D::Error> {
-        Ok(Semaphore { page: Page::deserialize(deserializer, Kind::Semaphore)? })
-    }
-}
+page_wire!(Semaphore, Kind::Semaphore);
 
 impl fmt::Debug for Semaphore {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
