@@ -109,8 +109,11 @@ impl StartMethod for Template {
 impl Drop for Template {
     fn drop(&mut self) {
         let link = self.link.get_mut().unwrap_or_else(|poisoned| poisoned.into_inner());
-        // End-of-file on its control socket ends the template at once; then it is reaped.
+        // The pool has reaped its workers through the template's reports already (`terminate`
+        // runs first), so nothing is lost by ending it now: killed rather than asked, so that
+        // a stopped template cannot hold up the drop. SIGKILL makes the wait bounded.
         let _ = link.control.shutdown_write();
+        let _ = link.process.signal(libc::SIGKILL);
         let _ = link.process.wait_deadline(None);
     }
 }
