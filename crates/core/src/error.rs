@@ -55,6 +55,13 @@ pub enum ErrorKind {
     /// The call does not fit the object's state: a closed pool given work, a forkserver preload
     /// set after the server started.
     InvalidState,
+    /// A lock's previous holder died holding it: a `LockError::OwnerDied`
+    /// turned into an `Error` (by `?`), which dropped its guard. To repair what the lock
+    /// protects, match the `LockError` instead.
+    OwnerDied,
+    /// A `Barrier` is broken: a party died or timed out waiting, or it was
+    /// aborted. It stays broken.
+    BrokenBarrier,
     /// An operating-system call of our own machinery failed.
     Io,
 }

@@ -33,7 +33,9 @@ pub use runtime::preload::preloaded;
 pub use runtime::task::{Portable, Task};
 pub use shared::shm::{SealedMemory, SealedSlice, SharedMemory, SharedSlice};
 pub use shared::sync::{
-    BoundedSemaphore, Event, Lock, LockError, LockGuard, RLock, Semaphore, SharedAtomicU64,
+    Array, ArrayGuard, Barrier, BarrierWaitResult, BoundedSemaphore, Condition, Event, Lock,
+    LockError, LockGuard, LockResult, RLock, Semaphore, SharedAtomicU64, TryLockResult, Value,
+    ValueGuard,
 };
 pub use sys::MultithreadedForkPermit;
 pub use transport::bytes::Bytes;

@@ -38,11 +38,12 @@ pub use multiproc_core::ipc::queue::{GetTimeoutError, PutTimeoutError, TryGetErr
 pub use multiproc_core::preloaded;
 pub use multiproc_core::runtime::log::log_to_stderr;
 pub use multiproc_core::{
-    AsyncResult, BoundedSemaphore, Bytes, ChildFailure, Client, Connection, Error, ErrorKind,
-    Event, ExitStatus, Fd, IMap, JoinableQueue, Listener, Lock, LockError, LockGuard,
-    MultithreadedForkPermit, Pool, PoolBuilder, Portable, Process, ProcessBuilder, Queue, RLock,
-    RemotePanic, Result, SealedMemory, SealedSlice, Semaphore, SharedAtomicU64, SharedMemory,
-    SharedSlice, Signaller, StartMethod, Task, Waitable, Watch, init, wait,
+    Array, ArrayGuard, AsyncResult, Barrier, BarrierWaitResult, BoundedSemaphore, Bytes,
+    ChildFailure, Client, Condition, Connection, Error, ErrorKind, Event, ExitStatus, Fd, IMap,
+    JoinableQueue, Listener, Lock, LockError, LockGuard, LockResult, MultithreadedForkPermit, Pool,
+    PoolBuilder, Portable, Process, ProcessBuilder, Queue, RLock, RemotePanic, Result,
+    SealedMemory, SealedSlice, Semaphore, SharedAtomicU64, SharedMemory, SharedSlice, Signaller,
+    StartMethod, Task, TryLockResult, Value, ValueGuard, Waitable, Watch, init, wait,
 };
 #[cfg(feature = "tokio")]
 pub use multiproc_core::{IMapStream, wait_async};
@@ -176,6 +177,28 @@ impl Context {
     /// A [`BoundedSemaphore`] whose count starts at, and never exceeds, `value`.
     pub fn bounded_semaphore(&self, value: u32) -> Result<BoundedSemaphore> {
         BoundedSemaphore::new(value)
+    }
+
+    /// A [`Condition`] (Python's `Condition()`) over a lock of its own.
+    pub fn condition(&self) -> Result<Condition> {
+        Condition::new()
+    }
+
+    /// A [`Barrier`] for `parties` parties (Python's `Barrier(parties)`), which breaks when a
+    /// party dies waiting.
+    pub fn barrier(&self, parties: u32) -> Result<Barrier> {
+        Barrier::new(parties)
+    }
+
+    /// A [`Value`] holding `value` behind its own lock (Python's `Value(typecode, value)`).
+    pub fn value<T: Pod>(&self, value: T) -> Result<Value<T>> {
+        Value::new(value)
+    }
+
+    /// An [`Array`] of `len` zeroed values behind its own lock (Python's
+    /// `Array(typecode, len)`).
+    pub fn array<T: Pod>(&self, len: usize) -> Result<Array<T>> {
+        Array::new(len)
     }
 
     /// A builder for a pool of worker processes started by this context's method:

@@ -441,6 +441,18 @@ pub fn pidfd_open(pid: u32) -> io::Result<OwnedFd> {
     Ok(rustix::process::pidfd_open(pid, rustix::process::PidfdFlags::empty())?)
 }
 
+/// Whether process `pid` has ended: there is no such process, or its pidfd is readable (it
+/// exited and may be a zombie not yet reaped). A pid of this pid namespace.
+pub fn process_ended(pid: u32) -> bool {
+    match pidfd_open(pid) {
+        Err(e) => e.raw_os_error() == Some(libc::ESRCH),
+        Ok(pidfd) => {
+            let mut fds = [PollFd::new(pidfd.as_fd(), POLLIN)];
+            poll(&mut fds, Some(Instant::now())).is_ok_and(|ready| ready > 0)
+        }
+    }
+}
+
 /// `pidfd_send_signal(pidfd, signal, NULL, 0)`—sends `signal` to exactly the process the
 /// descriptor names. A process that has already exited gives `ESRCH`.
 pub fn pidfd_send_signal(pidfd: BorrowedFd<'_>, signal: i32) -> io::Result<()> {
@@ -824,6 +836,21 @@ pub fn eventfd() -> io::Result<OwnedFd> {
     Ok(rustix::event::eventfd(0, EventfdFlags::CLOEXEC | EventfdFlags::NONBLOCK)?)
 }
 
+/// `timerfd_create(CLOCK_MONOTONIC)` armed to expire every `interval`: readable (an edge for
+/// a reactor) at each expiry, whether read or not.
+pub fn timerfd_every(interval: std::time::Duration) -> io::Result<OwnedFd> {
+    use rustix::time::{Itimerspec, TimerfdClockId, TimerfdFlags, TimerfdTimerFlags, Timespec};
+    let flags = TimerfdFlags::CLOEXEC | TimerfdFlags::NONBLOCK;
+    let timer = rustix::time::timerfd_create(TimerfdClockId::Monotonic, flags)?;
+    let every = Timespec {
+        tv_sec: interval.as_secs() as i64,
+        tv_nsec: interval.subsec_nanos().max(1).into(),
+    };
+    let spec = Itimerspec { it_interval: every, it_value: every };
+    rustix::time::timerfd_settime(&timer, TimerfdTimerFlags::empty(), &spec)?;
+    Ok(timer)
+}
+
 /// Adds one to an [`eventfd`]'s counter (a counter at its maximum is left there: it is
 /// readable already).
 pub fn eventfd_add_one(fd: BorrowedFd<'_>) {
@@ -1101,6 +1128,19 @@ impl Mapping {
         unsafe { std::slice::from_raw_parts(self.ptr.as_ptr().cast::<AtomicU32>(), self.len / 4) }
     }
 
+    /// The 32-bit atomic word at byte `offset` (a multiple of 4 inside the mapping); `None` for
+    /// a sealed mapping or an offset out of bounds or misaligned.
+    pub fn atomic_u32(&self, offset: usize) -> Option<&AtomicU32> {
+        let fits = offset.checked_add(4).is_some_and(|end| end <= self.len);
+        if self.sealed || !fits || offset % 4 != 0 {
+            return None;
+        }
+        // SAFETY: in bounds and 4-aligned (the mapping is page-aligned), writable, and every
+        // access through the reference is atomic, which is sound however other processes change
+        // the memory; the reference borrows `self`, so it ends before the unmapping.
+        Some(unsafe { &*self.ptr.as_ptr().add(offset).cast::<AtomicU32>() })
+    }
+
     /// The 64-bit atomic word at byte `offset` (a multiple of 8 inside the mapping); `None` for
     /// a sealed mapping or an offset out of bounds or misaligned.
     pub fn atomic_u64(&self, offset: usize) -> Option<&std::sync::atomic::AtomicU64> {
@@ -1237,8 +1277,22 @@ impl<'a> RobustMutex<'a> {
         }
     }
 
-    /// Locks, waiting until `deadline` (`Ok(None)` when it passes first).
-    pub fn lock(&self, deadline: Option<Instant>) -> io::Result<Option<Acquired>> {
+    /// Locks, waiting until `deadline` (`Ok(None)` when it passes first); the guard unlocks
+    /// when dropped, and lends the bytes of `map` the mutex guards.
+    pub fn lock(
+        self,
+        deadline: Option<Instant>,
+    ) -> io::Result<Option<(Acquired, RobustGuard<'a>)>> {
+        let acquired = self.acquire(deadline)?;
+        Ok(acquired.map(|how| (how, RobustGuard { mutex: self })))
+    }
+
+    /// Whether this is the mutex at `other`'s address.
+    pub fn is(&self, other: &RobustMutex<'_>) -> bool {
+        std::ptr::eq(self.ptr, other.ptr)
+    }
+
+    fn acquire(&self, deadline: Option<Instant>) -> io::Result<Option<Acquired>> {
         let ret = match deadline {
             // SAFETY: the mutex was initialised by its maker (`init`) and lives in the mapping.
             None => unsafe { libc::pthread_mutex_lock(self.ptr) },
@@ -1274,8 +1328,66 @@ impl<'a> RobustMutex<'a> {
     }
 
     /// Unlocks; `EPERM` if the calling thread does not hold it.
-    pub fn unlock(&self) -> io::Result<()> {
+    fn unlock(&self) -> io::Result<()> {
         // SAFETY: the mutex was initialised by its maker and lives in the mapping.
         errno_value(unsafe { libc::pthread_mutex_unlock(self.ptr) })
+    }
+}
+
+/// A [`RobustMutex`] this thread holds, made only by [`RobustMutex::lock`]; dropping it unlocks.
+/// Holding it is what makes the bytes the mutex guards this thread's to change.
+#[derive(Debug)]
+pub struct RobustGuard<'a> {
+    mutex: RobustMutex<'a>,
+}
+
+impl<'a> RobustGuard<'a> {
+    /// The mutex held.
+    pub fn mutex(&self) -> RobustMutex<'a> {
+        self.mutex
+    }
+
+    /// The `len` bytes at `offset` of `map`, which must be the mapping the mutex lives in and
+    /// bytes every process changes only while holding it (outside the mutex itself); `None`
+    /// for another mapping, a range out of bounds, or one over the mutex.
+    pub fn bytes_mut<'g>(
+        &'g mut self,
+        map: &'g Mapping,
+        offset: usize,
+        len: usize,
+    ) -> Option<&'g mut [u8]> {
+        let at = self.guarded(map, offset, len)?;
+        // SAFETY: in bounds of a live writable mapping, outside the mutex (`guarded`); the
+        // mutex is held by this thread for as long as the guard lives, and the slice borrows
+        // the guard mutably, so no other reference to these bytes exists in this process, and
+        // other processes change them only under the same mutex.
+        Some(unsafe { std::slice::from_raw_parts_mut(at, len) })
+    }
+
+    /// As [`bytes_mut`](Self::bytes_mut), to read.
+    pub fn bytes<'g>(&'g self, map: &'g Mapping, offset: usize, len: usize) -> Option<&'g [u8]> {
+        let at = self.guarded(map, offset, len)?;
+        // SAFETY: as in `bytes_mut`; the slice borrows the guard, so no mutable one is alive.
+        Some(unsafe { std::slice::from_raw_parts(at, len) })
+    }
+
+    /// Where the guarded bytes `offset..offset + len` of `map` start, if `map` holds the mutex
+    /// and the range is inside it, writable and clear of the mutex.
+    fn guarded(&self, map: &Mapping, offset: usize, len: usize) -> Option<*mut u8> {
+        let mutex_at = (self.mutex.ptr as usize).checked_sub(map.ptr.as_ptr() as usize)?;
+        let mutex_end = mutex_at + ROBUST_MUTEX_BYTES;
+        let end = offset.checked_add(len)?;
+        let apart = end <= mutex_at || offset >= mutex_end;
+        if mutex_end > map.len || map.sealed || end > map.len || !apart {
+            return None;
+        }
+        // SAFETY: `offset` is inside the mapping (checked above).
+        Some(unsafe { map.ptr.as_ptr().add(offset) })
+    }
+}
+
+impl Drop for RobustGuard<'_> {
+    fn drop(&mut self) {
+        let _ = self.mutex.unlock();
     }
 }
