@@ -13,7 +13,7 @@ use libtest_mimic::Failed;
 use multiproc::{Context, ErrorKind, ExitStatus, task};
 
 use crate::Scenario;
-use crate::common::{DEADLINE, Gate, ensure, fd_count, gated, nap, read_pid, warm_up};
+use crate::common::{DEADLINE, Gate, ensure, fd_count, gated, join, nap, read_pid, warm_up};
 use crate::pool::{square, with_pool};
 
 pub const SCENARIOS: &[Scenario] = &[
@@ -24,7 +24,102 @@ pub const SCENARIOS: &[Scenario] = &[
     ("async_a_process_killed_from_another_task_resolves_with_the_signal", process_killed),
     ("async_pipe_and_queues_send_and_receive_through_the_reactor", pipe_and_queues),
     ("async_wait_mixes_results_processes_and_connections", wait_mixed),
+    ("async_sync_primitives_wake_futures_from_other_processes", sync_primitives),
+    ("async_lock_async_takes_a_lock_from_a_sigkilled_holder", lock_from_killed_holder),
 ];
+
+/// Waits for `go`, then takes `condition`'s lock, sets `flag` and notifies every waiter.
+#[task]
+fn notify_when_told(
+    condition: multiproc::Condition,
+    flag: multiproc::SharedAtomicU64,
+    go: multiproc::Event,
+) {
+    go.wait_timeout(DEADLINE).expect("wait for go");
+    let _guard = condition.lock().expect("the condition's lock");
+    flag.store(1);
+    condition.notify_all();
+}
+
+fn sync_primitives(ctx: &Context) -> Result<(), Failed> {
+    use crate::sync::{release_times, set_when_told, wait_at};
+    warm_up(ctx)?;
+    let fds = fd_count();
+    let runtime = runtime(ctx)?;
+    let (go, done) = (ctx.event()?, ctx.event()?);
+    let semaphore = ctx.semaphore(0)?;
+    let (condition, flag) = (ctx.condition()?, multiproc::SharedAtomicU64::new(0)?);
+    let barrier = ctx.barrier(2)?;
+    let children = (
+        ctx.process(set_when_told, (go.try_clone()?, done.try_clone()?)).start()?,
+        ctx.process(release_times, (semaphore.try_clone()?, 3)).start()?,
+        ctx.process(notify_when_told, (condition.try_clone()?, flag.try_clone()?, go.try_clone()?))
+            .start()?,
+        ctx.process(wait_at, barrier.try_clone()?).start()?,
+    );
+    let threads_before = threads();
+    let (notified, led) = run(&runtime, async {
+        // 100 futures wait on one event with no thread each.
+        let waiters = (0..100).map(|_| done.wait_async()).collect::<Vec<_>>();
+        let all_done = futures::future::join_all(waiters);
+        let guard = condition.lock()?;
+        let notified = condition.wait_async(guard);
+        go.set();
+        for result in all_done.await {
+            result?;
+        }
+        ensure(threads() <= threads_before, || {
+            format!("{} threads, {threads_before} before", threads())
+        })?;
+        for _ in 0..3 {
+            semaphore.acquire_async().await?;
+        }
+        let notified = notified.await.map(|guard| {
+            drop(guard);
+            flag.load() == 1
+        })?;
+        let led = barrier.wait_async().await?.is_leader();
+        Ok((notified, led))
+    })?;
+    drop(runtime);
+    ensure(notified, || "the condition woke before the flag was set".into())?;
+    ensure(join(children.0)?? && join(children.1)?.is_ok(), || {
+        "the event's and semaphore's children".into()
+    })?;
+    join(children.2)??;
+    let theirs = join(children.3)??;
+    ensure(theirs.is_ok_and(|theirs_led| theirs_led != led), || {
+        "one leader of the barrier".into()
+    })?;
+    ensure(semaphore.value() == 0, || format!("semaphore at {}", semaphore.value()))?;
+    drop((go, done, semaphore, condition, flag, barrier));
+    let after = fd_count();
+    ensure(after == fds, || format!("fds before {fds}, after {after}"))
+}
+
+fn lock_from_killed_holder(ctx: &Context) -> Result<(), Failed> {
+    use crate::sync::hold_until_killed;
+    let runtime = runtime(ctx)?;
+    let (lock, held) = (ctx.lock()?, ctx.event()?);
+    let mut holder =
+        ctx.process(hold_until_killed, (lock.try_clone()?, held.try_clone()?)).start()?;
+    ensure(held.wait_timeout(DEADLINE)?, || "the holder never took the lock".into())?;
+    let taken = run(&runtime, async {
+        // Nothing will ring the lock's bell: the holder is killed, not released.
+        let waiting = lock.lock_async();
+        holder.kill()?;
+        Ok(match waiting.await {
+            Err(multiproc::LockError::OwnerDied(guard)) => {
+                drop(guard);
+                "owner died".to_string()
+            }
+            Ok(_) => "taken with no word of the dead owner".to_string(),
+            Err(multiproc::LockError::Failed(e)) => e.to_string(),
+        })
+    })?;
+    ensure(holder.join().is_err(), || "the killed holder returned".into())?;
+    ensure(taken == "owner died", || taken.clone())
+}
 
 /// A runtime this method can start processes from: current-thread under fork, two worker
 /// threads otherwise.

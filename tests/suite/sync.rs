@@ -94,7 +94,7 @@ fn producer_consumer(ctx: &Context) -> Result<(), Failed> {
 
 /// Waits at `barrier`, once; the kind of error if it failed.
 #[task]
-fn wait_at(barrier: Barrier) -> Result<bool, String> {
+pub fn wait_at(barrier: Barrier) -> Result<bool, String> {
     match barrier.wait_timeout(Duration::from_secs(60)) {
         Ok(Some(result)) => Ok(result.is_leader()),
         Ok(None) => Err("timed out".into()),
@@ -260,7 +260,7 @@ fn increments_under_lock(ctx: &Context) -> Result<(), Failed> {
 
 /// Takes `lock`, says so on `held`, and keeps it until it is killed.
 #[task]
-fn hold_until_killed(lock: Lock, held: Event) {
+pub fn hold_until_killed(lock: Lock, held: Event) {
     let guard = lock.lock().expect("lock");
     held.set();
     std::thread::sleep(Duration::from_secs(600));
@@ -287,7 +287,7 @@ fn holder_killed(ctx: &Context) -> Result<(), Failed> {
 
 /// Waits for `go`, then sets `done`.
 #[task]
-fn set_when_told(go: Event, done: Event) -> bool {
+pub fn set_when_told(go: Event, done: Event) -> bool {
     let told = go.wait_timeout(Duration::from_secs(60)).expect("wait for go");
     done.set();
     told
@@ -304,7 +304,7 @@ fn event_from_child(ctx: &Context) -> Result<(), Failed> {
 
 /// Releases `semaphore` `times` times.
 #[task]
-fn release_times(semaphore: Semaphore, times: u32) {
+pub fn release_times(semaphore: Semaphore, times: u32) {
     for _ in 0..times {
         semaphore.release().expect("release");
     }
