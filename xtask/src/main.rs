@@ -171,7 +171,8 @@ fn run_examples() -> Result<(), String> {
 }
 
 /// The benchmarks, in the order `cargo xtask bench` runs them.
-const BENCHES: &[&str] = &["startup", "preload", "pool", "asyncio", "data", "bound", "pipe"];
+const BENCHES: &[&str] =
+    &["startup", "preload", "pool", "asyncio", "data", "bound", "pipe", "sync"];
 
 /// Runs every benchmark; each appends its tables to a report, which becomes `BENCHMARKS.md`
 /// (full mode) or `target/bench-quick.md` (quick mode, so that CI never rewrites the real one).

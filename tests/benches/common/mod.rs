@@ -213,7 +213,9 @@ impl Value {
         match self {
             Value::Time(d) => {
                 let s = d.as_secs_f64();
-                if s < 1e-3 {
+                if s < 1e-6 {
+                    format!("{:.1} ns", s * 1e9)
+                } else if s < 1e-3 {
                     format!("{:.1} µs", s * 1e6)
                 } else if s < 1.0 {
                     format!("{:.2} ms", s * 1e3)

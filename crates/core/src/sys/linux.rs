@@ -912,7 +912,26 @@ pub fn set_cpu_affinity(cpus: &[usize]) -> io::Result<()> {
         }
         set.set(cpu);
     }
-    Ok(rustix::thread::sched_setaffinity(None, &set)?)
+    rustix::thread::sched_setaffinity(None, &set)?;
+    SEVERAL_CPUS.store(0, std::sync::atomic::Ordering::Relaxed);
+    Ok(())
+}
+
+/// What [`several_cpus`] found: 0 not looked yet, 1 one CPU, 2 several.
+static SEVERAL_CPUS: std::sync::atomic::AtomicU8 = std::sync::atomic::AtomicU8::new(0);
+
+/// Whether the calling process may run on more than one CPU: looked up once, and again after
+/// each [`set_cpu_affinity`] (a mask changed by other means is not seen).
+pub fn several_cpus() -> bool {
+    use std::sync::atomic::Ordering::Relaxed;
+    match SEVERAL_CPUS.load(Relaxed) {
+        0 => {
+            let several = cpu_affinity().is_ok_and(|cpus| cpus.len() > 1);
+            SEVERAL_CPUS.store(if several { 2 } else { 1 }, Relaxed);
+            several
+        }
+        found => found == 2,
+    }
 }
 
 /// Below this many bytes, memory is left to be faulted in page by page as it is filled.
@@ -1130,6 +1149,7 @@ impl Mapping {
 
     /// The 32-bit atomic word at byte `offset` (a multiple of 4 inside the mapping); `None` for
     /// a sealed mapping or an offset out of bounds or misaligned.
+    #[inline]
     pub fn atomic_u32(&self, offset: usize) -> Option<&AtomicU32> {
         let fits = offset.checked_add(4).is_some_and(|end| end <= self.len);
         if self.sealed || !fits || offset % 4 != 0 {
@@ -1239,6 +1259,7 @@ const PTHREAD_MUTEX_ROBUST: c_int = 1;
 
 impl<'a> RobustMutex<'a> {
     /// The mutex at `offset` in `map`; `None` if it would not fit or is misaligned.
+    #[inline]
     pub fn at(map: &'a Mapping, offset: usize) -> Option<RobustMutex<'a>> {
         let fits = offset.checked_add(ROBUST_MUTEX_BYTES).is_some_and(|end| end <= map.len());
         let aligned = offset % std::mem::align_of::<libc::pthread_mutex_t>() == 0;
@@ -1279,6 +1300,7 @@ impl<'a> RobustMutex<'a> {
 
     /// Locks, waiting until `deadline` (`Ok(None)` when it passes first); the guard unlocks
     /// when dropped, and lends the bytes of `map` the mutex guards.
+    #[inline]
     pub fn lock(
         self,
         deadline: Option<Instant>,
@@ -1292,6 +1314,7 @@ impl<'a> RobustMutex<'a> {
         std::ptr::eq(self.ptr, other.ptr)
     }
 
+    #[inline]
     fn acquire(&self, deadline: Option<Instant>) -> io::Result<Option<Acquired>> {
         let ret = match deadline {
             // SAFETY: the mutex was initialised by its maker (`init`) and lives in the mapping.
@@ -1328,6 +1351,7 @@ impl<'a> RobustMutex<'a> {
     }
 
     /// Unlocks; `EPERM` if the calling thread does not hold it.
+    #[inline]
     fn unlock(&self) -> io::Result<()> {
         // SAFETY: the mutex was initialised by its maker and lives in the mapping.
         errno_value(unsafe { libc::pthread_mutex_unlock(self.ptr) })
@@ -1387,6 +1411,7 @@ impl<'a> RobustGuard<'a> {
 }
 
 impl Drop for RobustGuard<'_> {
+    #[inline]
     fn drop(&mut self) {
         let _ = self.mutex.unlock();
     }

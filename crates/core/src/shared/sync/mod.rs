@@ -63,6 +63,9 @@ const W_EXTRA: usize = 60;
 
 const _: () = assert!(MUTEX_AT + sys::ROBUST_MUTEX_BYTES <= W_ASYNC);
 
+/// How long a waiter spins before it sleeps (see [`Page::spin`]).
+const SPIN: Duration = Duration::from_micros(5);
+
 /// What a page holds.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[repr(u32)]
@@ -100,23 +103,30 @@ impl Page {
     }
 
     /// The 32-bit word at byte `offset`.
+    #[inline]
     fn word(&self, offset: usize) -> &AtomicU32 {
         self.map.atomic_u32(offset).expect("a word of the page")
     }
 
     /// The robust mutex of a lock kind's page.
+    #[inline]
     fn mutex(&self) -> sys::RobustMutex<'_> {
         self.mutex_at(MUTEX_AT)
     }
 
+    #[inline]
     fn mutex_at(&self, offset: usize) -> sys::RobustMutex<'_> {
         sys::RobustMutex::at(&self.map, offset).expect("a mutex of the page")
     }
 
-    /// Waits until `ready` holds of the state word, or `deadline` passes (false). Counts
-    /// itself a waiter first, so that whoever changes the state sees it and wakes it.
+    /// Waits until `ready` holds of the state word, or `deadline` passes (false). Spins a
+    /// moment first (see [`spin`](Self::spin)); then counts itself a waiter, so that whoever
+    /// changes the state sees it and wakes it, and sleeps on the futex.
     fn wait_until(&self, deadline: Option<Instant>, ready: impl Fn(u32) -> bool) -> Result<bool> {
         let (state, waiters) = (self.word(W_STATE), self.word(W_WAITERS));
+        if self.spin(deadline, &ready) {
+            return Ok(true);
+        }
         loop {
             let seen = state.load(SeqCst);
             if ready(seen) {
@@ -137,6 +147,31 @@ impl Page {
         }
     }
 
+    /// Watches the state word for at most [`SPIN`] (and not past `deadline`) before a waiter
+    /// sleeps, when this process may run on more than one CPU: a peer on another CPU that
+    /// answers within microseconds (a hand-off, a ping-pong) is seen without two futex calls
+    /// and a wake-up of a sleeping CPU, which cost more than the wait. Whether `ready` held.
+    fn spin(&self, deadline: Option<Instant>, ready: &impl Fn(u32) -> bool) -> bool {
+        // On one CPU, spinning only delays the peer it waits for.
+        if !sys::several_cpus() {
+            return false;
+        }
+        let state = self.word(W_STATE);
+        let started = Instant::now();
+        let until = deadline.map_or(started + SPIN, |d| d.min(started + SPIN));
+        loop {
+            for _ in 0..32 {
+                if ready(state.load(SeqCst)) {
+                    return true;
+                }
+                std::hint::spin_loop();
+            }
+            if Instant::now() >= until {
+                return false;
+            }
+        }
+    }
+
     /// Tells waiters the state changed: wakes up to `count` sleepers of the state word, and
     /// rings the bell for async waiters, if there are any of either.
     fn wake(&self, count: u32) {
@@ -149,6 +184,13 @@ impl Page {
     /// Rings the bell if async waiters are counted.
     fn ring(&self) {
         std::sync::atomic::fence(SeqCst);
+        self.ring_unfenced();
+    }
+
+    /// As [`ring`](Self::ring), but a waiter counted an instant ago may be missed: for kinds
+    /// whose async waiters look again on a timer anyway.
+    #[inline]
+    fn ring_unfenced(&self) {
         if self.word(W_ASYNC).load(SeqCst) > 0 {
             sys::eventfd_add_one(self.bell.as_fd());
         }

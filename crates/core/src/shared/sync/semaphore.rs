@@ -15,8 +15,8 @@ use crate::error::{Error, ErrorKind, Result};
 ///
 /// It has no owner: any process may release what another acquired, and one that is killed
 /// between acquire and release leaves the count one lower for good (as with Python's and
-/// POSIX semaphores). Where a slot must come back when its holder dies, use a [`Lock`] per
-/// slot (see [`super::Lock`]), which the kernel releases.
+/// POSIX semaphores). Where a slot must come back when its holder dies, use a
+/// [`Lock`](super::Lock) per slot, which the kernel releases.
 pub struct Semaphore {
     page: Page,
 }
