@@ -24,10 +24,16 @@
 //! do not decode—comes back as an [`Error`] on the call that waited for it; see
 //! [`Error::kind`] and [`Error::child_failure`].
 //!
+//! Processes coordinate with Python's primitives, each a futex in shared memory that travels as
+//! a descriptor: [`Lock`], [`RLock`] and [`Condition`] (which survive the death of their
+//! holder: [`LockError::OwnerDied`]), [`Barrier`] (broken when a party dies waiting),
+//! [`Event`], [`Semaphore`], [`BoundedSemaphore`], and [`Value`] / [`Array`] behind their lock.
+//!
 //! With the `tokio` feature, every handle can be awaited without a blocked thread:
 //! `Process::join_async`, an [`AsyncResult`] is a `Future`, `imap` a `Stream`,
 //! `Connection::{send_async, recv_async}`, `Queue::{put_async, get_async}`,
-//! `JoinableQueue::join_async`, and `wait_async`. The library never starts a runtime.
+//! `JoinableQueue::join_async`, `wait_async`, and the primitives' `lock_async`,
+//! `acquire_async` and `wait_async`. The library never starts a runtime.
 
 use std::fmt;
 use std::sync::Arc;
