@@ -17,6 +17,7 @@ mod lifecycle;
 mod pool;
 mod protocol;
 mod queue;
+mod setup;
 mod sync;
 
 use libtest_mimic::{Arguments, Failed, Trial};
@@ -47,6 +48,7 @@ fn main() -> std::process::ExitCode {
         bytes::SCENARIOS,
         asyncio::SCENARIOS,
         sync::SCENARIOS,
+        setup::SCENARIOS,
     ]
     .concat();
     if method == "forkserver" {

@@ -45,6 +45,7 @@ fn start_message(task: &str, fingerprint: u64) -> Start {
         daemon: false,
         log: None,
         worker: None,
+        setup: None,
     }
 }
 

@@ -27,6 +27,7 @@ pub use pool::{AsyncResult, IMap, Pool, PoolBuilder};
 pub use process::method::{
     ChildHandle, ChildMain, DirectChild, Payload, StartMethod, StartRequest,
 };
+pub use process::setup::{ChildInput, ChildOutput, Stdio};
 pub use process::status::ExitStatus;
 pub use process::{Process, ProcessBuilder, Signaller};
 pub use runtime::preload::preloaded;

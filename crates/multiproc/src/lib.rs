@@ -45,11 +45,12 @@ pub use multiproc_core::preloaded;
 pub use multiproc_core::runtime::log::log_to_stderr;
 pub use multiproc_core::{
     Array, ArrayGuard, AsyncResult, Barrier, BarrierWaitResult, BoundedSemaphore, Bytes,
-    ChildFailure, Client, Condition, Connection, Error, ErrorKind, Event, ExitStatus, Fd, IMap,
-    JoinableQueue, Listener, Lock, LockError, LockGuard, LockResult, MultithreadedForkPermit, Pool,
-    PoolBuilder, Portable, Process, ProcessBuilder, Queue, RLock, RemotePanic, Result,
-    SealedMemory, SealedSlice, Semaphore, SharedAtomicU64, SharedMemory, SharedSlice, Signaller,
-    StartMethod, Task, TryLockResult, Value, ValueGuard, Waitable, Watch, init, wait,
+    ChildFailure, ChildInput, ChildOutput, Client, Condition, Connection, Error, ErrorKind, Event,
+    ExitStatus, Fd, IMap, JoinableQueue, Listener, Lock, LockError, LockGuard, LockResult,
+    MultithreadedForkPermit, Pool, PoolBuilder, Portable, Process, ProcessBuilder, Queue, RLock,
+    RemotePanic, Result, SealedMemory, SealedSlice, Semaphore, SharedAtomicU64, SharedMemory,
+    SharedSlice, Signaller, StartMethod, Stdio, Task, TryLockResult, Value, ValueGuard, Waitable,
+    Watch, init, wait,
 };
 #[cfg(feature = "tokio")]
 pub use multiproc_core::{IMapStream, wait_async};

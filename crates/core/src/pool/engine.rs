@@ -144,6 +144,11 @@ pub(crate) struct Config {
     pub(crate) initializer: Option<Initializer>,
     pub(crate) max_tasks_per_child: Option<u64>,
     pub(crate) task_timeout: Option<Duration>,
+    /// What every worker sets up in itself, and the descriptors its streams take.
+    pub(crate) setup: Option<wire::Setup>,
+    /// Tracked: children forked for other purposes close them (a pipe's writer must not
+    /// outlive the pool in one).
+    pub(crate) setup_fds: Vec<crate::process::tracked::Tracked<std::os::fd::OwnedFd>>,
 }
 
 /// What the driver's poll saw.
@@ -216,7 +221,13 @@ impl Worker {
         );
         let initializer = config.initializer.as_ref().map(|i| i.task.into());
         let setup = WorkerSetup { initializer, args_in_memory };
-        let start = start_message("multiproc::pool::worker", &name, true, Some(setup));
+        let start = start_message(
+            "multiproc::pool::worker",
+            &name,
+            true,
+            Some(setup),
+            config.setup.clone(),
+        );
         let work = match config.initializer.as_ref().map(|i| &i.args) {
             Some(InitArgs::Encoded { bytes, attachments, .. }) => {
                 let attachments = attachments
@@ -227,7 +238,8 @@ impl Worker {
             // No initializer, or one whose arguments the template holds.
             _ => Work::Sent(Arc::default(), Attachments::default()),
         };
-        let Launched { child, channel } = launch(&*config.method, &start, work)?;
+        let setup_fds: Vec<_> = config.setup_fds.iter().map(|fd| fd.as_fd()).collect();
+        let Launched { child, channel } = launch(&*config.method, &start, work, &setup_fds)?;
         let label = format!("pool worker {} ({})", child.pid(), config.method.name());
         let dup = |fd: std::os::fd::BorrowedFd<'_>| {
             fd.try_clone_to_owned()

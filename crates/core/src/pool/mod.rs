@@ -35,6 +35,7 @@ use engine::{BatchId, BatchOutcome, Config, Encoded, InitArgs, Initializer, Move
 use crate::error::{ChildFailure, Error, ErrorKind, Result};
 use crate::ipc::wait::{Notify, Waitable, Watch};
 use crate::process::method::StartMethod;
+use crate::process::setup::{ParentEnds, SetupBuilder, setup_methods};
 use crate::runtime::registry::{self, State};
 use crate::runtime::task::{Portable, Task};
 use crate::shared::shm::SealedMemory;
@@ -59,6 +60,7 @@ pub struct PoolBuilder<S = ()> {
     max_tasks_per_child: Option<u64>,
     chunksize: Option<usize>,
     task_timeout: Option<Duration>,
+    setup: SetupBuilder,
     /// An error found while configuring, reported by `build()`.
     error: Option<Error>,
     _state: PhantomData<fn() -> S>,
@@ -74,6 +76,7 @@ impl PoolBuilder<()> {
             max_tasks_per_child: None,
             chunksize: None,
             task_timeout: None,
+            setup: SetupBuilder::default(),
             error: None,
             _state: PhantomData,
         }
@@ -147,6 +150,7 @@ impl PoolBuilder<()> {
             max_tasks_per_child: self.max_tasks_per_child,
             chunksize: self.chunksize,
             task_timeout: self.task_timeout,
+            setup: self.setup,
             error,
             _state: PhantomData,
         }
@@ -154,6 +158,8 @@ impl PoolBuilder<()> {
 }
 
 impl<S: 'static> PoolBuilder<S> {
+    setup_methods!("every worker");
+
     /// The number of worker processes; the default is the machine's available parallelism.
     pub fn processes(mut self, processes: usize) -> Self {
         self.processes = Some(processes);
@@ -202,6 +208,7 @@ impl<S: 'static> PoolBuilder<S> {
         if let Some(error) = self.error {
             return Err(error);
         }
+        let resolved = self.setup.resolve()?;
         let (method, initializer) = engine::with_template(self.method, self.initializer)?;
         let shared = Shared::start(Config {
             method,
@@ -209,6 +216,12 @@ impl<S: 'static> PoolBuilder<S> {
             initializer,
             max_tasks_per_child: self.max_tasks_per_child,
             task_timeout: self.task_timeout,
+            setup: resolved.setup,
+            setup_fds: resolved
+                .fds
+                .into_iter()
+                .map(crate::process::tracked::Tracked::new)
+                .collect(),
         })?;
         let progress = {
             let shared = Arc::clone(&shared);
@@ -229,6 +242,7 @@ impl<S: 'static> PoolBuilder<S> {
             shared,
             progress: Some(progress),
             chunksize: self.chunksize,
+            pipes: Mutex::new(resolved.pipes),
             _state: PhantomData,
         })
     }
@@ -268,10 +282,30 @@ pub struct Pool<S = ()> {
     /// The thread that drives the pool while no caller does (see `engine`).
     progress: Option<std::thread::JoinHandle<()>>,
     chunksize: Option<usize>,
+    /// The parent's ends of the workers' piped streams, until taken.
+    pipes: Mutex<ParentEnds>,
     _state: PhantomData<fn() -> S>,
 }
 
 impl<S: 'static> Pool<S> {
+    /// The writing end of the workers' shared stdin, when it was made
+    /// [`Stdio::piped`](crate::Stdio::piped) (taken: `None` the second time).
+    pub fn stdin(&self) -> Option<crate::process::setup::ChildInput> {
+        self.pipes.lock().unwrap_or_else(|p| p.into_inner()).stdin.take()
+    }
+
+    /// The reading end of the pipe every worker's stdout writes to, when it was made
+    /// [`Stdio::piped`](crate::Stdio::piped) (taken). The pool keeps a writing end for the
+    /// workers it starts later, so the reader reaches its end once the pool is dropped.
+    pub fn stdout(&self) -> Option<crate::process::setup::ChildOutput> {
+        self.pipes.lock().unwrap_or_else(|p| p.into_inner()).stdout.take()
+    }
+
+    /// The reading end of the workers' shared stderr pipe, as [`stdout`](Self::stdout).
+    pub fn stderr(&self) -> Option<crate::process::setup::ChildOutput> {
+        self.pipes.lock().unwrap_or_else(|p| p.into_inner()).stderr.take()
+    }
+
     /// Runs `task` on every item and returns the results in order.
     ///
     /// Every item runs, even after one has failed; then the error of the first failed item

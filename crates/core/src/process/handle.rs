@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 use crate::error::{ChildFailure, Error, ErrorKind, RemotePanic, Result};
 use crate::process::launch::{Launched, Work, check_hello, fail_kind, launch, start_message};
 use crate::process::method::{ChildHandle, StartMethod};
+use crate::process::setup::{ParentEnds, SetupBuilder, setup_methods};
 use crate::process::status::ExitStatus;
 use crate::runtime::child;
 use crate::runtime::registry;
@@ -30,13 +31,16 @@ pub struct ProcessBuilder<A, R> {
     args: A,
     name: Option<String>,
     daemon: bool,
+    setup: SetupBuilder,
 }
 
 impl<A: Portable, R: Portable> ProcessBuilder<A, R> {
     /// A builder that will run `task(args)` in a child started by `method`.
     pub fn new(method: Arc<dyn StartMethod>, task: Task<A, R>, args: A) -> Self {
-        ProcessBuilder { method, task, args, name: None, daemon: false }
+        ProcessBuilder { method, task, args, name: None, daemon: false, setup: Default::default() }
     }
+
+    setup_methods!("the child");
 
     /// Names the process (Python's `name=`); the default is `Process-N`.
     pub fn name(mut self, name: impl Into<String>) -> Self {
@@ -60,15 +64,18 @@ impl<A: Portable, R: Portable> ProcessBuilder<A, R> {
         reap_detached();
         registry::lookup(self.task.name())?;
         let name = self.name.unwrap_or_else(next_default_name);
-        let start = start_message(self.task.name(), &name, self.daemon, None);
+        let mut resolved = self.setup.resolve()?;
+        let start =
+            start_message(self.task.name(), &name, self.daemon, None, resolved.setup.clone());
         let work = if self.method.moves_arguments() {
             let func = self.task.func();
             let close = crate::process::tracked::to_close_in_child(&self.args);
             let args = self.args;
             let settings = start.clone();
+            let setup_fds = std::mem::take(&mut resolved.fds);
             Work::Moved(Box::new(move |channel: Channel| -> Infallible {
                 sys::close_in_forked_child(&close);
-                child::run_moved(channel, settings, move || {
+                child::run_moved(channel, settings, setup_fds, move || {
                     registry::encode_result(&func(&(), args))
                 })
             }))
@@ -83,8 +90,12 @@ impl<A: Portable, R: Portable> ProcessBuilder<A, R> {
             })?;
             Work::Sent(Arc::new(bytes), attachments)
         };
-        let Launched { child, channel } = launch(&*self.method, &start, work)?;
+        let Launched { child, channel } =
+            launch(&*self.method, &start, work, &resolved.borrowed_fds())?;
+        // The child's ends of its pipes are closed here, so that the parent's read to the end.
+        drop(resolved.fds);
         Ok(Process {
+            pipes: resolved.pipes,
             child: Some(child),
             channel,
             name,
@@ -187,10 +198,32 @@ pub struct Process<R> {
     result_taken: bool,
     /// We (or a [`Signaller`] of ours) sent the child a signal.
     signalled: Arc<AtomicBool>,
+    /// The parent's ends of the child's piped streams, until taken.
+    pipes: ParentEnds,
     _result: PhantomData<fn() -> R>,
 }
 
 impl<R: Portable> Process<R> {
+    /// The writing end of the child's stdin, when it was made
+    /// [`Stdio::piped`](crate::Stdio::piped) (taken: `None` the second time). Dropping it
+    /// closes the child's stdin.
+    pub fn stdin(&mut self) -> Option<crate::process::setup::ChildInput> {
+        self.pipes.stdin.take()
+    }
+
+    /// The reading end of the child's stdout, when it was made
+    /// [`Stdio::piped`](crate::Stdio::piped) (taken: `None` the second time). It reads to its
+    /// end once the child has exited.
+    pub fn stdout(&mut self) -> Option<crate::process::setup::ChildOutput> {
+        self.pipes.stdout.take()
+    }
+
+    /// The reading end of the child's stderr, when it was made
+    /// [`Stdio::piped`](crate::Stdio::piped) (taken).
+    pub fn stderr(&mut self) -> Option<crate::process::setup::ChildOutput> {
+        self.pipes.stderr.take()
+    }
+
     /// The child's pid.
     pub fn pid(&self) -> u32 {
         self.handle().pid()

@@ -2,6 +2,7 @@
 //! the channel, the start method's `start`, the task's delivery, and the parent's side of the
 //! handshake.
 
+use std::os::fd::BorrowedFd;
 use std::sync::Arc;
 
 use crate::error::{Error, ErrorKind, Result};
@@ -9,7 +10,7 @@ use crate::process::method::{ChildHandle, ChildMain, Payload, StartMethod, Start
 use crate::runtime::child::fingerprint;
 use crate::transport::channel::{Channel, FrameError};
 use crate::transport::codec::Attachments;
-use crate::transport::wire::{self, FailReason, PROTOCOL_VERSION, Start, WorkerSetup};
+use crate::transport::wire::{self, FailReason, PROTOCOL_VERSION, Setup, Start, WorkerSetup};
 
 /// The `Start` message for a child called `name` that runs `task` (or, with `worker`, serves a
 /// pool).
@@ -18,6 +19,7 @@ pub(crate) fn start_message(
     name: &str,
     daemon: bool,
     worker: Option<WorkerSetup>,
+    setup: Option<Setup>,
 ) -> Start {
     Start {
         version: PROTOCOL_VERSION,
@@ -27,6 +29,7 @@ pub(crate) fn start_message(
         daemon,
         log: crate::runtime::log::inherited_level(),
         worker,
+        setup,
     }
 }
 
@@ -52,11 +55,18 @@ pub(crate) struct Launched {
 /// so this much and the 16-byte frame header always fit.
 const PRESEND_MAX: usize = 2048;
 
-/// Starts a child with `method` and hands it `start` and its work.
+/// Starts a child with `method` and hands it `start` and its work; `setup_fds` are the
+/// descriptors its setup's streams take (sent first with the `Start`; a forked child was
+/// handed them in memory).
 ///
 /// A child that dies before it reads its work is not an error here: whoever waits for it
 /// learns how it ended.
-pub(crate) fn launch(method: &dyn StartMethod, start: &Start, work: Work) -> Result<Launched> {
+pub(crate) fn launch(
+    method: &dyn StartMethod,
+    start: &Start,
+    work: Work,
+    setup_fds: &[BorrowedFd<'_>],
+) -> Result<Launched> {
     crate::runtime::role::refuse_untaken_role();
     let name = &start.name;
     let (parent_end, child_end) =
@@ -69,7 +79,7 @@ pub(crate) fn launch(method: &dyn StartMethod, start: &Start, work: Work) -> Res
     // the forkserver finds its task as soon as it runs, instead of waiting for us to learn its
     // pid and then write: that saves a round trip through this process on every start.
     if let Some((args, attachments)) = &sent_args
-        && presend(&parent_end, start, args, attachments)?
+        && presend(&parent_end, start, args, attachments, setup_fds)?
     {
         sent_args = None;
     }
@@ -79,7 +89,7 @@ pub(crate) fn launch(method: &dyn StartMethod, start: &Start, work: Work) -> Res
     let pid = child.pid();
     tracing::debug!(pid, name = %name, method = method.name(), task = %start.task, "process started");
     if let Some((args, attachments)) = sent_args {
-        let fds = attachments.borrowed_fds();
+        let fds = with_setup_fds(setup_fds, &attachments);
         let blocks = &attachments.blocks;
         let sent =
             wire::send(&parent_end, start, &args, &fds, blocks, None, Some(child.sentinel()));
@@ -104,6 +114,7 @@ fn presend(
     start: &Start,
     args: &[u8],
     attachments: &Attachments,
+    setup_fds: &[BorrowedFd<'_>],
 ) -> Result<bool> {
     if !attachments.blocks.is_empty() || args.len() > PRESEND_MAX {
         return Ok(false);
@@ -114,10 +125,19 @@ fn presend(
     if head.len() + args.len() > PRESEND_MAX {
         return Ok(false);
     }
-    channel.send(&[&head, args], &attachments.borrowed_fds(), &[], None, None).map_err(|e| {
+    let fds = with_setup_fds(setup_fds, attachments);
+    channel.send(&[&head, args], &fds, &[], None, None).map_err(|e| {
         Error::new(ErrorKind::Io, format!("writing the task of {}: {e}", start.name))
     })?;
     Ok(true)
+}
+
+/// The descriptors of a `Start` frame: the setup's first, then the arguments'.
+fn with_setup_fds<'a>(
+    setup_fds: &[BorrowedFd<'a>],
+    attachments: &'a Attachments,
+) -> Vec<BorrowedFd<'a>> {
+    setup_fds.iter().copied().chain(attachments.borrowed_fds()).collect()
 }
 
 /// The parent's side of the handshake: `None` if the child's `Hello` matches us.
@@ -143,5 +163,6 @@ pub(crate) fn fail_kind(reason: FailReason) -> ErrorKind {
         FailReason::ArgsUndecodable => ErrorKind::Decode,
         FailReason::ResultUnencodable => ErrorKind::Encode,
         FailReason::Protocol => ErrorKind::Protocol,
+        FailReason::Setup => ErrorKind::StartFailed,
     }
 }

@@ -12,6 +12,7 @@ pub mod handle;
 pub(crate) mod launch;
 pub mod method;
 pub mod server;
+pub mod setup;
 pub mod status;
 pub(crate) mod template;
 pub mod tracked;

@@ -60,3 +60,37 @@ pub fn other_than(kept: &[RawFd]) -> Vec<RawFd> {
     }
     live().iter().copied().filter(|fd| !kept.contains(fd)).collect()
 }
+
+/// A descriptor owner that is tracked while it lives: forked children close its descriptor.
+#[derive(Debug)]
+pub struct Tracked<T: std::os::fd::AsFd>(T);
+
+impl<T: std::os::fd::AsFd> Tracked<T> {
+    /// Tracks `inner`'s descriptor until the returned value is dropped.
+    pub fn new(inner: T) -> Tracked<T> {
+        use std::os::fd::AsRawFd;
+        track(inner.as_fd().as_raw_fd());
+        Tracked(inner)
+    }
+}
+
+impl<T: std::os::fd::AsFd> std::ops::Deref for Tracked<T> {
+    type Target = T;
+
+    fn deref(&self) -> &T {
+        &self.0
+    }
+}
+
+impl<T: std::os::fd::AsFd> std::ops::DerefMut for Tracked<T> {
+    fn deref_mut(&mut self) -> &mut T {
+        &mut self.0
+    }
+}
+
+impl<T: std::os::fd::AsFd> Drop for Tracked<T> {
+    fn drop(&mut self) {
+        use std::os::fd::AsRawFd;
+        untrack(self.0.as_fd().as_raw_fd());
+    }
+}

@@ -147,7 +147,25 @@ fn with_start(
     if let Some(failure) = check_handshake(&start) {
         finish(&channel, failure);
     }
-    match then(channel, start, args, fds, blocks) {}
+    let mut fds = fds;
+    let taken = start.setup.as_ref().map_or(0, wire::Setup::fd_count);
+    if fds.len() < taken {
+        let why = format!("the setup takes {taken} descriptors, {} came", fds.len());
+        finish(&channel, Outcome::Failed(FailReason::Protocol, why));
+    }
+    let rest = fds.split_off(taken);
+    set_up(&start, fds, &channel);
+    match then(channel, start, args, rest, blocks) {}
+}
+
+/// Applies the `Start`'s setup, whose streams take `fds`; a child that cannot is ended with
+/// the reason.
+fn set_up(start: &Start, fds: Vec<OwnedFd>, channel: &Channel) {
+    if let Some(setup) = &start.setup
+        && let Err(why) = crate::runtime::setup::apply(setup, fds)
+    {
+        finish(channel, Outcome::Failed(FailReason::Setup, why));
+    }
 }
 
 /// Runs a task sent by name with its arguments, and ends the process.
@@ -180,11 +198,13 @@ pub(super) fn lookup_failure(error: &crate::Error) -> FailReason {
 pub fn run_moved(
     channel: Channel,
     start: Start,
+    setup_fds: Vec<OwnedFd>,
     call: impl FnOnce() -> Result<Vec<u8>, CallError>,
 ) -> ! {
     // The task is in memory: it runs whether or not the parent is still there to hear the
     // hello (see `serve`); a daemon follows its parent from `prepare` on.
     say_hello_or_exit(&channel);
+    set_up(&start, setup_fds, &channel);
     prepare(&start, &channel);
     let outcome = run_guarded(&start, call);
     finish(&channel, outcome)

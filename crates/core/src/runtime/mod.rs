@@ -14,6 +14,7 @@ pub mod panic;
 pub mod preload;
 pub mod registry;
 pub mod role;
+pub(crate) mod setup;
 pub mod task;
 pub mod threads;
 pub mod worker;

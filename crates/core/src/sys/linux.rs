@@ -392,6 +392,20 @@ pub fn dev_null() -> io::Result<BorrowedFd<'static>> {
     Ok(DEV_NULL.get_or_init(|| file.into()).as_fd())
 }
 
+/// `pipe2(O_CLOEXEC)`—a pipe's reading and writing ends.
+pub fn pipe() -> io::Result<(OwnedFd, OwnedFd)> {
+    Ok(rustix::pipe::pipe_with(rustix::pipe::PipeFlags::CLOEXEC)?)
+}
+
+/// `dup2(fd, index)`—makes `fd` this process's stdin (0), stdout (1) or stderr (2).
+pub fn set_std_stream(index: usize, fd: BorrowedFd<'_>) -> io::Result<()> {
+    super::retry_eintr(|| match index {
+        0 => Ok(rustix::stdio::dup2_stdin(fd)?),
+        1 => Ok(rustix::stdio::dup2_stdout(fd)?),
+        _ => Ok(rustix::stdio::dup2_stderr(fd)?),
+    })
+}
+
 /// `dup2(fd, 0)`—makes `fd` this process's stdin. Async-signal-safe: a forked child of a
 /// multi-threaded parent may call it.
 pub fn set_stdin(fd: BorrowedFd<'_>) -> io::Result<()> {

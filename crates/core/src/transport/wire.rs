@@ -16,7 +16,7 @@ use crate::transport::channel::{Channel, Frame, FrameError};
 use crate::transport::codec::{self, Block, CodecError};
 
 /// The protocol version both sides announce; a mismatch fails the handshake.
-pub const PROTOCOL_VERSION: u32 = 4;
+pub const PROTOCOL_VERSION: u32 = 5;
 
 /// Parent to child: what to run. The task's encoded arguments follow as the frame's payload.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -36,6 +36,42 @@ pub struct Start {
     /// Set for a pool worker: instead of one task, it builds its state and then serves
     /// [`ToWorker`] batches until its channel closes.
     pub worker: Option<WorkerSetup>,
+    /// What the child changes in itself before anything else (`None`: nothing).
+    pub setup: Option<Setup>,
+}
+
+/// Environment, working directory and standard streams a child sets in itself before its task
+/// runs. The descriptors its streams take are the first of the `Start` frame's (or, after a
+/// fork, handed over in memory), one per [`StdStream::Fd`], in stream order.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Setup {
+    /// Remove every variable first.
+    pub env_clear: bool,
+    /// Then set (`Some`) or remove (`None`) these, in order (names and values as bytes).
+    pub env: Vec<(Vec<u8>, Option<Vec<u8>>)>,
+    /// Then enter this directory.
+    pub current_dir: Option<Vec<u8>>,
+    /// Stdin, stdout, stderr.
+    pub streams: [StdStream; 3],
+}
+
+impl Setup {
+    /// How many descriptors the streams take.
+    pub fn fd_count(&self) -> usize {
+        self.streams.iter().filter(|s| **s == StdStream::Fd).count()
+    }
+}
+
+/// What a child does with one of its standard streams.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum StdStream {
+    /// Keeps the one it has.
+    #[default]
+    Keep,
+    /// Opens `/dev/null` on it.
+    Null,
+    /// Puts the next of the descriptors sent with the setup on it.
+    Fd,
 }
 
 /// How a pool worker starts.
@@ -120,6 +156,8 @@ pub enum FailReason {
     ResultUnencodable,
     /// The parent's `Start` frame was malformed.
     Protocol,
+    /// The child could not set itself up as asked (a working directory it cannot enter).
+    Setup,
 }
 
 /// The outcome of one item of a pool batch; a batch's results travel as `Vec<ItemResult<R>>`.
@@ -211,6 +249,12 @@ mod tests {
             daemon: true,
             log: Some("debug".into()),
             worker: Some(WorkerSetup { initializer: Some("m::init".into()), args_in_memory: true }),
+            setup: Some(Setup {
+                env_clear: true,
+                env: vec![(b"A".to_vec(), Some(b"1".to_vec())), (b"B".to_vec(), None)],
+                current_dir: Some(b"/tmp".to_vec()),
+                streams: [StdStream::Keep, StdStream::Fd, StdStream::Null],
+            }),
         };
         let deadline = Some(Instant::now() + Duration::from_secs(5));
         send(&a, &start, b"ARGS", &[], &[], deadline, None).unwrap();
