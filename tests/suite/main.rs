@@ -12,6 +12,7 @@ mod common;
 mod failures;
 mod forkserver;
 mod hardening;
+mod introspect;
 mod ipc;
 mod lifecycle;
 mod pool;
@@ -49,6 +50,7 @@ fn main() -> std::process::ExitCode {
         asyncio::SCENARIOS,
         sync::SCENARIOS,
         setup::SCENARIOS,
+        introspect::SCENARIOS,
     ]
     .concat();
     if method == "forkserver" {

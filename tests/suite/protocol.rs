@@ -42,6 +42,8 @@ fn start_message(task: &str, fingerprint: u64) -> Start {
         fingerprint,
         task: task.into(),
         name: "raw".into(),
+        method: "raw".into(),
+        parent_pid: std::process::id(),
         daemon: false,
         log: None,
         worker: None,

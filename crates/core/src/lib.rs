@@ -24,12 +24,14 @@ pub use ipc::wait::{Waitable, Watch, wait};
 #[cfg(feature = "tokio")]
 pub use pool::IMapStream;
 pub use pool::{AsyncResult, IMap, Pool, PoolBuilder};
+pub use process::active::{active_children, cpu_count};
 pub use process::method::{
     ChildHandle, ChildMain, DirectChild, Payload, StartMethod, StartRequest,
 };
 pub use process::setup::{ChildInput, ChildOutput, Stdio};
 pub use process::status::ExitStatus;
 pub use process::{Process, ProcessBuilder, Signaller};
+pub use runtime::identity::{ParentProcess, ProcessInfo, current_process, parent_process};
 pub use runtime::preload::preloaded;
 pub use runtime::task::{Portable, Task};
 pub use shared::shm::{SealedMemory, SealedSlice, SharedMemory, SharedSlice};

@@ -54,6 +54,9 @@ pub use multiproc_core::{
 };
 #[cfg(feature = "tokio")]
 pub use multiproc_core::{IMapStream, wait_async};
+pub use multiproc_core::{
+    ParentProcess, ProcessInfo, active_children, cpu_count, current_process, parent_process,
+};
 pub use multiproc_forkserver::DEFAULT_START_TIMEOUT as DEFAULT_FORKSERVER_START_TIMEOUT;
 pub use multiproc_forkserver::server_pid as forkserver_pid;
 pub use multiproc_forkserver::set_preload as set_forkserver_preload;

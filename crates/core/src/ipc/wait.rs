@@ -77,6 +77,18 @@ impl<R: crate::runtime::task::Portable> Waitable for Process<R> {
     }
 }
 
+impl Waitable for crate::runtime::identity::ParentProcess {
+    /// Ready when the parent has ended.
+    fn watch(&self) -> Watch<'_> {
+        match self.sentinel() {
+            Some(fd) => Watch::fd(fd),
+            // Ended before it was looked up: ready now (on a descriptor that is never
+            // readable, so the flag alone decides).
+            None => Watch::fd_or_now(sys::dev_null().expect("/dev/null"), true),
+        }
+    }
+}
+
 impl<T> Waitable for Connection<T> {
     /// Ready when a message can be received, or the other end has closed.
     fn watch(&self) -> Watch<'_> {

@@ -179,6 +179,8 @@ impl Batch {
 
 /// One worker process, as the parent sees it.
 struct Worker {
+    /// Its entry among the active children, while the pool holds it.
+    _active: crate::process::active::Active,
     id: u64,
     label: String,
     child: Box<dyn ChildHandle>,
@@ -224,6 +226,7 @@ impl Worker {
         let start = start_message(
             "multiproc::pool::worker",
             &name,
+            config.method.name(),
             true,
             Some(setup),
             config.setup.clone(),
@@ -239,7 +242,8 @@ impl Worker {
             _ => Work::Sent(Arc::default(), Attachments::default()),
         };
         let setup_fds: Vec<_> = config.setup_fds.iter().map(|fd| fd.as_fd()).collect();
-        let Launched { child, channel } = launch(&*config.method, &start, work, &setup_fds)?;
+        let Launched { child, channel, active } =
+            launch(&*config.method, &start, work, &setup_fds)?;
         let label = format!("pool worker {} ({})", child.pid(), config.method.name());
         let dup = |fd: std::os::fd::BorrowedFd<'_>| {
             fd.try_clone_to_owned()
@@ -248,6 +252,7 @@ impl Worker {
         };
         let watch = [dup(channel.as_fd())?, dup(child.pidfd())?];
         Ok(Worker {
+            _active: active,
             id,
             label,
             child,

@@ -160,7 +160,8 @@ impl PoolBuilder<()> {
 impl<S: 'static> PoolBuilder<S> {
     setup_methods!("every worker");
 
-    /// The number of worker processes; the default is the machine's available parallelism.
+    /// The number of worker processes; the default is [`cpu_count`](crate::cpu_count) (the
+    /// CPUs this process may use, within its cgroup's quota).
     pub fn processes(mut self, processes: usize) -> Self {
         self.processes = Some(processes);
         self
@@ -193,9 +194,7 @@ impl<S: 'static> PoolBuilder<S> {
     /// Fails with the initializer's panic ([`ErrorKind::Panicked`]), or when a worker cannot
     /// be started (for the fork start method, when the calling process has other threads).
     pub fn build(self) -> Result<Pool<S>> {
-        let processes = self
-            .processes
-            .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+        let processes = self.processes.unwrap_or_else(crate::process::active::cpu_count);
         if processes == 0 {
             return Err(Error::new(ErrorKind::InvalidState, "a pool needs at least one process"));
         }

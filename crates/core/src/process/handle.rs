@@ -10,6 +10,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use crate::error::{ChildFailure, Error, ErrorKind, RemotePanic, Result};
+use crate::process::active::Active;
 use crate::process::launch::{Launched, Work, check_hello, fail_kind, launch, start_message};
 use crate::process::method::{ChildHandle, StartMethod};
 use crate::process::setup::{ParentEnds, SetupBuilder, setup_methods};
@@ -65,8 +66,14 @@ impl<A: Portable, R: Portable> ProcessBuilder<A, R> {
         registry::lookup(self.task.name())?;
         let name = self.name.unwrap_or_else(next_default_name);
         let mut resolved = self.setup.resolve()?;
-        let start =
-            start_message(self.task.name(), &name, self.daemon, None, resolved.setup.clone());
+        let start = start_message(
+            self.task.name(),
+            &name,
+            self.method.name(),
+            self.daemon,
+            None,
+            resolved.setup.clone(),
+        );
         let work = if self.method.moves_arguments() {
             let func = self.task.func();
             let close = crate::process::tracked::to_close_in_child(&self.args);
@@ -75,6 +82,7 @@ impl<A: Portable, R: Portable> ProcessBuilder<A, R> {
             let setup_fds = std::mem::take(&mut resolved.fds);
             Work::Moved(Box::new(move |channel: Channel| -> Infallible {
                 sys::close_in_forked_child(&close);
+                crate::process::active::forget_inherited();
                 child::run_moved(channel, settings, setup_fds, move || {
                     registry::encode_result(&func(&(), args))
                 })
@@ -90,12 +98,13 @@ impl<A: Portable, R: Portable> ProcessBuilder<A, R> {
             })?;
             Work::Sent(Arc::new(bytes), attachments)
         };
-        let Launched { child, channel } =
+        let Launched { child, channel, active } =
             launch(&*self.method, &start, work, &resolved.borrowed_fds())?;
         // The child's ends of its pipes are closed here, so that the parent's read to the end.
         drop(resolved.fds);
         Ok(Process {
             pipes: resolved.pipes,
+            active: Some(active),
             child: Some(child),
             channel,
             name,
@@ -200,6 +209,8 @@ pub struct Process<R> {
     signalled: Arc<AtomicBool>,
     /// The parent's ends of the child's piped streams, until taken.
     pipes: ParentEnds,
+    /// Its entry among the active children (moved with the handle when it is detached).
+    active: Option<Active>,
     _result: PhantomData<fn() -> R>,
 }
 
@@ -552,21 +563,24 @@ impl<R> Drop for Process<R> {
             let _ = child.signal(libc::SIGKILL);
             let _ = child.wait_deadline(None);
         } else {
-            detach(child);
+            detach(child, self.active.take());
         }
     }
 }
 
 /// Children whose handles were dropped while they ran, reaped by later starts.
-static DETACHED: Mutex<Vec<Box<dyn ChildHandle>>> = Mutex::new(Vec::new());
+static DETACHED: Mutex<Vec<Detached>> = Mutex::new(Vec::new());
+
+/// A dropped child still running, with its entry among the active children.
+type Detached = (Box<dyn ChildHandle>, Option<Active>);
 
 /// Whether [`DETACHED`] may hold a child: every start asks, and reading this, unlike taking
 /// the lock, writes nothing (a write is a copy-on-write fault after each fork).
 static ANY_DETACHED: AtomicBool = AtomicBool::new(false);
 
-fn detach(child: Box<dyn ChildHandle>) {
+fn detach(child: Box<dyn ChildHandle>, active: Option<Active>) {
     if let Ok(mut detached) = DETACHED.lock() {
-        detached.push(child);
+        detached.push((child, active));
         ANY_DETACHED.store(true, Ordering::Release);
     }
 }
@@ -578,7 +592,7 @@ fn reap_detached() {
         return;
     }
     if let Ok(mut detached) = DETACHED.lock() {
-        detached.retain_mut(|child| matches!(child.try_wait(), Ok(None)));
+        detached.retain_mut(|(child, _)| matches!(child.try_wait(), Ok(None)));
         ANY_DETACHED.store(!detached.is_empty(), Ordering::Release);
     }
 }

@@ -8,6 +8,7 @@ use std::sync::Arc;
 use crate::error::{Error, ErrorKind, Result};
 use crate::process::method::{ChildHandle, ChildMain, Payload, StartMethod, StartRequest};
 use crate::runtime::child::fingerprint;
+use crate::runtime::identity::ProcessInfo;
 use crate::transport::channel::{Channel, FrameError};
 use crate::transport::codec::Attachments;
 use crate::transport::wire::{self, FailReason, PROTOCOL_VERSION, Setup, Start, WorkerSetup};
@@ -17,6 +18,7 @@ use crate::transport::wire::{self, FailReason, PROTOCOL_VERSION, Setup, Start, W
 pub(crate) fn start_message(
     task: &str,
     name: &str,
+    method: &str,
     daemon: bool,
     worker: Option<WorkerSetup>,
     setup: Option<Setup>,
@@ -26,6 +28,8 @@ pub(crate) fn start_message(
         fingerprint: fingerprint(),
         task: task.to_owned(),
         name: name.to_owned(),
+        method: method.to_owned(),
+        parent_pid: std::process::id(),
         daemon,
         log: crate::runtime::log::inherited_level(),
         worker,
@@ -47,6 +51,8 @@ pub(crate) enum Work {
 pub(crate) struct Launched {
     pub(crate) child: Box<dyn ChildHandle>,
     pub(crate) channel: Channel,
+    /// Its entry among the active children, for as long as its handle lives.
+    pub(crate) active: crate::process::active::Active,
 }
 
 /// The largest `Start` message with its arguments that [`launch`] writes before the child
@@ -87,6 +93,13 @@ pub(crate) fn launch(
         StartRequest { channel: child_end.into_fd(), parent_end: parent_end.as_fd(), payload };
     let child = method.start(request)?;
     let pid = child.pid();
+    let info = ProcessInfo {
+        name: name.clone(),
+        pid,
+        start_method: Some(start.method.clone()),
+        daemon: start.daemon,
+    };
+    let active = crate::process::active::record(info);
     tracing::debug!(pid, name = %name, method = method.name(), task = %start.task, "process started");
     if let Some((args, attachments)) = sent_args {
         let fds = with_setup_fds(setup_fds, &attachments);
@@ -104,7 +117,7 @@ pub(crate) fn launch(
             }
         }
     }
-    Ok(Launched { child, channel: parent_end })
+    Ok(Launched { child, channel: parent_end, active })
 }
 
 /// Writes `start` and its arguments into a new child's channel if they fit its buffer whole, so

@@ -8,6 +8,7 @@
 //! Architecture invariant: everything here is written once against `dyn StartMethod`; no
 //! start method is named. It imports `runtime`, `transport`, `sys` and the error types.
 
+pub mod active;
 pub mod handle;
 pub(crate) mod launch;
 pub mod method;

@@ -253,6 +253,7 @@ fn check_handshake(start: &Start) -> Option<Outcome> {
 /// Adopts the parent's settings: log level, panic capture, and (for a daemon) the watch that
 /// ends the child when its parent goes away.
 fn prepare(start: &Start, channel: &Channel) {
+    crate::runtime::identity::adopt(start);
     crate::runtime::log::adopt(start.log.as_deref());
     install_panic_hook();
     if start.daemon {

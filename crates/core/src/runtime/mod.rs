@@ -9,6 +9,7 @@
 //! handles. It imports `shared`, `transport`, `sys` and the error types.
 
 pub mod child;
+pub mod identity;
 pub mod log;
 pub mod panic;
 pub mod preload;

@@ -29,6 +29,10 @@ pub struct Start {
     pub task: String,
     /// The process name (`Process.name` in Python).
     pub name: String,
+    /// The name of the start method that made the child.
+    pub method: String,
+    /// The pid of the process that asked for the child (under forkserver, not the server).
+    pub parent_pid: u32,
     /// Whether the child must exit when its parent goes away.
     pub daemon: bool,
     /// The parent's log level, which the child adopts (`None`: no logging).
@@ -246,6 +250,8 @@ mod tests {
             fingerprint: 42,
             task: "m::add".into(),
             name: "adder".into(),
+            method: "spawn".into(),
+            parent_pid: 7,
             daemon: true,
             log: Some("debug".into()),
             worker: Some(WorkerSetup { initializer: Some("m::init".into()), args_in_memory: true }),
