@@ -20,6 +20,7 @@ use crate::common::{
 
 pub const SCENARIOS: &[Scenario] = &[
     ("pool_map_returns_results_in_order", map_in_order),
+    ("pool_imap_reports_an_exact_size_hint_and_len", imap_len),
     ("pool_initializer_state_is_built_once_per_worker", initializer_state),
     (
         "pool_large_initializer_arguments_reach_every_worker_and_replacement",
@@ -54,6 +55,40 @@ pub const SCENARIOS: &[Scenario] = &[
 #[task]
 pub fn square(x: u64) -> u64 {
     x * x
+}
+
+fn imap_len(ctx: &Context) -> Result<(), Failed> {
+    with_pool(
+        ctx,
+        || ctx.pool().processes(2).build(),
+        |pool| {
+            for ordered in [true, false] {
+                let items: Vec<u64> = (0..10).collect();
+                let mut results = if ordered {
+                    pool.imap(square, items)
+                } else {
+                    pool.imap_unordered(square, items)
+                };
+                ensure(results.len() == 10, || format!("len {} before any", results.len()))?;
+                for taken in 1..=3 {
+                    results.next().ok_or("a result")??;
+                    let left = 10 - taken;
+                    ensure(
+                        results.size_hint() == (left, Some(left)) && results.len() == left,
+                        || format!("{:?} after {taken}", results.size_hint()),
+                    )?;
+                }
+                ensure(results.by_ref().count() == 7 && results.len() == 0, || "the rest".into())?;
+            }
+            // An input of unknown length gives what it can: its own hint, plus what was read.
+            let mut filtered = pool.imap(square, (0..10u64).filter(|x| x % 2 == 0));
+            ensure(filtered.size_hint() == (0, Some(10)), || {
+                format!("{:?}", filtered.size_hint())
+            })?;
+            filtered.next().ok_or("a result")??;
+            ensure(filtered.size_hint() == (4, Some(4)), || format!("{:?}", filtered.size_hint()))
+        },
+    )
 }
 
 /// Our children other than the forkserver.

@@ -884,6 +884,8 @@ pub struct IMap<A, R, I> {
     /// Bytes the batches in flight hold, encoded.
     submitted_bytes: usize,
     next_index: usize,
+    /// Results handed out so far.
+    yielded: usize,
     ready: VecDeque<Result<R>>,
     /// Items that could not be encoded or submitted, in order, and why: the input ends with
     /// them.
@@ -905,6 +907,7 @@ impl<A: Portable, R: Portable, I: Iterator<Item = A>> IMap<A, R, I> {
             submitted: VecDeque::new(),
             submitted_bytes: 0,
             next_index: 0,
+            yielded: 0,
             ready: VecDeque::new(),
             failed: Vec::new(),
             ordered,
@@ -981,7 +984,7 @@ impl<A: Portable, R: Portable, I: Iterator<Item = A>> IMap<A, R, I> {
         let mut cx = cx;
         loop {
             if let Some(result) = self.ready.pop_front() {
-                return Poll::Ready(Some(result));
+                return Poll::Ready(Some(self.yield_one(result)));
             }
             self.fill();
             if self.submitted.is_empty() {
@@ -989,7 +992,8 @@ impl<A: Portable, R: Portable, I: Iterator<Item = A>> IMap<A, R, I> {
                 for (error, count) in self.failed.drain(..) {
                     self.ready.extend((0..count).map(|_| Err(error.duplicate())));
                 }
-                return Poll::Ready(self.ready.pop_front());
+                let last = self.ready.pop_front();
+                return Poll::Ready(last.map(|result| self.yield_one(result)));
             }
             let submitted = &self.submitted;
             let ordered = self.ordered;
@@ -1045,6 +1049,32 @@ impl<A: Portable, R: Portable, I: Iterator<Item = A>> Iterator for IMap<A, R, I>
             Poll::Ready(next) => next,
             Poll::Pending => unreachable!("a blocking step waits until it is ready"),
         }
+    }
+
+    /// Exact when the input's is: one result per item, those read and not yet handed out
+    /// plus what the input still holds (an item that cannot be encoded ends the input early,
+    /// and the map with it).
+    fn size_hint(&self) -> (usize, Option<usize>) {
+        let pending = self.next_index - self.yielded;
+        match &self.input {
+            None => (pending, Some(pending)),
+            Some(input) => {
+                let (low, high) = input.size_hint();
+                (pending.saturating_add(low), high.and_then(|high| high.checked_add(pending)))
+            }
+        }
+    }
+}
+
+/// `len()` when the input is an `ExactSizeIterator` (a `Vec`, a range): the results still to
+/// come.
+impl<A: Portable, R: Portable, I: ExactSizeIterator<Item = A>> ExactSizeIterator for IMap<A, R, I> {}
+
+impl<A, R, I> IMap<A, R, I> {
+    /// Counts a result handed out.
+    fn yield_one(&mut self, result: Result<R>) -> Result<R> {
+        self.yielded += 1;
+        result
     }
 }
 
