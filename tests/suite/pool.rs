@@ -21,6 +21,7 @@ use crate::common::{
 pub const SCENARIOS: &[Scenario] = &[
     ("pool_map_returns_results_in_order", map_in_order),
     ("pool_imap_reports_an_exact_size_hint_and_len", imap_len),
+    ("pool_map_and_imap_with_a_progress_bar_return_what_they_would_without", with_bar),
     ("pool_initializer_state_is_built_once_per_worker", initializer_state),
     (
         "pool_large_initializer_arguments_reach_every_worker_and_replacement",
@@ -55,6 +56,29 @@ pub const SCENARIOS: &[Scenario] = &[
 #[task]
 pub fn square(x: u64) -> u64 {
     x * x
+}
+
+/// Panics on 13 and 27, so that the first failed item is known.
+#[task]
+fn square_but_13(x: u64) -> u64 {
+    assert!(x != 13 && x != 27, "no {x}");
+    x * x
+}
+
+fn with_bar(ctx: &Context) -> Result<(), Failed> {
+    let build = || ctx.pool().processes(2).progress(true).build();
+    with_pool(ctx, build, |pool| {
+        let expected: Vec<u64> = (0..100).map(|x| x * x).collect();
+        ensure(pool.map(square, 0..100)? == expected, || "map".into())?;
+        let imap = pool.imap(square, (0..100).collect::<Vec<u64>>());
+        ensure(imap.len() == 100, || "len".into())?;
+        let got = imap.collect::<multiproc::Result<Vec<_>>>()?;
+        ensure(got == expected, || "imap".into())?;
+        // The first failure in item order is what map returns, as without a bar.
+        let error = pool.map(square_but_13, 0..40).expect_err("13 panics");
+        let message = error.panic().map(|p| p.message.clone()).unwrap_or_default();
+        ensure(message == "no 13", || format!("{error:?}"))
+    })
 }
 
 fn imap_len(ctx: &Context) -> Result<(), Failed> {

@@ -18,6 +18,8 @@
 //! (ARCHITECTURE.md says why it is safe under fork).
 
 mod engine;
+#[cfg(feature = "progress")]
+mod progress;
 
 use std::collections::VecDeque;
 use std::fmt;
@@ -61,6 +63,9 @@ pub struct PoolBuilder<S = ()> {
     chunksize: Option<usize>,
     task_timeout: Option<Duration>,
     setup: SetupBuilder,
+    /// Progress bars for `map` and `imap`.
+    #[cfg(feature = "progress")]
+    bars: bool,
     /// An error found while configuring, reported by `build()`.
     error: Option<Error>,
     _state: PhantomData<fn() -> S>,
@@ -77,6 +82,8 @@ impl PoolBuilder<()> {
             chunksize: None,
             task_timeout: None,
             setup: SetupBuilder::default(),
+            #[cfg(feature = "progress")]
+            bars: false,
             error: None,
             _state: PhantomData,
         }
@@ -151,6 +158,8 @@ impl PoolBuilder<()> {
             chunksize: self.chunksize,
             task_timeout: self.task_timeout,
             setup: self.setup,
+            #[cfg(feature = "progress")]
+            bars: self.bars,
             error,
             _state: PhantomData,
         }
@@ -159,6 +168,16 @@ impl PoolBuilder<()> {
 
 impl<S: 'static> PoolBuilder<S> {
     setup_methods!("every worker");
+
+    /// Shows a progress bar on stderr (items done, rate, time left) for this pool's `map`,
+    /// `imap` and `imap_unordered`, when stderr is a terminal (the `progress` feature). A map
+    /// with a bar runs as an `imap` with `map`'s chunk size, so that the bar moves with each
+    /// batch's results; it returns what `map` does.
+    #[cfg(feature = "progress")]
+    pub fn progress(mut self, show: bool) -> Self {
+        self.bars = show;
+        self
+    }
 
     /// The number of worker processes; the default is [`cpu_count`](crate::cpu_count) (the
     /// CPUs this process may use, within its cgroup's quota).
@@ -241,6 +260,8 @@ impl<S: 'static> PoolBuilder<S> {
             shared,
             progress: Some(progress),
             chunksize: self.chunksize,
+            #[cfg(feature = "progress")]
+            bars: self.bars,
             pipes: Mutex::new(resolved.pipes),
             _state: PhantomData,
         })
@@ -283,6 +304,9 @@ pub struct Pool<S = ()> {
     chunksize: Option<usize>,
     /// The parent's ends of the workers' piped streams, until taken.
     pipes: Mutex<ParentEnds>,
+    /// Whether `map` and `imap` show a progress bar.
+    #[cfg(feature = "progress")]
+    bars: bool,
     _state: PhantomData<fn() -> S>,
 }
 
@@ -314,6 +338,21 @@ impl<S: 'static> Pool<S> {
         task: Task<A, R, S>,
         items: impl IntoIterator<Item = A>,
     ) -> Result<Vec<R>> {
+        #[cfg(feature = "progress")]
+        if self.bars {
+            // Through `imap`, whose results come one by one, so that the bar moves with them.
+            let items: Vec<A> = items.into_iter().collect();
+            let chunksize = self.chunksize.unwrap_or_else(|| self.auto_chunksize(items.len()));
+            let mut values = Vec::with_capacity(items.len());
+            let mut first_error = None;
+            for result in IMap::new(self, task, items.into_iter(), true, chunksize) {
+                match result {
+                    Ok(value) => values.push(value),
+                    Err(error) => first_error = first_error.or(Some(error)),
+                }
+            }
+            return first_error.map_or(Ok(values), Err);
+        }
         self.map_async(task, items)?.get()
     }
 
@@ -388,7 +427,7 @@ impl<S: 'static> Pool<S> {
         task: Task<A, R, S>,
         items: I,
     ) -> IMap<A, R, I::IntoIter> {
-        IMap::new(self, task, items.into_iter(), true)
+        IMap::new(self, task, items.into_iter(), true, self.chunksize.unwrap_or(1))
     }
 
     /// Like [`imap`](Self::imap), but yields results as they finish, in any order.
@@ -397,7 +436,7 @@ impl<S: 'static> Pool<S> {
         task: Task<A, R, S>,
         items: I,
     ) -> IMap<A, R, I::IntoIter> {
-        IMap::new(self, task, items.into_iter(), false)
+        IMap::new(self, task, items.into_iter(), false, self.chunksize.unwrap_or(1))
     }
 
     /// Accepts no more work; what is queued still runs, then the workers exit.
@@ -886,6 +925,9 @@ pub struct IMap<A, R, I> {
     next_index: usize,
     /// Results handed out so far.
     yielded: usize,
+    /// The progress bar, moved by each result handed out.
+    #[cfg(feature = "progress")]
+    bar: Option<indicatif::ProgressBar>,
     ready: VecDeque<Result<R>>,
     /// Items that could not be encoded or submitted, in order, and why: the input ends with
     /// them.
@@ -895,12 +937,25 @@ pub struct IMap<A, R, I> {
 }
 
 impl<A: Portable, R: Portable, I: Iterator<Item = A>> IMap<A, R, I> {
-    fn new<S: 'static>(pool: &Pool<S>, task: Task<A, R, S>, input: I, ordered: bool) -> Self {
+    fn new<S: 'static>(
+        pool: &Pool<S>,
+        task: Task<A, R, S>,
+        input: I,
+        ordered: bool,
+        chunksize: usize,
+    ) -> Self {
+        #[cfg(feature = "progress")]
+        let bar = pool.bars.then(|| {
+            let (low, high) = input.size_hint();
+            progress::bar((Some(low) == high).then_some(low))
+        });
         IMap {
             shared: Arc::clone(&pool.shared),
             task: task.name(),
             input: Some(input),
-            chunksize: pool.limit_chunk(pool.chunksize.unwrap_or(1)),
+            chunksize: pool.limit_chunk(chunksize),
+            #[cfg(feature = "progress")]
+            bar,
             // Enough batches to fill every worker's pipeline, plus one ready to go.
             window: engine::MAX_DEPTH * pool.processes() + 1,
             min_window: pool.processes() + 1,
@@ -1074,6 +1129,13 @@ impl<A, R, I> IMap<A, R, I> {
     /// Counts a result handed out.
     fn yield_one(&mut self, result: Result<R>) -> Result<R> {
         self.yielded += 1;
+        #[cfg(feature = "progress")]
+        if let Some(bar) = &self.bar {
+            bar.inc(1);
+            if self.input.is_none() && self.yielded == self.next_index {
+                bar.finish();
+            }
+        }
         result
     }
 }
@@ -1109,6 +1171,12 @@ impl<A, R, I> Unpin for IMap<A, R, I> {}
 
 impl<A, R, I> Drop for IMap<A, R, I> {
     fn drop(&mut self) {
+        #[cfg(feature = "progress")]
+        if let Some(bar) = self.bar.take()
+            && !bar.is_finished()
+        {
+            bar.abandon();
+        }
         if !self.submitted.is_empty() {
             self.shared.abandon(self.submitted.drain(..).map(|(id, ..)| id));
         }
