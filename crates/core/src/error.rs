@@ -230,6 +230,22 @@ impl StdError for Error {
     }
 }
 
+/// An [`ErrorKind::Io`] error with the I/O error as its source, so that `?` works on the
+/// file and socket calls around a task in a function that returns `multiproc::Result`.
+///
+/// ```
+/// fn read_config() -> multiproc_core::Result<String> {
+///     Ok(std::fs::read_to_string("/nonexistent/multiproc.toml")?)
+/// }
+/// let error = read_config().expect_err("no such file");
+/// assert_eq!(error.kind(), multiproc_core::ErrorKind::Io);
+/// ```
+impl From<io::Error> for Error {
+    fn from(err: io::Error) -> Self {
+        Self::new(ErrorKind::Io, err.to_string()).with_source(err)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

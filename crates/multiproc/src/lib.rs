@@ -61,6 +61,55 @@ pub use multiproc_forkserver::DEFAULT_START_TIMEOUT as DEFAULT_FORKSERVER_START_
 pub use multiproc_forkserver::server_pid as forkserver_pid;
 pub use multiproc_forkserver::set_preload as set_forkserver_preload;
 pub use multiproc_forkserver::set_start_timeout as set_forkserver_start_timeout;
+/// Declares a function that can run in another process (see the macro crate's docs for the
+/// shape of the `Task` it becomes).
+///
+/// ```
+/// use multiproc::task;
+///
+/// #[task]
+/// fn add(a: u64, b: u64) -> u64 {
+///     a + b
+/// }
+///
+/// # fn main() -> multiproc::Result<()> {
+/// assert_eq!(add.call((2, 3)), 5); // here, or in a child: ctx.process(add, (2, 3))
+/// # Ok(()) }
+/// ```
+///
+/// What it refuses, and says why:
+///
+/// A method: a task runs in another process, which has no `self`. The object becomes the
+/// workers' state instead (`fn pow(big: &BigPow, x: u64)`, with a pool whose initializer
+/// returns the `BigPow`):
+///
+/// ```compile_fail
+/// struct BigPow(u32);
+/// impl BigPow {
+///     #[multiproc::task]
+///     fn pow(&self, x: u64) -> u64 { x.pow(self.0) }
+/// }
+/// ```
+///
+/// A borrowed argument: arguments travel between processes, so they are owned (`String`,
+/// `Vec<T>`); only a first `&S` is allowed, and it is the worker's state:
+///
+/// ```compile_fail
+/// #[multiproc::task]
+/// fn greet(name: &str) -> String { format!("hello {name}") }
+/// ```
+///
+/// A local of the enclosing function: the task runs elsewhere, where the local does not
+/// exist; pass it as an argument (the compiler says "can't capture dynamic environment in a
+/// fn item"):
+///
+/// ```compile_fail,E0434
+/// fn main() {
+///     let base = 5u64;
+///     #[multiproc::task]
+///     fn add(x: u64) -> u64 { x + base }
+/// }
+/// ```
 pub use multiproc_macros::task;
 
 /// The environment variable that overrides the default start method (`fork`, `spawn` or
