@@ -1,7 +1,7 @@
 //! multiproc: run Rust work in child processes, with Python's three start methods—`fork`,
 //! `spawn` and `forkserver`—chosen at run time.
 //!
-//! ```no_run
+//! ```
 //! use multiproc::{task, Context};
 //!
 //! #[task]
@@ -137,6 +137,16 @@ impl Context {
     ///
     /// An unknown name gives an [`ErrorKind::UnknownStartMethod`] error that lists the valid
     /// ones. This is the only place in multiproc that maps a name to a start method.
+    ///
+    /// ```
+    /// use multiproc::{Context, ErrorKind};
+    /// for name in multiproc::all_start_methods() {
+    ///     assert_eq!(Context::new(name)?.start_method(), *name);
+    /// }
+    /// let error = Context::new("threads").expect_err("not a start method");
+    /// assert_eq!(error.kind(), ErrorKind::UnknownStartMethod);
+    /// # Ok::<(), multiproc::Error>(())
+    /// ```
     pub fn new(name: &str) -> Result<Context> {
         let method: Arc<dyn StartMethod> = match name {
             "fork" => Arc::new(multiproc_fork::Fork::new()),
@@ -186,7 +196,22 @@ impl Context {
         &self.method
     }
 
-    /// A builder for a child process that runs `task(args)`.
+    /// A builder for a child process that runs `task(args)`: name it, make it a daemon, set
+    /// its environment, directory and streams, then `start()`.
+    ///
+    /// ```
+    /// use multiproc::{Context, task};
+    ///
+    /// #[task]
+    /// fn greet(name: String) -> String {
+    ///     format!("{} from {}", std::env::var("GREETING").unwrap_or_default(), name)
+    /// }
+    ///
+    /// let ctx = Context::new("spawn")?;
+    /// let child = ctx.process(greet, "a child".to_owned()).name("greeter").env("GREETING", "hello");
+    /// assert_eq!(child.start()?.join()?, "hello from a child");
+    /// # Ok::<(), multiproc::Error>(())
+    /// ```
     pub fn process<A: Portable, R: Portable>(
         &self,
         task: Task<A, R>,
@@ -197,6 +222,26 @@ impl Context {
 
     /// A connected pair of duplex [`Connection`]s carrying `T` values (Python's `Pipe()`); either
     /// end can be passed to a child as a task argument.
+    ///
+    /// ```
+    /// use multiproc::{Connection, Context, task};
+    ///
+    /// #[task]
+    /// fn double(mut conn: Connection<u64>) {
+    ///     while let Ok(x) = conn.recv() {
+    ///         conn.send(&(2 * x)).expect("send");
+    ///     }
+    /// }
+    ///
+    /// let ctx = Context::new("forkserver")?;
+    /// let (mut ours, theirs) = ctx.pipe::<u64>()?;
+    /// let child = ctx.process(double, theirs).start()?;
+    /// ours.send(&21)?;
+    /// assert_eq!(ours.recv()?, 42);
+    /// drop(ours); // the child's recv() ends, and so does the child
+    /// child.join()?;
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
     pub fn pipe<T>(&self) -> Result<(Connection<T>, Connection<T>)> {
         multiproc_core::pipe()
     }
@@ -260,8 +305,19 @@ impl Context {
         Array::new(len)
     }
 
-    /// A builder for a pool of worker processes started by this context's method:
-    /// `ctx.pool().processes(4).initializer(load, args).build()?`.
+    /// A builder for a pool of worker processes started by this context's method
+    /// (`ctx.pool().processes(4).initializer(load, args).build()?`):
+    ///
+    /// ```
+    /// use multiproc::{Context, task};
+    ///
+    /// #[task]
+    /// fn square(x: u64) -> u64 { x * x }
+    ///
+    /// let pool = Context::new("forkserver")?.pool().processes(2).build()?;
+    /// assert_eq!(pool.map(square, 1..=4)?, [1, 4, 9, 16]);
+    /// # Ok::<(), multiproc::Error>(())
+    /// ```
     pub fn pool(&self) -> PoolBuilder {
         PoolBuilder::new(Arc::clone(&self.method))
     }
