@@ -70,6 +70,25 @@ fn run_counting(mut cmd: Command, what: &str) -> Result<(usize, usize, bool), St
     Ok((passed, failed, output.status.success()))
 }
 
+/// Runs `cargo nextest run`, echoing its output, and returns (passed, failed) from its
+/// summary line (which it writes to stderr).
+fn run_nextest(mut cmd: Command, what: &str) -> Result<(usize, usize, bool), String> {
+    eprintln!("xtask: {what}");
+    let output = cmd.output().map_err(|e| format!("{what}: {e} (is cargo-nextest installed?)"))?;
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    print!("{}", String::from_utf8_lossy(&output.stdout));
+    eprint!("{stderr}");
+    let summary = stderr.lines().rev().find(|l| l.trim_start().starts_with("Summary"));
+    let Some(summary) = summary else {
+        return Ok((0, 0, false));
+    };
+    Ok((
+        count_before(summary, " passed"),
+        count_before(summary, " failed"),
+        output.status.success(),
+    ))
+}
+
 fn count_before(line: &str, label: &str) -> usize {
     line.find(label)
         .and_then(|end| line[..end].rsplit([' ', '.']).next()?.parse().ok())
@@ -80,16 +99,31 @@ fn test_all_methods() -> Result<(), String> {
     let mut rows = Vec::new();
     let mut unit = cargo();
     unit.args(["test", "--workspace", "--exclude", "multiproc-tests"]);
-    rows.push(("unit + doc", run_counting(unit, "unit tests of every crate")?));
+    rows.push(("unit + doc".to_owned(), run_counting(unit, "unit tests of every crate")?));
     for method in METHODS {
         let mut suite = cargo();
         suite.args(["test", "-p", "multiproc-tests", "--test", "suite"]);
         suite.env("MULTIPROC_START_METHOD", method);
-        rows.push((method, run_counting(suite, &format!("integration suite under {method}"))?));
+        let what = format!("integration suite under {method}");
+        rows.push((method.to_string(), run_counting(suite, &what)?));
+    }
+    let mut harness = cargo();
+    harness.args(["test", "-p", "multiproc-tests", "--test", "harness"]);
+    let what = "multiproc::test_main! under cargo test";
+    rows.push(("test_main!".to_owned(), run_counting(harness, what)?));
+    // Each test its own process, as nextest runs them: what a test assumes of the tests
+    // before it shows up here.
+    for method in METHODS {
+        let mut nextest = cargo();
+        nextest.args(["nextest", "run", "--no-fail-fast", "-p", "multiproc-tests"]);
+        nextest.args(["--test", "suite", "--test", "harness"]);
+        nextest.env("MULTIPROC_START_METHOD", method);
+        let what = format!("integration suite under {method}, cargo nextest");
+        rows.push((format!("nextest {method}"), run_nextest(nextest, &what)?));
     }
     println!();
-    println!("| start method | passed | failed | status |");
-    println!("|--------------|-------:|-------:|--------|");
+    println!("| start method       | passed | failed | status |");
+    println!("|--------------------|-------:|-------:|--------|");
     let mut all_ok = true;
     let (mut total_passed, mut total_failed) = (0, 0);
     for (name, (passed, failed, ok)) in &rows {
@@ -98,7 +132,7 @@ fn test_all_methods() -> Result<(), String> {
         total_passed += passed;
         total_failed += failed;
         println!(
-            "| {name:<12} | {passed:>6} | {failed:>6} | {} |",
+            "| {name:<18} | {passed:>6} | {failed:>6} | {} |",
             if ok { "ok" } else { "FAILED" }
         );
     }

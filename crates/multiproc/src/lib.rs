@@ -112,6 +112,9 @@ pub use multiproc_forkserver::set_start_timeout as set_forkserver_start_timeout;
 /// ```
 pub use multiproc_macros::task;
 
+#[cfg(feature = "test-main")]
+pub mod harness;
+
 /// The environment variable that overrides the default start method (`fork`, `spawn` or
 /// `forkserver`), so that one test suite can run under each.
 pub const START_METHOD_ENV: &str = "MULTIPROC_START_METHOD";
