@@ -206,7 +206,7 @@ fn run_examples() -> Result<(), String> {
 
 /// The benchmarks, in the order `cargo xtask bench` runs them.
 const BENCHES: &[&str] =
-    &["startup", "preload", "pool", "asyncio", "data", "bound", "pipe", "sync"];
+    &["startup", "preload", "pool", "asyncio", "data", "bound", "pipe", "sync", "rayon"];
 
 /// Runs every benchmark; each appends its tables to a report, which becomes `BENCHMARKS.md`
 /// (full mode) or `target/bench-quick.md` (quick mode, so that CI never rewrites the real one).
