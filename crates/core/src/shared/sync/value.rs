@@ -146,7 +146,7 @@ impl<T: Pod> Array<T> {
     fn from_received(page: Page) -> std::result::Result<Array<T>, String> {
         let tag = page.word(W_STATE).load(SeqCst);
         let size = page.word(W_EXTRA).load(SeqCst) as usize;
-        if tag != type_tag::<T>() || size != size_of::<T>() {
+        if tag != type_tag::<T>() || size != size_of::<T>() || size == 0 {
             return Err(format!("not a shared array of {}", std::any::type_name::<T>()));
         }
         let data = page.map.len() - HEADER;
