@@ -20,6 +20,9 @@ use crate::sys;
 const COUNT_AT: usize = HEADER;
 /// Not zero once the barrier is broken.
 const BROKEN_AT: usize = HEADER + 4;
+/// One more than the last generation a [`Barrier::reset`] ended with parties waiting: they
+/// are told the barrier broke, not that their round completed.
+const RESET_AT: usize = HEADER + 8;
 /// The first party slot.
 const SLOTS_AT: usize = HEADER + 64;
 /// The most parties a barrier may have.
@@ -36,7 +39,7 @@ const RECHECK: Duration = Duration::from_millis(10);
 /// it dies (SIGKILL included: the others notice within about 10 ms), when one's
 /// [`wait_timeout`](Self::wait_timeout) passes or its [`wait_async`](Self::wait_async) future
 /// is dropped unfinished, and on [`abort`](Self::abort). Waits then fail with
-/// [`ErrorKind::BrokenBarrier`]; a broken barrier stays broken. A party that dies before it
+/// [`ErrorKind::BrokenBarrier`] until [`reset`](Self::reset). A party that dies before it
 /// arrives cannot be told from a slow one: give waits a timeout where that matters.
 ///
 /// ```no_run
@@ -120,6 +123,21 @@ impl Barrier {
     /// [`ErrorKind::BrokenBarrier`].
     pub fn abort(&self) {
         self.page.word(BROKEN_AT).store(1, SeqCst);
+        self.page.wake(u32::MAX);
+    }
+
+    /// Returns the barrier to its empty, unbroken state (Python's `reset()`): the parties
+    /// waiting now get [`ErrorKind::BrokenBarrier`], and later ones start a new round.
+    pub fn reset(&self) {
+        // A state lock whose holder died is taken back here: the reset rewrites the state.
+        let _state = lock_page(&self.page, None);
+        let generation = self.page.word(W_STATE).load(SeqCst);
+        if self.page.word(COUNT_AT).load(SeqCst) > 0 {
+            self.page.word(RESET_AT).store(generation.wrapping_add(1), SeqCst);
+        }
+        self.page.word(COUNT_AT).store(0, SeqCst);
+        self.page.word(BROKEN_AT).store(0, SeqCst);
+        self.page.word(W_STATE).store(generation.wrapping_add(1), SeqCst);
         self.page.wake(u32::MAX);
     }
 
@@ -254,7 +272,10 @@ impl Waiting<'_> {
         let barrier = self.barrier;
         let arrival = self.arrival.as_ref().expect("waiting");
         let ended = barrier.page.word(W_STATE).load(SeqCst) != arrival.generation;
-        let outcome = if ended {
+        let reset = barrier.page.word(RESET_AT).load(SeqCst) == arrival.generation.wrapping_add(1);
+        let outcome = if ended && reset {
+            Err(broken())
+        } else if ended {
             Ok(BarrierWaitResult { index: arrival.index, parties: barrier.parties() })
         } else if barrier.is_broken() || barrier.someone_died(arrival.slot) {
             Err(broken())
@@ -336,5 +357,27 @@ mod tests {
         assert_eq!(barrier.wait_timeout(Duration::from_millis(5)).unwrap(), None);
         assert_eq!(barrier.wait().expect_err("broken").kind(), ErrorKind::BrokenBarrier);
         assert!(Barrier::new(0).is_err());
+    }
+
+    #[test]
+    fn a_reset_breaks_the_round_under_way_and_mends_the_barrier() {
+        let barrier = Barrier::new(2).unwrap();
+        barrier.abort();
+        barrier.reset();
+        assert!(!barrier.is_broken());
+        let theirs = barrier.try_clone().unwrap();
+        let waiter = std::thread::spawn(move || theirs.wait_timeout(Duration::from_secs(30)));
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while barrier.n_waiting() < 1 {
+            assert!(Instant::now() < deadline, "the waiter never arrived");
+            std::thread::yield_now();
+        }
+        barrier.reset();
+        let outcome = waiter.join().unwrap().map(|_| ()).map_err(|e| e.kind());
+        assert_eq!(outcome, Err(ErrorKind::BrokenBarrier), "the waiter of the reset round");
+        let theirs = barrier.try_clone().unwrap();
+        let waiter = std::thread::spawn(move || theirs.wait_timeout(Duration::from_secs(30)));
+        assert!(barrier.wait_timeout(Duration::from_secs(30)).unwrap().is_some());
+        assert!(waiter.join().unwrap().unwrap().is_some(), "a whole round after the reset");
     }
 }
