@@ -251,6 +251,24 @@ impl Context {
 
     /// An unbounded [`Queue`] of `T` values (Python's `Queue()`); see [`Queue::bounded`] for
     /// one with a capacity. Any number of processes may hold it, put and get.
+    ///
+    /// ```
+    /// use multiproc::{Context, Queue, task};
+    ///
+    /// #[task]
+    /// fn produce(queue: Queue<u32>) {
+    ///     for i in 0..3 {
+    ///         queue.put(&i).expect("put");
+    ///     }
+    /// }
+    ///
+    /// let ctx = Context::new("spawn")?;
+    /// let queue = ctx.queue::<u32>()?;
+    /// ctx.process(produce, queue.clone()).start()?.join()?;
+    /// let got: Vec<u32> = (0..3).map(|_| queue.get()).collect::<Result<_, _>>()?;
+    /// assert_eq!(got, [0, 1, 2]);
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
     pub fn queue<T>(&self) -> Result<Queue<T>> {
         Queue::new()
     }
@@ -298,6 +316,28 @@ impl Context {
     }
 
     /// A [`Value`] holding `value` behind its own lock (Python's `Value(typecode, value)`).
+    ///
+    /// ```
+    /// use multiproc::{Context, Value, task};
+    ///
+    /// #[task]
+    /// fn add_ten(total: Value<u64>) {
+    ///     for _ in 0..10 {
+    ///         *total.get_lock().expect("the lock") += 1;
+    ///     }
+    /// }
+    ///
+    /// let ctx = Context::new("forkserver")?;
+    /// let total = ctx.value(0u64)?;
+    /// let children = (0..4)
+    ///     .map(|_| ctx.process(add_ten, total.try_clone()?).start())
+    ///     .collect::<multiproc::Result<Vec<_>>>()?;
+    /// for child in children {
+    ///     child.join()?;
+    /// }
+    /// assert_eq!(total.get()?, 40);
+    /// # Ok::<(), multiproc::Error>(())
+    /// ```
     pub fn value<T: Pod>(&self, value: T) -> Result<Value<T>> {
         Value::new(value)
     }
