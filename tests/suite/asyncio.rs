@@ -394,7 +394,11 @@ fn wait_mixed(ctx: &Context) -> Result<(), Failed> {
             ensure(sync_ready == [3] && async_ready == [3], || {
                 format!("ready: {sync_ready:?} and {async_ready:?}")
             })?;
-            drop(gate.accept()?);
+            // Read its check-in before the gate closes: closing first could cut the child's
+            // write short (EPIPE), which failed this test now and then under load.
+            let mut stream = gate.accept()?;
+            read_pid(&mut stream)?;
+            drop(stream);
             let ready = multiproc::wait(&[&slow, &blocked], Some(DEADLINE))?;
             ensure(ready == [1], || format!("after the gate opened: {ready:?}"))?;
             ensure(blocked.get()? == 1 && quick.get()? == 16, || "results".into())?;
