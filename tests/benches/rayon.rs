@@ -10,7 +10,7 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::{Stats, Table, Target, Value};
+use common::{Table, Target, Value, measure};
 use multiproc::{Context, task};
 use rayon::prelude::*;
 
@@ -44,20 +44,6 @@ fn calibrate(target: Duration) -> u64 {
     ((target.as_secs_f64() / per_round) as u64).max(1)
 }
 
-fn median(runs: usize, mut f: impl FnMut()) -> Duration {
-    f();
-    Stats::of(
-        (0..runs)
-            .map(|_| {
-                let started = Instant::now();
-                f();
-                started.elapsed()
-            })
-            .collect(),
-    )
-    .median
-}
-
 fn main() -> Result<(), multiproc::Error> {
     let quick = common::quick();
     let runs = if quick { 1 } else { 3 };
@@ -89,15 +75,17 @@ fn main() -> Result<(), multiproc::Error> {
         let inputs: Vec<u64> = (0..items).collect();
         let (rounds, _, _) = pools.as_slice()[0];
         let expected: Vec<u64> = inputs.par_iter().map(|&x| spin(x, rounds)).collect();
-        let threads = median(runs, || {
+        let threads = measure(runs, || {
             let out: Vec<u64> = inputs.par_iter().map(|&x| spin(x, rounds)).collect();
             assert_eq!(out.len(), inputs.len());
-        });
+        })
+        .median;
         for (_, method, pool) in pools.by_ref().take(methods.len()) {
             let mut mapped = Vec::new();
-            let processes = median(runs, || {
+            let processes = measure(runs, || {
                 mapped = pool.map(work, inputs.clone()).expect("map");
-            });
+            })
+            .median;
             assert_eq!(mapped, expected);
             // Throughput: rayon's ÷ ours, so the target reads "at least this much of rayon's".
             let rate = |took: Duration| Value::rate(items as f64, took, "items");
