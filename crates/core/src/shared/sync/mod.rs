@@ -111,12 +111,7 @@ impl Page {
     /// The robust mutex of a lock kind's page.
     #[inline]
     fn mutex(&self) -> sys::RobustMutex<'_> {
-        self.mutex_at(MUTEX_AT)
-    }
-
-    #[inline]
-    fn mutex_at(&self, offset: usize) -> sys::RobustMutex<'_> {
-        sys::RobustMutex::at(&self.map, offset).expect("a mutex of the page")
+        sys::RobustMutex::at(&self.map, MUTEX_AT).expect("a lock page holds its mutex")
     }
 
     /// Waits until `ready` holds of the state word, or `deadline` passes (false). Spins a
