@@ -8,7 +8,7 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::{Stats, Table, Target, Value, measure};
+use common::{Stats, Table, Target, Value, measure_pair};
 use multiproc::{Context, task};
 
 /// The trivial task.
@@ -20,12 +20,12 @@ fn identity(x: u64) -> u64 {
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let quick = common::quick();
     let processes = std::thread::available_parallelism().map_or(2, |n| n.get());
-    let (applies, items, runs) = if quick { (50, 5_000u64, 1) } else { (2_000, 100_000u64, 3) };
+    let (applies, items, runs) = if quick { (50, 5_000u64, 1) } else { (2_000, 100_000u64, 7) };
     let mut table = Table::new(format!(
         "Async handles in a tokio runtime of 2 worker threads, pool of {processes} workers: \
          awaited apply round trip beside a blocking one (medians of {applies}, alternated), \
          {items} apply_async awaited at once beside a blocking imap (chunksize 1) of as many \
-         items (medians of {runs})"
+         items (medians of {runs}, alternated)"
     ));
     for method in ["fork", "spawn", "forkserver"] {
         let ctx = Context::new(method)?;
@@ -60,11 +60,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             Target::AtMost(1.2),
         );
 
-        let concurrent = {
-            let pool = std::sync::Arc::clone(&pool);
+        let (concurrent, imap) = {
+            let awaited_pool = std::sync::Arc::clone(&pool);
             let handle = runtime.handle().clone();
-            measure(runs, move || {
-                let pool = std::sync::Arc::clone(&pool);
+            let concurrent = move || {
+                let pool = std::sync::Arc::clone(&awaited_pool);
                 let values = handle
                     .block_on(handle.spawn(async move {
                         let pending =
@@ -73,12 +73,13 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                     }))
                     .expect("the task");
                 assert_eq!(values.into_iter().filter(Result::is_ok).count() as u64, items);
-            })
+            };
+            let imap = || {
+                let count = pool.imap(identity, 0..items).filter(Result::is_ok).count();
+                assert_eq!(count as u64, items);
+            };
+            measure_pair(runs, concurrent, imap)
         };
-        let imap = measure(runs, || {
-            let count = pool.imap(identity, 0..items).filter(Result::is_ok).count();
-            assert_eq!(count as u64, items);
-        });
         table.row(
             &format!("{items} apply_async awaited at once vs blocking imap"),
             method,

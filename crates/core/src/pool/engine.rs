@@ -18,13 +18,12 @@
 //! batches always fit in the socket buffer, so a send never blocks on a worker that is busy;
 //! a large batch is sent only to an idle worker, which is reading.
 
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::VecDeque;
 use std::convert::Infallible;
-use std::hash::BuildHasherDefault;
 use std::io::{Read, Write};
 use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::net::UnixStream;
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering::SeqCst};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering::SeqCst};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::task::Waker;
 use std::time::{Duration, Instant};
@@ -42,6 +41,8 @@ use crate::transport::channel::{Channel, Frame, FrameError, OutFrame};
 use crate::transport::codec::Attachments;
 use crate::transport::ring::Ring;
 use crate::transport::wire::{self, ToParent, ToWorker, WorkerSetup};
+
+use super::slot::Slot;
 
 /// A batch's number, unique within its pool.
 pub(crate) type BatchId = u64;
@@ -168,6 +169,8 @@ pub(crate) struct Batch {
     pub(crate) args: Vec<u8>,
     /// Descriptors and blocks the arguments hold.
     pub(crate) attachments: Attachments,
+    /// Where its outcome goes.
+    slot: Arc<Slot>,
 }
 
 impl Batch {
@@ -212,6 +215,10 @@ struct Worker {
     /// socket, has not been read yet), with the batch it answers (`None`: not an answer to a
     /// batch, handled at once).
     ring_next: Option<(Frame, Option<BatchId>)>,
+    /// During a dispatch: how many batches it held before (those after are sent at its end),
+    /// and whether it may get any.
+    unsent: usize,
+    open: bool,
 }
 
 impl Worker {
@@ -272,6 +279,8 @@ impl Worker {
             status: None,
             ring: None,
             ring_next: None,
+            unsent: 0,
+            open: false,
         })
     }
 
@@ -486,7 +495,7 @@ impl Worker {
 
     fn finish_head(&mut self, results: &mut Results, outcome: BatchOutcome) {
         if let Some(batch) = self.in_flight.pop_front() {
-            results.finish(batch.id, outcome);
+            results.finish(batch, outcome);
         }
         let now = Instant::now();
         if let Some(started) = self.head_started {
@@ -515,41 +524,10 @@ fn depth_for(batch_time: Option<Duration>) -> usize {
     })
 }
 
-/// A map keyed by batch number.
-type IdMap<V> = HashMap<BatchId, V, BuildHasherDefault<IdHasher>>;
-
-/// Hashes a batch number for the engine's maps: the numbers are ours, given out in sequence,
-/// so a multiplicative mix spreads them well, without SipHash's cost (measured: the maps'
-/// hashing was a tenth of the work of an awaited result).
-#[derive(Default)]
-struct IdHasher(u64);
-
-impl std::hash::Hasher for IdHasher {
-    fn finish(&self) -> u64 {
-        self.0
-    }
-
-    fn write(&mut self, bytes: &[u8]) {
-        for byte in bytes {
-            self.0 = (self.0.rotate_left(8) ^ u64::from(*byte)).wrapping_mul(0x9E37_79B9_7F4A_7C15);
-        }
-    }
-
-    fn write_u64(&mut self, n: u64) {
-        self.0 = (self.0 ^ n).wrapping_mul(0x9E37_79B9_7F4A_7C15);
-    }
-}
-
-/// Finished batches, kept until their handle takes them.
-#[derive(Default)]
+/// How finished batches reach those who await them.
 struct Results {
-    done: IdMap<BatchOutcome>,
-    /// Batches whose handle was dropped: their results are thrown away on arrival.
-    abandoned: HashSet<BatchId, BuildHasherDefault<IdHasher>>,
-    /// Who awaits a batch (a future's `poll`, a `wait()`): woken when it finishes. The first
-    /// waker of a batch is here, any others (several `wait()`s) in `more_wakers`.
-    wakers: IdMap<Waker>,
-    more_wakers: IdMap<Vec<Waker>>,
+    /// How many slots someone awaits (shared with the handles, which count themselves in).
+    awaiting: Arc<AtomicUsize>,
     /// With `Some`, wakers are collected here instead of woken at once: the progress thread
     /// wakes them once it has let go of the engine's lock, so that a woken task (or the
     /// futex syscall that wakes its runtime's thread) does not wait for or hold up the lock.
@@ -557,17 +535,15 @@ struct Results {
 }
 
 impl Results {
-    fn finish(&mut self, id: BatchId, outcome: BatchOutcome) {
-        let more = if self.more_wakers.is_empty() { None } else { self.more_wakers.remove(&id) };
-        for waker in self.wakers.remove(&id).into_iter().chain(more.into_iter().flatten()) {
-            match &mut self.deferred {
-                Some(deferred) => deferred.push(waker),
-                None => waker.wake(),
-            }
-        }
-        if !self.abandoned.remove(&id) {
-            self.done.insert(id, outcome);
-        }
+    /// Fills `batch`'s slot. Its arguments go into the slot too, to be freed by the handle:
+    /// freed here, memory the submitting thread allocated would go back across threads (a
+    /// slow path of the allocator, measured: a tenth of the progress thread's time).
+    fn finish(&mut self, batch: Batch, outcome: BatchOutcome) {
+        let deferred = &mut self.deferred;
+        batch.slot.fill(outcome, batch.args, &self.awaiting, |waker| match deferred {
+            Some(deferred) => deferred.push(waker),
+            None => waker.wake(),
+        });
     }
 }
 
@@ -600,39 +576,6 @@ pub(crate) struct Engine {
 }
 
 impl Engine {
-    /// Whether batch `id` has finished (or failed).
-    pub(crate) fn is_done(&self, id: BatchId) -> bool {
-        self.results.done.contains_key(&id)
-    }
-
-    /// Has `waker` woken when batch `id` finishes (at once if it has).
-    pub(crate) fn notify_when_done(&mut self, id: BatchId, waker: &Waker) {
-        if self.is_done(id) {
-            return waker.wake_by_ref();
-        }
-        match self.results.wakers.entry(id) {
-            std::collections::hash_map::Entry::Vacant(entry) => {
-                entry.insert(waker.clone());
-            }
-            std::collections::hash_map::Entry::Occupied(mut entry) => {
-                if entry.get().will_wake(waker) {
-                    return;
-                }
-                // A future's own waker is replaced; a second waiter (a `wait()` beside it)
-                // is kept too.
-                let more = self.results.more_wakers.entry(id).or_default();
-                if !more.iter().any(|w| w.will_wake(waker)) {
-                    more.push(entry.insert(waker.clone()));
-                }
-            }
-        }
-    }
-
-    /// Takes the outcome of a finished batch.
-    pub(crate) fn take(&mut self, id: BatchId) -> Option<BatchOutcome> {
-        self.results.done.remove(&id)
-    }
-
     /// Each worker's id with the duplicates of its channel and pidfd that a poll watches.
     fn watched(&self) -> Vec<(u64, [Arc<OwnedFd>; 2])> {
         self.workers.iter().map(|w| (w.id, w.watch.clone())).collect()
@@ -718,7 +661,7 @@ impl Engine {
                     Some(status),
                 )
             };
-            self.results.finish(head.id, Err(error));
+            self.results.finish(head, Err(error));
         }
         for batch in held.rev() {
             self.pending.push_front(batch);
@@ -759,20 +702,16 @@ impl Engine {
     /// bulk when their results come in (one write for many batches, not one per submission).
     fn dispatch_to(&mut self, config: &Config, idle_only: bool) {
         while !self.pending.is_empty() {
-            let unsent: Vec<usize> = self.workers.iter().map(|w| w.in_flight.len()).collect();
-            let open: Vec<bool> = self
-                .workers
-                .iter()
-                .map(|w| w.wants_more() && (!idle_only || w.in_flight.is_empty()))
-                .collect();
+            for worker in &mut self.workers {
+                worker.unsent = worker.in_flight.len();
+                worker.open = worker.wants_more() && (!idle_only || worker.in_flight.is_empty());
+            }
             while let Some(batch) = self.pending.front() {
                 let max = config.max_tasks_per_child;
                 let Some(worker) = self
                     .workers
                     .iter_mut()
-                    .zip(&open)
-                    .filter(|(w, open)| **open && w.accepts(batch, max))
-                    .map(|(w, _)| w)
+                    .filter(|w| w.open && w.accepts(batch, max))
                     .min_by_key(|w| w.in_flight.len())
                 else {
                     break;
@@ -783,9 +722,9 @@ impl Engine {
                 worker.in_flight.push_back(batch);
             }
             let mut returned = false;
-            for (worker, first) in self.workers.iter_mut().zip(unsent) {
+            for worker in &mut self.workers {
                 // A worker that is gone or going gives back what it did not get, for another.
-                for batch in worker.send_from(first).into_iter().rev() {
+                for batch in worker.send_from(worker.unsent).into_iter().rev() {
                     self.pending.push_front(batch);
                     returned = true;
                 }
@@ -823,7 +762,7 @@ impl Engine {
                 .unwrap_or_else(|| {
                     Error::new(ErrorKind::Cancelled, "the pool has no worker left to run this task")
                 });
-            self.results.finish(batch.id, Err(why));
+            self.results.finish(batch, Err(why));
         }
     }
 
@@ -870,6 +809,8 @@ pub(crate) struct Shared {
     closed: AtomicBool,
     /// A submission has woken the driver, which has not serviced the pool since.
     wake_pending: AtomicBool,
+    /// How many slots someone awaits (the engine's `Results` holds it too).
+    pub(crate) awaiting: Arc<AtomicUsize>,
 }
 
 impl Shared {
@@ -879,10 +820,11 @@ impl Shared {
         for end in [&wake.0, &wake.1] {
             end.set_nonblocking(true).map_err(|e| Error::io("pool wake socket", e))?;
         }
+        let awaiting = Arc::new(AtomicUsize::new(0));
         let engine = Engine {
             workers: Vec::new(),
             pending: VecDeque::new(),
-            results: Results::default(),
+            results: Results { awaiting: Arc::clone(&awaiting), deferred: None },
             next_worker: 0,
             closed: false,
             terminated: false,
@@ -907,6 +849,7 @@ impl Shared {
             thread_drives: AtomicBool::new(false),
             closed: AtomicBool::new(false),
             wake_pending: AtomicBool::new(false),
+            awaiting,
         });
         let started = {
             let mut engine = shared.lock();
@@ -933,27 +876,31 @@ impl Shared {
     }
 
     /// Queues batches of `task`; each item of `batches` is `(item count, encoded Vec, the
-    /// descriptors it holds)`.
-    pub(crate) fn submit(&self, task: &'static str, batches: Vec<Encoded>) -> Result<Vec<BatchId>> {
+    /// descriptors it holds)`. Returns where each batch's outcome will be.
+    pub(crate) fn submit(
+        &self,
+        task: &'static str,
+        batches: Vec<Encoded>,
+    ) -> Result<Vec<Arc<Slot>>> {
         let batches: Vec<Batch> = batches.into_iter().map(|e| self.number(task, e)).collect();
-        let ids = batches.iter().map(|b| b.id).collect();
+        let slots = batches.iter().map(|b| Arc::clone(&b.slot)).collect();
         let count = batches.len();
         self.enqueue(batches, count)?;
-        Ok(ids)
+        Ok(slots)
     }
 
     /// [`submit`](Self::submit) of one batch, with nothing to allocate beside it.
-    pub(crate) fn submit_one(&self, task: &'static str, batch: Encoded) -> Result<BatchId> {
+    pub(crate) fn submit_one(&self, task: &'static str, batch: Encoded) -> Result<Arc<Slot>> {
         let batch = self.number(task, batch);
-        let id = batch.id;
+        let slot = Arc::clone(&batch.slot);
         self.enqueue(std::iter::once(batch), 1)?;
-        Ok(id)
+        Ok(slot)
     }
 
-    /// A batch with the next number.
+    /// A batch with the next number and an empty slot.
     fn number(&self, task: &'static str, (count, args, attachments): Encoded) -> Batch {
         let id = self.next_batch.fetch_add(1, SeqCst) + 1;
-        Batch { id, task, count, args, attachments }
+        Batch { id, task, count, args, attachments, slot: Arc::default() }
     }
 
     /// Queues `count` batches (or refuses them, once the pool is closed) and sends what can
@@ -1030,19 +977,16 @@ impl Shared {
 
     /// Forgets batches whose handle went away: queued ones are dropped, running ones' results
     /// are thrown away when they arrive.
-    pub(crate) fn abandon(&self, ids: impl IntoIterator<Item = BatchId>) {
+    pub(crate) fn abandon<'a>(&self, slots: impl IntoIterator<Item = &'a Arc<Slot>>) {
+        let mut unfinished =
+            slots.into_iter().filter(|slot| !slot.abandon(&self.awaiting)).peekable();
+        if unfinished.peek().is_none() {
+            return;
+        }
         let mut engine = self.lock();
         self.take_inbox(&mut engine);
-        for id in ids {
-            engine.results.wakers.remove(&id);
-            engine.results.more_wakers.remove(&id);
-            if engine.results.done.remove(&id).is_none() {
-                let queued = engine.pending.len();
-                engine.pending.retain(|b| b.id != id);
-                if engine.pending.len() == queued {
-                    engine.results.abandoned.insert(id);
-                }
-            }
+        for slot in unfinished {
+            engine.pending.retain(|b| !Arc::ptr_eq(&b.slot, slot));
         }
     }
 
@@ -1164,14 +1108,16 @@ impl Shared {
             if engine.stopping {
                 return;
             }
-            let urgent = !engine.results.wakers.is_empty();
+            // Read before the count: a handle that starts awaiting after this rings the bell
+            // (see `awaited`), which the wait below then does not sleep through.
+            let seen = self.bell.load(SeqCst);
+            let urgent = self.awaiting.load(SeqCst) > 0;
             let free_since = engine.turn_free_since;
             if !engine.driving && engine.sleepers == 0 && (urgent || free_since.elapsed() >= GRACE)
             {
                 engine = self.drive_as_thread(engine, &me);
                 continue;
             }
-            let seen = self.bell.load(SeqCst);
             let until = if engine.driving || engine.sleepers > 0 {
                 engine.thread_waits = true;
                 None
@@ -1195,21 +1141,23 @@ impl Shared {
         engine.thread_drives = true;
         self.thread_drives.store(true, SeqCst);
         let mut ready = Ready::default();
+        // Kept from round to round, so that its room is allocated once.
+        let mut woken = Vec::new();
         loop {
-            engine.results.deferred = Some(Vec::new());
+            engine.results.deferred = Some(woken);
             self.service(&mut engine, &ready);
-            let woken = engine.results.deferred.take().unwrap_or_default();
+            woken = engine.results.deferred.take().unwrap_or_default();
             self.wake_sleepers(&engine);
             if engine.handoff || engine.stopping {
                 drop(engine);
-                woken.into_iter().for_each(Waker::wake);
+                woken.drain(..).for_each(Waker::wake);
                 engine = self.lock();
                 break;
             }
             let watched = engine.watched();
             let wake_at = engine.next_deadline(self.config.task_timeout);
             drop(engine);
-            woken.into_iter().for_each(Waker::wake);
+            woken.drain(..).for_each(Waker::wake);
             // Prepared before, read after: nothing between allocates or takes a lock.
             let mut set = self.poll_set(&watched, true);
             let _ = me.idle(|| sys::poll(&mut set, wake_at));
@@ -1230,11 +1178,20 @@ impl Shared {
         engine
     }
 
-    /// Tells the progress thread that someone awaits results: it takes the turn at once if it
-    /// is free (a waiting caller, if any, drives meanwhile).
-    pub(crate) fn awaited(&self, engine: &Engine) {
-        if !engine.driving {
-            self.ring();
+    /// Has `waker` woken when `slot` is filled, and the progress thread drive meanwhile (it
+    /// takes the turn at once if it is free; a waiting caller, if any, drives meanwhile).
+    /// False if the slot is filled already.
+    pub(crate) fn notify(&self, slot: &Slot, waker: &Waker) -> bool {
+        match slot.notify(waker, &self.awaiting) {
+            None => false,
+            Some(first) => {
+                // The thread looks at the count whenever it decides whether to drive: only
+                // the first of the awaited needs to tell it.
+                if first {
+                    self.ring();
+                }
+                true
+            }
         }
     }
 

@@ -20,6 +20,7 @@
 mod engine;
 #[cfg(feature = "progress")]
 mod progress;
+mod slot;
 
 use std::collections::VecDeque;
 use std::fmt;
@@ -32,7 +33,8 @@ use std::time::{Duration, Instant};
 
 use serde::de::{DeserializeSeed, Deserializer, SeqAccess, Visitor};
 
-use engine::{BatchId, BatchOutcome, Config, Encoded, InitArgs, Initializer, MoveInit, Shared};
+use engine::{BatchOutcome, Config, Encoded, InitArgs, Initializer, MoveInit, Shared};
+use slot::Slot;
 
 use crate::error::{ChildFailure, Error, ErrorKind, Result};
 use crate::ipc::wait::{Notify, Waitable, Watch};
@@ -382,8 +384,8 @@ impl<S: 'static> Pool<S> {
         for items in items.chunks(group) {
             let chunks = encode_chunks(task.name(), items, chunksize)?;
             let counts: Vec<usize> = chunks.iter().map(|(count, _, _)| *count).collect();
-            let ids = self.shared.submit(task.name(), chunks)?;
-            result.batches.extend(ids.into_iter().zip(counts));
+            let slots = self.shared.submit(task.name(), chunks)?;
+            result.batches.extend(slots.into_iter().zip(counts));
         }
         Ok(result)
     }
@@ -403,8 +405,8 @@ impl<S: 'static> Pool<S> {
         let name = task.name();
         let mut result = AsyncResult::new(
             &self.shared,
-            Items::new(name, VecDeque::new(), move |mut results: VecDeque<Result<R>>| {
-                results.pop_front().unwrap_or_else(|| {
+            Items::new(name, One::default(), move |one: One<R>| {
+                one.value.unwrap_or_else(|| {
                     Err(Error::new(
                         ErrorKind::Protocol,
                         format!("no result for pool task `{name}`"),
@@ -412,8 +414,8 @@ impl<S: 'static> Pool<S> {
                 })
             }),
         );
-        let id = self.shared.submit_one(name, batch)?;
-        result.batches.push_back((id, 1));
+        let slot = self.shared.submit_one(name, batch)?;
+        result.batches.push_back((slot, 1));
         Ok(result)
     }
 
@@ -606,6 +608,43 @@ impl<R> ItemSink<R> for VecDeque<Result<R>> {
     }
 }
 
+/// What `apply` keeps: the one result, with nothing allocated for it. A batch that brings
+/// more is counted (and fails as malformed), the extra results dropped.
+struct One<R> {
+    value: Option<Result<R>>,
+    pushed: usize,
+}
+
+impl<R> Default for One<R> {
+    fn default() -> Self {
+        One { value: None, pushed: 0 }
+    }
+}
+
+impl<R> ItemSink<R> for One<R> {
+    fn len(&self) -> usize {
+        self.pushed
+    }
+
+    fn reserve(&mut self, _additional: usize) {}
+
+    fn push(&mut self, item: Result<R>) {
+        self.pushed += 1;
+        self.value.get_or_insert(item);
+    }
+
+    fn mark(&self) -> Mark {
+        Mark { len: self.pushed, values: 0, failed: false }
+    }
+
+    fn rollback(&mut self, mark: Mark) {
+        if mark.len == 0 {
+            self.value = None;
+        }
+        self.pushed = mark.len;
+    }
+}
+
 /// What `map` keeps: the values, and the error of the first item that failed (in item
 /// order). Half the memory of a `Result` per item, and no pass to turn those into a `Vec`.
 struct Values<R> {
@@ -745,7 +784,7 @@ where
 pub struct AsyncResult<T> {
     shared: Arc<Shared>,
     /// The batches not yet taken, with their item counts, in item order.
-    batches: VecDeque<(BatchId, usize)>,
+    batches: VecDeque<(Arc<Slot>, usize)>,
     collect: Option<Box<dyn Collect<T>>>,
 }
 
@@ -787,8 +826,7 @@ impl<T> AsyncResult<T> {
     }
 
     fn wait_until(&self, deadline: Option<Instant>) -> bool {
-        self.shared
-            .drive_until(deadline, |engine| self.batches.iter().all(|(id, _)| engine.is_done(*id)))
+        self.shared.drive_until(deadline, |_| self.batches.iter().all(|(slot, _)| slot.is_done()))
     }
 
     /// Takes the batches in order and makes the result; with `wait`, waits for each in turn
@@ -797,13 +835,12 @@ impl<T> AsyncResult<T> {
         let Some(mut collect) = self.collect.take() else {
             return Err(Error::new(ErrorKind::ResultTaken, "this pool result was already taken"));
         };
-        while let Some(&(id, count)) = self.batches.front() {
+        while let Some((slot, count)) = self.batches.front() {
             if wait {
-                self.shared.drive_until(None, |engine| engine.is_done(id));
+                self.shared.drive_until(None, |_| slot.is_done());
             }
-            let outcome = self.shared.lock().take(id).unwrap_or_else(|| {
-                Err(Error::new(ErrorKind::Protocol, "a pool batch result went missing"))
-            });
+            let outcome = taken(slot);
+            let count = *count;
             self.batches.pop_front();
             collect.batch(outcome, count);
         }
@@ -811,11 +848,10 @@ impl<T> AsyncResult<T> {
     }
 }
 
-impl<T> AsyncResult<T> {
-    /// The first batch not finished yet, if any.
-    fn first_pending(&self, engine: &engine::Engine) -> Option<BatchId> {
-        self.batches.iter().map(|(id, _)| *id).find(|id| !engine.is_done(*id))
-    }
+/// The outcome of a finished batch.
+fn taken(slot: &Slot) -> BatchOutcome {
+    slot.take()
+        .unwrap_or_else(|| Err(Error::new(ErrorKind::Protocol, "a pool batch result went missing")))
 }
 
 /// Awaiting an `AsyncResult` gives what [`get`](AsyncResult::get) would, with no thread
@@ -833,27 +869,12 @@ impl<T> Future for AsyncResult<T> {
                 "this pool result was already taken",
             )));
         };
-        let outcomes: Vec<(BatchOutcome, usize)> = {
-            let mut engine = this.shared.lock();
-            if let Some(id) = this.first_pending(&engine) {
-                engine.notify_when_done(id, cx.waker());
-                this.shared.awaited(&engine);
-                this.collect = Some(collect);
-                return Poll::Pending;
-            }
-            // Every batch is in: taken under this one lock, decoded after it.
-            this.batches
-                .drain(..)
-                .map(|(id, count)| {
-                    let outcome = engine.take(id).unwrap_or_else(|| {
-                        Err(Error::new(ErrorKind::Protocol, "a pool batch result went missing"))
-                    });
-                    (outcome, count)
-                })
-                .collect()
-        };
-        for (outcome, count) in outcomes {
-            collect.batch(outcome, count);
+        if this.batches.iter().any(|(slot, _)| this.shared.notify(slot, cx.waker())) {
+            this.collect = Some(collect);
+            return Poll::Pending;
+        }
+        for (slot, count) in this.batches.drain(..) {
+            collect.batch(taken(&slot), count);
         }
         Poll::Ready(collect.finish())
     }
@@ -862,31 +883,26 @@ impl<T> Future for AsyncResult<T> {
 impl<T> Waitable for AsyncResult<T> {
     /// Ready when the result has arrived (or it was taken).
     fn watch(&self) -> Watch<'_> {
-        let ids = self.batches.iter().map(|(id, _)| *id).collect();
-        Watch::notify(Arrival { shared: Arc::clone(&self.shared), ids })
+        let slots = self.batches.iter().map(|(slot, _)| Arc::clone(slot)).collect();
+        Watch::notify(Arrival { shared: Arc::clone(&self.shared), slots })
     }
 }
 
 /// How [`wait`](crate::wait) watches an `AsyncResult`: its pool and batches.
 struct Arrival {
     shared: Arc<Shared>,
-    ids: Vec<BatchId>,
+    slots: Vec<Arc<Slot>>,
 }
 
 impl Notify for Arrival {
     fn is_ready(&self) -> bool {
-        let engine = self.shared.look();
-        self.ids.iter().all(|id| engine.is_done(*id))
+        drop(self.shared.look());
+        self.slots.iter().all(|slot| slot.is_done())
     }
 
     fn notify(&self, waker: &Waker) {
-        let mut engine = self.shared.lock();
-        match self.ids.iter().find(|id| !engine.is_done(**id)) {
-            Some(id) => {
-                engine.notify_when_done(*id, waker);
-                self.shared.awaited(&engine);
-            }
-            None => waker.wake_by_ref(),
+        if !self.slots.iter().any(|slot| self.shared.notify(slot, waker)) {
+            waker.wake_by_ref();
         }
     }
 }
@@ -894,7 +910,7 @@ impl Notify for Arrival {
 impl<T> Drop for AsyncResult<T> {
     fn drop(&mut self) {
         if !self.batches.is_empty() {
-            self.shared.abandon(self.batches.drain(..).map(|(id, _)| id));
+            self.shared.abandon(self.batches.iter().map(|(slot, _)| slot));
         }
     }
 }
@@ -919,7 +935,7 @@ pub struct IMap<A, R, I> {
     /// Batches in flight whatever their size: one per worker and one ready to go.
     min_window: usize,
     /// Submitted and not yet taken: `(batch, item count, index of its first item, bytes)`.
-    submitted: VecDeque<(BatchId, usize, usize, usize)>,
+    submitted: VecDeque<(Arc<Slot>, usize, usize, usize)>,
     /// Bytes the batches in flight hold, encoded.
     submitted_bytes: usize,
     next_index: usize,
@@ -1014,12 +1030,13 @@ impl<A: Portable, R: Portable, I: Iterator<Item = A>> IMap<A, R, I> {
             return;
         }
         match self.shared.submit(self.task, batches) {
-            Ok(ids) => {
+            Ok(slots) => {
                 self.submitted_bytes = bytes;
                 self.submitted.extend(
-                    ids.into_iter()
+                    slots
+                        .into_iter()
                         .zip(spans)
-                        .map(|(id, (count, first, size))| (id, count, first, size)),
+                        .map(|(slot, (count, first, size))| (slot, count, first, size)),
                 )
             }
             Err(error) => {
@@ -1052,46 +1069,44 @@ impl<A: Portable, R: Portable, I: Iterator<Item = A>> IMap<A, R, I> {
             }
             let submitted = &self.submitted;
             let ordered = self.ordered;
-            let find = |engine: &engine::Engine| {
+            let find = || {
                 if ordered {
-                    submitted.front().filter(|(id, ..)| engine.is_done(*id)).map(|_| 0)
+                    submitted.front().filter(|(slot, ..)| slot.is_done()).map(|_| 0)
                 } else {
-                    submitted.iter().position(|(id, ..)| engine.is_done(*id))
+                    submitted.iter().position(|(slot, ..)| slot.is_done())
                 }
             };
             let position = match cx.as_deref_mut() {
                 None => {
                     let mut found = None;
-                    self.shared.drive_until(None, |engine| {
-                        found = find(engine);
+                    self.shared.drive_until(None, |_| {
+                        found = find();
                         found.is_some()
                     });
                     found.expect("drive_until returns once found")
                 }
-                Some(cx) => {
-                    let mut engine = self.shared.lock();
-                    match find(&engine) {
-                        Some(position) => position,
-                        None => {
-                            // In order, the front batch is the one that matters; in any order,
-                            // whichever finishes first.
-                            let awaited = if ordered { 1 } else { submitted.len() };
-                            for (id, ..) in submitted.iter().take(awaited) {
-                                engine.notify_when_done(*id, cx.waker());
-                            }
-                            self.shared.awaited(&engine);
+                Some(cx) => match find() {
+                    Some(position) => position,
+                    None => {
+                        // In order, the front batch is the one that matters; in any order,
+                        // whichever finishes first. One that finished meanwhile is looked at
+                        // again at once.
+                        let awaited = if ordered { 1 } else { submitted.len() };
+                        let waiting =
+                            submitted.iter().take(awaited).fold(true, |all, (slot, ..)| {
+                                self.shared.notify(slot, cx.waker()) && all
+                            });
+                        if waiting {
                             return Poll::Pending;
                         }
+                        continue;
                     }
-                }
+                },
             };
-            let (id, count, first, size) =
+            let (slot, count, first, size) =
                 self.submitted.remove(position).expect("position exists");
             self.submitted_bytes -= size;
-            let outcome = self.shared.lock().take(id).unwrap_or_else(|| {
-                Err(Error::new(ErrorKind::Protocol, "a pool batch result went missing"))
-            });
-            decode_batch(outcome, count, self.task, first, &mut self.ready);
+            decode_batch(taken(&slot), count, self.task, first, &mut self.ready);
         }
     }
 }
@@ -1178,7 +1193,7 @@ impl<A, R, I> Drop for IMap<A, R, I> {
             bar.abandon();
         }
         if !self.submitted.is_empty() {
-            self.shared.abandon(self.submitted.drain(..).map(|(id, ..)| id));
+            self.shared.abandon(self.submitted.iter().map(|(slot, ..)| slot));
         }
     }
 }
@@ -1219,5 +1234,18 @@ mod tests {
         values.push(Ok(5));
         assert_eq!((values.len, &values.values[..]), (4, &[1, 5][..]));
         assert!(values.first_error.is_some_and(|e| e.to_string().contains("first")));
+    }
+
+    #[test]
+    fn apply_keeps_its_one_result_counts_extra_ones_and_forgets_a_failed_batch() {
+        let mut one = One::default();
+        let mark = ItemSink::<u32>::mark(&one);
+        one.push(Ok(1));
+        one.push(Ok(2));
+        assert_eq!((one.len(), one.value.as_ref().map(|r| *r.as_ref().unwrap())), (2, Some(1)));
+        one.rollback(mark);
+        assert!(one.value.is_none() && one.len() == 0);
+        one.push(Err(error("the batch failed")));
+        assert!(one.value.is_some_and(|r| r.is_err()));
     }
 }

@@ -337,7 +337,8 @@ impl bincode::enc::write::Writer for Sink<'_> {
 
 /// The encoding of `value`.
 pub fn encode<T: Serialize + ?Sized>(value: &T) -> Result<Vec<u8>, CodecError> {
-    let mut out = Vec::new();
+    // Room for a small value at once: most are, and growing from nothing reallocates twice.
+    let mut out = Vec::with_capacity(32);
     encode_into(value, &mut out)?;
     Ok(out)
 }
