@@ -108,7 +108,7 @@ fn main() {
         for (method, raw, target) in [
             ("fork", raw_fork as fn() -> DirectChild, 1.5),
             ("spawn", raw_spawn, 1.25),
-            ("forkserver", raw_fork, 2.5),
+            ("forkserver", raw_fork, 1.0),
         ] {
             let ctx = Context::new(method).unwrap();
             let measured = || {
@@ -150,6 +150,39 @@ fn main() {
             }
         }
     }
+    // The forkserver's idle spares (children forked ahead), beside the server they are
+    // forked from.
+    start_join(&forkserver);
+    let server = multiproc::forkserver_pid().expect("a forkserver runs");
+    let spares = {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        loop {
+            let spares = common::children_named(server, "multiproc-spare");
+            if spares.len() == multiproc::DEFAULT_FORKSERVER_SPARES as usize
+                || std::time::Instant::now() > deadline
+            {
+                break spares;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+    };
+    let spare_pss: Vec<u64> = spares.iter().filter_map(|&pid| common::pss_kib(pid)).collect();
+    table.row(
+        &format!("PSS of an idle spare ({} kept) vs the forkserver's", spares.len()),
+        "forkserver",
+        Value::Text(match spare_pss.iter().max() {
+            Some(kib) => format!("{kib} KiB"),
+            None => "no spare found".into(),
+        }),
+        Value::Text(common::pss_kib(server).map_or("–".into(), |kib| format!("{kib} KiB"))),
+        Value::Missing("–"),
+        Target::Words("reported".into()),
+    );
+    table.note(
+        "The forkserver keeps children forked ahead (spares, `set_forkserver_spares`, default \
+         2): a start hands one its request, and the server forks the replacement once no \
+         request waits.",
+    );
     table.note(
         "The raw posix_spawn baseline runs this benchmark's own binary, which exits in main, with \
          the same environment as a spawned child: under `cargo bench` that includes \

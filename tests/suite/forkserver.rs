@@ -17,7 +17,7 @@ use multiproc_core::sys::{self, POLLIN, PollFd};
 use crate::Scenario;
 use crate::common::{
     DEADLINE, Gate, add, ensure, fd_count, gated, join, living_children, nap, read_pid, wait_gone,
-    zombie_children,
+    warm_up, zombie_children,
 };
 
 pub const SCENARIOS: &[Scenario] = &[
@@ -33,6 +33,9 @@ pub const SCENARIOS: &[Scenario] = &[
     ("a_stopped_server_fails_start_in_bounded_time_and_is_replaced", stopped_server),
     ("a_start_whose_server_is_killed_never_says_failed_for_a_child_that_ran", killed_mid_start),
     ("a_server_out_of_descriptors_refuses_those_starts_and_goes_on", out_of_descriptors),
+    ("spares_are_kept_idle_configurable_and_let_go", spares_kept),
+    ("a_spare_child_is_one_forked_on_request", spare_is_fresh),
+    ("a_killed_spare_is_replaced_and_starts_go_on", killed_spare),
 ];
 
 fn busy_threads(ctx: &Context) -> Result<(), Failed> {
@@ -517,4 +520,191 @@ fn out_of_descriptors(ctx: &Context) -> Result<(), Failed> {
     ensure(wait_gone(server, DEADLINE).is_some(), || "server survived SIGKILL".into())?;
     join(ctx.process(add, (0, 0)).start()?)??;
     ensure(zombie_children().is_empty(), || format!("zombies {:?}", zombie_children()))
+}
+
+/// The server's children that have not ended (with no task running: its spares).
+fn server_children(server: u32) -> Vec<u32> {
+    let list = std::fs::read_to_string(format!("/proc/{server}/task/{server}/children"));
+    list.unwrap_or_default()
+        .split_whitespace()
+        .filter_map(|pid| pid.parse().ok())
+        .filter(|pid| {
+            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+            stat.rsplit_once(") ").is_some_and(|(_, rest)| !rest.starts_with('Z'))
+        })
+        .collect()
+}
+
+/// Waits (within the suite's deadline) until the server has exactly `count` spares, and
+/// returns their pids.
+fn await_spares(server: u32, count: usize) -> Result<Vec<u32>, Failed> {
+    let deadline = Instant::now() + DEADLINE;
+    loop {
+        let now = server_children(server);
+        if now.len() == count {
+            return Ok(now);
+        }
+        if Instant::now() >= deadline {
+            return Err(format!("server {server} has spares {now:?}, not {count}").into());
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+/// `(state, voluntary context switches, utime + stime in ticks)` of `pid`.
+fn activity(pid: u32) -> Result<(String, u64, u64), Failed> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    let field = |name: &str| {
+        status.lines().find_map(|l| l.strip_prefix(name)).map(str::trim).unwrap_or("").to_owned()
+    };
+    let switches = field("voluntary_ctxt_switches:").parse().unwrap_or(0);
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    let rest = stat.rsplit_once(") ").map(|(_, rest)| rest).unwrap_or("");
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    // After the command: state is field 3 of stat, utime 14 and stime 15.
+    let ticks = fields.get(11).and_then(|t| t.parse::<u64>().ok()).unwrap_or(0)
+        + fields.get(12).and_then(|t| t.parse::<u64>().ok()).unwrap_or(0);
+    Ok((field("State:"), switches, ticks))
+}
+
+fn spares_kept(ctx: &Context) -> Result<(), Failed> {
+    let outcome = (|| {
+        multiproc::set_forkserver_spares(3)?;
+        warm_up(ctx)?;
+        let server = multiproc::forkserver_pid().ok_or("no forkserver")?;
+        let spares = await_spares(server, 3)?;
+        // Once each has reached its read (a new one runs a moment first), idle spares sleep:
+        // over a quarter of a second, none wakes or runs.
+        for &pid in &spares {
+            let deadline = Instant::now() + DEADLINE;
+            while !activity(pid)?.0.starts_with('S') {
+                ensure(Instant::now() < deadline, || format!("spare {pid} never sleeps"))?;
+                std::thread::sleep(Duration::from_millis(5));
+            }
+        }
+        let before: Vec<_> = spares.iter().map(|&pid| activity(pid)).collect::<Result<_, _>>()?;
+        std::thread::sleep(Duration::from_millis(250));
+        let after: Vec<_> = spares.iter().map(|&pid| activity(pid)).collect::<Result<_, _>>()?;
+        for ((pid, was), now) in spares.iter().zip(&before).zip(&after) {
+            ensure(now.0.starts_with('S'), || format!("spare {pid} is {}", now.0))?;
+            let name = std::fs::read_to_string(format!("/proc/{pid}/comm"))?;
+            ensure(name.trim_end() == "multiproc-spare", || format!("spare {pid} is {name:?}"))?;
+            ensure(was.1 == now.1 && was.2 == now.2, || {
+                format!("idle spare {pid} ran: {was:?} then {now:?}")
+            })?;
+        }
+        // 0 lets them go: they exit, and the server reaps them.
+        multiproc::set_forkserver_spares(0)?;
+        await_spares(server, 0)?;
+        for pid in spares {
+            ensure(wait_gone(pid, DEADLINE).is_some(), || format!("spare {pid} still exists"))?;
+        }
+        // And starts still work without any.
+        let sum = join(ctx.process(add, (2, 3)).start()?)??;
+        ensure(sum == 5, || format!("2 + 3 = {sum} without spares"))?;
+        ensure(multiproc::forkserver_pid() == Some(server), || "the server was replaced".into())
+    })();
+    multiproc::set_forkserver_spares(multiproc::DEFAULT_FORKSERVER_SPARES)?;
+    outcome
+}
+
+/// What a child sees of where it runs: its directory, one variable, its name and which
+/// signals it ignores and blocks, its descriptors beside stdio, and its parent.
+#[task]
+fn surroundings(var: String) -> (std::path::PathBuf, Option<String>, String, Vec<String>, u32) {
+    let cwd = std::env::current_dir().expect("current_dir");
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    let signals: Vec<&str> = status
+        .lines()
+        .filter(|l| ["Name:", "SigIgn:", "SigBlk:"].iter().any(|k| l.starts_with(k)))
+        .collect();
+    (
+        cwd,
+        std::env::var(&var).ok(),
+        signals.join(" "),
+        open_fds_here(),
+        std::os::unix::process::parent_id(),
+    )
+}
+
+/// [`open_fds`]'s list, in this process.
+fn open_fds_here() -> Vec<String> {
+    let entries: Vec<_> = std::fs::read_dir("/proc/self/fd")
+        .map(|dir| dir.filter_map(|e| e.ok()).map(|e| e.path()).collect())
+        .unwrap_or_default();
+    entries
+        .iter()
+        .filter_map(|path| {
+            let number: i32 = path.file_name()?.to_str()?.parse().ok()?;
+            let target = std::fs::read_link(path).ok()?;
+            (number > 2 && !target.starts_with("/proc"))
+                .then(|| target.to_string_lossy().into_owned())
+        })
+        .collect()
+}
+
+fn spare_is_fresh(ctx: &Context) -> Result<(), Failed> {
+    warm_up(ctx)?;
+    let server = multiproc::forkserver_pid().ok_or("no forkserver")?;
+    // The spares exist before the directory and environment change below.
+    let spares = await_spares(server, multiproc::DEFAULT_FORKSERVER_SPARES as usize)?;
+    let home = std::env::current_dir()?;
+    let dir = std::env::temp_dir().join(format!("multiproc-spare-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    let dir = dir.canonicalize()?;
+    let var = format!("MULTIPROC_SUITE_SPARE_{}", std::process::id());
+    std::env::set_current_dir(&dir)?;
+    let mut vars: Vec<_> = std::env::vars_os().collect();
+    vars.push((var.clone().into(), "set after the spares".into()));
+    sys::replace_environment(&vars)?;
+    let seen = ctx.process(surroundings, var.clone()).start().map_err(Failed::from).and_then(|p| {
+        let pid = p.pid();
+        join(p)?.map(|seen| (pid, seen)).map_err(Failed::from)
+    });
+    // The same, forked on request, to compare with.
+    let fresh = multiproc::set_forkserver_spares(0).map_err(Failed::from).and_then(|()| {
+        await_spares(server, 0)?;
+        join(ctx.process(surroundings, var.clone()).start()?)?.map_err(Failed::from)
+    });
+    std::env::set_current_dir(&home)?;
+    vars.retain(|(key, _)| key.to_str() != Some(var.as_str()));
+    sys::replace_environment(&vars)?;
+    let _ = std::fs::remove_dir(&dir);
+    multiproc::set_forkserver_spares(multiproc::DEFAULT_FORKSERVER_SPARES)?;
+    let (pid, (cwd, value, signals, fds, parent)) = seen?;
+    ensure(spares.contains(&pid), || format!("child {pid} was not one of the spares {spares:?}"))?;
+    ensure(cwd == dir, || format!("the spare ran in {}, not {}", cwd.display(), dir.display()))?;
+    ensure(value.as_deref() == Some("set after the spares"), || format!("it saw {value:?}"))?;
+    ensure(fds.len() == 1 && fds[0].starts_with("socket:"), || format!("it holds {fds:?}"))?;
+    ensure(parent == server, || format!("its parent is {parent}, not the server {server}"))?;
+    let (fresh_cwd, fresh_value, fresh_signals, fresh_fds, _) = fresh?;
+    ensure(fresh_cwd == cwd && fresh_value == value, || "a fresh fork sees otherwise".into())?;
+    // No standard signal (1 to 31) ignored, SIGINT among them, which the server ignores; the
+    // bits above are glibc's own.
+    let ignored = signals
+        .split_whitespace()
+        .skip_while(|word| *word != "SigIgn:")
+        .nth(1)
+        .and_then(|mask| u64::from_str_radix(mask, 16).ok());
+    ensure(signals == fresh_signals && ignored.is_some_and(|m| m & 0x7fff_ffff == 0), || {
+        format!("signals: spare {signals:?}, fresh {fresh_signals:?}")
+    })?;
+    ensure(fresh_fds.len() == fds.len(), || format!("fds: spare {fds:?}, fresh {fresh_fds:?}"))
+}
+
+fn killed_spare(ctx: &Context) -> Result<(), Failed> {
+    warm_up(ctx)?;
+    let server = multiproc::forkserver_pid().ok_or("no forkserver")?;
+    let wanted = multiproc::DEFAULT_FORKSERVER_SPARES as usize;
+    let spares = await_spares(server, wanted)?;
+    let victim = sys::pidfd_open(spares[0])?;
+    sys::pidfd_send_signal(victim.as_fd(), libc::SIGKILL)?;
+    ensure(wait_gone(spares[0], DEADLINE).is_some(), || "the killed spare is still there".into())?;
+    for i in 0..5 {
+        let sum = join(ctx.process(add, (i, 1)).start()?)??;
+        ensure(sum == i + 1, || format!("start {i} after a spare was killed gave {sum}"))?;
+    }
+    let now = await_spares(server, wanted)?;
+    ensure(!now.contains(&spares[0]), || format!("the dead spare is listed: {now:?}"))?;
+    ensure(multiproc::forkserver_pid() == Some(server), || "the server was replaced".into())
 }

@@ -758,8 +758,16 @@ fn workers_until(
     loop {
         let below = descendants();
         let zombies: Vec<u32> = below.iter().filter(|d| d.zombie).map(|d| d.pid).collect();
-        let leaves: Vec<u32> =
-            below.iter().filter(|d| !d.zombie && !d.parent_of_any).map(|d| d.pid).collect();
+        // The forkserver's spares are leaves too, but no pool's workers.
+        let spare = |pid: u32| {
+            let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
+            comm.trim_end() == "multiproc-spare"
+        };
+        let leaves: Vec<u32> = below
+            .iter()
+            .filter(|d| !d.zombie && !d.parent_of_any && !spare(d.pid))
+            .map(|d| d.pid)
+            .collect();
         if done(&leaves, &zombies) {
             return Ok(leaves);
         }

@@ -3,7 +3,7 @@
 
 use std::os::fd::{AsFd, BorrowedFd};
 use std::sync::Mutex;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use multiproc_core::process::method::ChildHandle;
@@ -118,6 +118,37 @@ pub fn set_start_timeout(timeout: Duration) {
     START_TIMEOUT_MS.store(ms, Ordering::Relaxed);
 }
 
+/// How many children the forkserver keeps forked ahead, by default.
+pub const DEFAULT_SPARES: u32 = 2;
+
+/// The current count (see [`set_spares`]).
+static SPARES: AtomicU32 = AtomicU32::new(DEFAULT_SPARES);
+
+/// Sets how many children the forkserver keeps forked ahead ([`DEFAULT_SPARES`] unless set;
+/// 0 turns it off), for this process's server, running or to come.
+///
+/// A spare is forked from the server (after its preload, if one is set) and waits, using no
+/// CPU, until a `start()` hands it a request: it then enters the caller's working directory
+/// and environment as of that `start()` and runs the child, so that the start does not wait
+/// for a fork; the server forks the replacement once no request is waiting. A spare is
+/// indistinguishable from a child forked on request: same state, directory, environment,
+/// default signal dispositions, and none of the descriptors of other requests. Each costs
+/// what an idle forked copy of the small server costs (BENCHMARKS.md, "Start-up", reports its
+/// proportional set size).
+///
+/// # Errors
+///
+/// Only if the running server cannot be told (it died: the next start launches another,
+/// which gets the new count).
+pub fn set_spares(count: u32) -> Result<()> {
+    SPARES.store(count, Ordering::Relaxed);
+    let mut guard = SERVER.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+    match guard.as_mut().filter(|s| s.owner == std::process::id()) {
+        Some(server) => server.send_spares(),
+        None => Ok(()),
+    }
+}
+
 fn start_timeout() -> Duration {
     Duration::from_millis(START_TIMEOUT_MS.load(Ordering::Relaxed))
 }
@@ -186,6 +217,7 @@ impl Server {
         }
         let mut server = Server { link: Link::new(control, process), owner: std::process::id() };
         server.preload()?;
+        server.send_spares()?;
         tracing::debug!(pid, "forkserver started");
         Ok(server)
     }
@@ -216,6 +248,15 @@ impl Server {
         let error = failure.error(preload.task);
         preload.failure = Some(failure);
         Err(error)
+    }
+
+    /// Tells the server how many spares to keep (after its preload: they are forked from it).
+    fn send_spares(&mut self) -> Result<()> {
+        let request = Request::Spares { count: SPARES.load(Ordering::Relaxed) };
+        let sentinel = Some(self.link.process.sentinel());
+        wire::send(&self.link.control, &request, &[], &[], &[], None, sentinel).map_err(|e| {
+            Error::new(ErrorKind::StartFailed, format!("forkserver spares request: {e}"))
+        })
     }
 
     /// Ends the server (it exits by itself after a failed preload) and reaps it.

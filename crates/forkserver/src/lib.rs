@@ -16,4 +16,7 @@ mod server;
 /// The server's wire protocol, which lives with the fork server loop in the core.
 pub use multiproc_core::process::server::protocol;
 
-pub use client::{DEFAULT_START_TIMEOUT, Forkserver, server_pid, set_preload, set_start_timeout};
+pub use client::{
+    DEFAULT_SPARES, DEFAULT_START_TIMEOUT, Forkserver, server_pid, set_preload, set_spares,
+    set_start_timeout,
+};

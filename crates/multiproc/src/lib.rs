@@ -57,9 +57,11 @@ pub use multiproc_core::{IMapStream, wait_async};
 pub use multiproc_core::{
     ParentProcess, ProcessInfo, active_children, cpu_count, current_process, parent_process,
 };
+pub use multiproc_forkserver::DEFAULT_SPARES as DEFAULT_FORKSERVER_SPARES;
 pub use multiproc_forkserver::DEFAULT_START_TIMEOUT as DEFAULT_FORKSERVER_START_TIMEOUT;
 pub use multiproc_forkserver::server_pid as forkserver_pid;
 pub use multiproc_forkserver::set_preload as set_forkserver_preload;
+pub use multiproc_forkserver::set_spares as set_forkserver_spares;
 pub use multiproc_forkserver::set_start_timeout as set_forkserver_start_timeout;
 /// Declares a function that can run in another process (see the macro crate's docs for the
 /// shape of the `Task` it becomes).

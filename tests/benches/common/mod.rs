@@ -387,3 +387,23 @@ pub fn python_time(results: &Option<std::collections::HashMap<String, f64>>, nam
             .map_or(Value::Missing("not reported"), |s| Value::Time(Duration::from_secs_f64(*s))),
     }
 }
+
+/// The proportional set size (`Pss` of `/proc/<pid>/smaps_rollup`) of process `pid`, in KiB:
+/// its private pages plus its share of those it shares.
+pub fn pss_kib(pid: u32) -> Option<u64> {
+    let rollup = std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup")).ok()?;
+    let line = rollup.lines().find_map(|l| l.strip_prefix("Pss:"))?;
+    line.trim().trim_end_matches("kB").trim().parse().ok()
+}
+
+/// The children of process `pid` that are named `name` (`/proc/<pid>/comm`).
+pub fn children_named(pid: u32, name: &str) -> Vec<u32> {
+    let list = std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children"));
+    list.unwrap_or_default()
+        .split_whitespace()
+        .filter_map(|p| p.parse().ok())
+        .filter(|p: &u32| {
+            std::fs::read_to_string(format!("/proc/{p}/comm")).is_ok_and(|c| c.trim_end() == name)
+        })
+        .collect()
+}

@@ -649,6 +649,17 @@ pub fn open_cwd() -> io::Result<OwnedFd> {
     Ok(rustix::fs::open(".", flags, Mode::empty())?)
 }
 
+/// `prctl(PR_GET_NAME)`—the calling thread's name (of a single-threaded process, what `ps`
+/// and `/proc/<pid>/comm` show).
+pub fn thread_name() -> io::Result<std::ffi::CString> {
+    Ok(rustix::thread::name()?)
+}
+
+/// `prctl(PR_SET_NAME, name)`—names the calling thread (at most 15 bytes are kept).
+pub fn set_thread_name(name: &std::ffi::CStr) -> io::Result<()> {
+    Ok(rustix::thread::set_name(name)?)
+}
+
 /// `fchdir(dir)`—makes `dir` the working directory.
 pub fn fchdir(dir: BorrowedFd<'_>) -> io::Result<()> {
     Ok(rustix::process::fchdir(dir)?)

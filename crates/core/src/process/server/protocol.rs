@@ -7,12 +7,16 @@
 //! then travels on its status socket—`Forked` with the pid and a pidfd, later `Exited`—so the
 //! control socket carries no per-child state and many threads can wait on their own children
 //! without sharing a reader.
+//!
+//! A server asked to keep spares (`Spares`) forks that many children ahead, each waiting on
+//! its own handoff socket; a `Fork` request is then given to a spare ([`SpareTask`]) instead of
+//! a fork, and the server forks the replacement once nothing else is waiting.
 
 use crate::error::RemotePanic;
 use serde::{Deserialize, Serialize};
 
 /// The version both sides announce in `Hello`.
-pub const VERSION: u32 = 4;
+pub const VERSION: u32 = 5;
 
 /// Client to server, on the control socket.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -34,6 +38,20 @@ pub enum Request {
         /// The client's whole environment, or `None`: the same as in the last request.
         env: Option<Vec<(Vec<u8>, Vec<u8>)>>,
     },
+    /// Keep this many children forked ahead (0: none, every child is forked on request).
+    /// Extra spares are let go at once; missing ones are forked when no request waits.
+    Spares {
+        /// How many.
+        count: u32,
+    },
+}
+
+/// Server to one of its spares, on the spare's handoff socket: become the child of a `Fork`
+/// request. Descriptors: `[child channel, working directory]`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SpareTask {
+    /// The environment to take on, when the server's has changed since the spare was forked.
+    pub env: Option<Vec<(Vec<u8>, Vec<u8>)>>,
 }
 
 /// Server to client.
