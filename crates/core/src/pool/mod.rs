@@ -42,7 +42,7 @@ use crate::process::method::StartMethod;
 use crate::process::setup::{ParentEnds, SetupBuilder, setup_methods};
 use crate::runtime::registry::{self, State};
 use crate::runtime::task::{Portable, Task};
-use crate::shared::shm::SealedMemory;
+use crate::shared::shm::SealedMemoryWriter;
 use crate::transport::channel::Frame;
 use crate::transport::codec;
 use crate::transport::wire::ItemResult;
@@ -122,18 +122,31 @@ impl PoolBuilder<()> {
             Ok(InitArgs::Moved(make, kept))
         } else {
             let (encoded, attachments) = codec::collecting(|| {
-                let bytes = codec::encode(&args).map_err(|e| {
+                // Past the threshold, the encoding goes straight into sealed memory, piece by
+                // piece: never held whole in this process (one copy of a large vector, not two).
+                let mut memory: Option<SealedMemoryWriter> = None;
+                let mut spill = |piece: &[u8]| -> std::result::Result<(), String> {
+                    let writer = match &mut memory {
+                        Some(writer) => writer,
+                        None => {
+                            memory.insert(SealedMemoryWriter::new().map_err(|e| e.to_string())?)
+                        }
+                    };
+                    writer.append(piece).map_err(|e| e.to_string())
+                };
+                let spilled = codec::encode_spilling(&args, SHARED_ARGS_MIN, &mut spill);
+                let inline = spilled.map_err(|e| {
                     Error::new(
                         ErrorKind::Encode,
                         format!("arguments of initializer `{}`: {e}", task.name()),
                     )
                 })?;
-                if bytes.len() < SHARED_ARGS_MIN {
+                if let Some(bytes) = inline {
                     return Ok((bytes, false));
                 }
                 // Inside the same collection, so that the memory's descriptor comes after
                 // those the arguments hold and their indices stay as encoded.
-                let memory = SealedMemory::from_bytes(&bytes)?;
+                let memory = memory.expect("spilled bytes went into the memory").seal()?;
                 let handle = codec::encode(&memory)
                     .map_err(|e| Error::new(ErrorKind::Encode, format!("{e}")))?;
                 Ok((handle, true))

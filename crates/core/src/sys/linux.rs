@@ -903,21 +903,28 @@ pub fn random_bytes(buf: &mut [u8]) -> io::Result<()> {
 /// transparent huge pages (`MADV_HUGEPAGE`), so that filling it costs one page fault per 2 MiB
 /// instead of one per 4 KiB: for a 100 MB message, the faults were most of the time spent.
 pub fn large_buffer(len: usize) -> Vec<u8> {
-    const HUGE: usize = 2 << 20;
     let buf = Vec::<u8>::with_capacity(len);
-    if len >= 2 * HUGE {
-        let start = (buf.as_ptr() as usize).next_multiple_of(HUGE);
-        let end = (buf.as_ptr() as usize + len) / HUGE * HUGE;
-        if end > start {
-            let advice = rustix::mm::Advice::LinuxHugepage;
-            // SAFETY: [start, end) lies inside the vector's own allocation; MADV_HUGEPAGE only
-            // changes how the kernel backs those pages, never their contents. Failure (no THP
-            // support) is harmless: the advice is dropped.
-            let _ =
-                unsafe { rustix::mm::madvise(start as *mut std::ffi::c_void, end - start, advice) };
-        }
-    }
+    advise_huge_pages(buf.as_ptr() as usize, len);
     buf
+}
+
+/// `madvise(MADV_HUGEPAGE)` on the 2 MiB-aligned part of the `len` bytes at `addr`, when
+/// there are at least 4 MiB: backed by huge pages where the kernel's transparent huge pages
+/// allow it, filling them takes one fault per 2 MiB instead of per 4 KiB.
+fn advise_huge_pages(addr: usize, len: usize) {
+    const HUGE: usize = 2 << 20;
+    if len < 2 * HUGE {
+        return;
+    }
+    let start = addr.next_multiple_of(HUGE);
+    let end = (addr + len) / HUGE * HUGE;
+    if end > start {
+        let advice = rustix::mm::Advice::LinuxHugepage;
+        // SAFETY: callers pass memory of their own allocation; MADV_HUGEPAGE only changes how
+        // the kernel backs those pages, never their contents. Failure (no THP support) is
+        // harmless: the advice is dropped.
+        let _ = unsafe { rustix::mm::madvise(start as *mut std::ffi::c_void, end - start, advice) };
+    }
 }
 
 /// The CPUs the calling thread may run on (`sched_getaffinity(0)`), in ascending order.
@@ -975,6 +982,7 @@ pub fn prefault<T>(spare: &mut [MaybeUninit<T>]) {
     if len < PREFAULT_MIN {
         return;
     }
+    advise_huge_pages(spare.as_ptr() as usize, len);
     let start = (spare.as_ptr() as usize).next_multiple_of(PAGE);
     let end = (spare.as_ptr() as usize + len) / PAGE * PAGE;
     if end > start {

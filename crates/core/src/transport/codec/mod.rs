@@ -335,6 +335,84 @@ impl bincode::enc::write::Writer for Sink<'_> {
     }
 }
 
+/// The writer of [`encode_spilling`]: keeps the bytes until they reach `threshold`, then
+/// hands them, and everything after, to `spill`, gathered into chunks of at least
+/// [`SPILL_CHUNK`] bytes; a piece that large by itself (a packed slice) goes straight from the
+/// value's own memory.
+struct Spill<'a> {
+    kept: Vec<u8>,
+    threshold: usize,
+    spilled: bool,
+    spill: &'a mut dyn FnMut(&[u8]) -> Result<(), String>,
+    failure: Option<String>,
+}
+
+/// How many bytes [`encode_spilling`] gathers before it hands them on.
+const SPILL_CHUNK: usize = 1 << 20;
+
+impl Spill<'_> {
+    fn hand_on(&mut self, bytes: &[u8]) -> Result<(), bincode::error::EncodeError> {
+        (self.spill)(bytes).map_err(|e| {
+            self.failure = Some(e);
+            bincode::error::EncodeError::Other("the bytes could not be written on")
+        })
+    }
+
+    fn flush(&mut self) -> Result<(), bincode::error::EncodeError> {
+        if self.kept.is_empty() {
+            return Ok(());
+        }
+        let kept = std::mem::take(&mut self.kept);
+        let handed = self.hand_on(&kept);
+        self.kept = kept;
+        self.kept.clear();
+        handed
+    }
+}
+
+impl bincode::enc::write::Writer for Spill<'_> {
+    fn write(&mut self, bytes: &[u8]) -> Result<(), bincode::error::EncodeError> {
+        if !self.spilled {
+            if self.kept.len() + bytes.len() < self.threshold {
+                self.kept.extend_from_slice(bytes);
+                return Ok(());
+            }
+            self.spilled = true;
+        }
+        if bytes.len() >= SPILL_CHUNK {
+            self.flush()?;
+            return self.hand_on(bytes);
+        }
+        self.kept.extend_from_slice(bytes);
+        if self.kept.len() >= SPILL_CHUNK { self.flush() } else { Ok(()) }
+    }
+}
+
+/// The encoding of `value`, if it is shorter than `threshold` bytes; otherwise (`None`) every
+/// byte of it was handed, in order, to `spill`, in pieces, without the whole encoding ever
+/// being held in memory: what a large value written into a file costs is then one copy.
+pub fn encode_spilling<T: Serialize + ?Sized>(
+    value: &T,
+    threshold: usize,
+    spill: &mut dyn FnMut(&[u8]) -> Result<(), String>,
+) -> Result<Option<Vec<u8>>, CodecError> {
+    let mut writer =
+        Spill { kept: Vec::with_capacity(32), threshold, spilled: false, spill, failure: None };
+    let encoded = value.serialize(&mut ser::Encoder::new(&mut writer));
+    let cannot = |e: &dyn fmt::Display| {
+        CodecError(format!("cannot encode {}: {e}", std::any::type_name::<T>()))
+    };
+    if let Some(failure) = writer.failure.take() {
+        return Err(cannot(&failure));
+    }
+    encoded.map_err(|e| cannot(&e))?;
+    if !writer.spilled {
+        return Ok(Some(writer.kept));
+    }
+    writer.flush().map_err(|e| cannot(&writer.failure.take().unwrap_or_else(|| e.to_string())))?;
+    Ok(None)
+}
+
 /// The encoding of `value`.
 pub fn encode<T: Serialize + ?Sized>(value: &T) -> Result<Vec<u8>, CodecError> {
     // Room for a small value at once: most are, and growing from nothing reallocates twice.
@@ -569,6 +647,31 @@ mod tests {
         fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
             s.serialize_bytes(self.0)
         }
+    }
+
+    #[test]
+    fn a_spilled_encoding_is_the_encoding_in_order_and_a_small_one_stays_whole() {
+        let small = vec![1u32, 2, 3];
+        let mut never = |_: &[u8]| -> Result<(), String> { panic!("nothing to spill") };
+        assert_eq!(
+            encode_spilling(&small, 1 << 10, &mut never).unwrap(),
+            Some(encode(&small).unwrap())
+        );
+        // A large packed vector inside a struct, with small fields around it.
+        let large = (7u8, (0..1_000_000u64).collect::<Vec<_>>(), String::from("tail"));
+        let mut pieces: Vec<usize> = Vec::new();
+        let mut out = Vec::new();
+        let mut spill = |piece: &[u8]| -> Result<(), String> {
+            pieces.push(piece.len());
+            out.extend_from_slice(piece);
+            Ok(())
+        };
+        assert_eq!(encode_spilling(&large, 1 << 10, &mut spill).unwrap(), None);
+        assert_eq!(out, encode(&large).unwrap());
+        assert!(pieces.len() >= 2, "the head, then the vector's bytes: {pieces:?}");
+        let mut failing = |_: &[u8]| -> Result<(), String> { Err("disk full".into()) };
+        let error = encode_spilling(&large, 1 << 10, &mut failing).unwrap_err();
+        assert!(error.to_string().contains("disk full"), "{error}");
     }
 
     #[test]
