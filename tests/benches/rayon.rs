@@ -54,6 +54,16 @@ fn main() -> Result<(), multiproc::Error> {
         (Duration::from_millis(1), 4_000 / scale, 0.95),
     ];
     let workers = multiproc::cpu_count();
+    // An idle worker's memory beside an idle Python Pool worker's, per start method: measured
+    // first, while this process has one thread (a fork pool's template needs that).
+    let mut memory = Vec::new();
+    for method in ["fork", "spawn", "forkserver"] {
+        let pool = Context::new(method)?.pool().processes(1).build()?;
+        let ours = pool.pids().first().and_then(|&pid| common::pss_kib(pid));
+        let python = common::python("worker_memory.py", &[method.into()])
+            .and_then(|found| found.get("pss").copied());
+        memory.push((method, ours, python));
+    }
     // Every pool is built before rayon starts its threads: a fork pool's template must be
     // forked from a single-threaded process (later workers are forked by the template).
     let methods = ["forkserver", "fork"];
@@ -106,6 +116,83 @@ fn main() -> Result<(), multiproc::Error> {
                 )),
             );
         }
+    }
+    // How the 1 µs row grows with the number of workers, and where the one parent that
+    // encodes, sends and decodes for all of them stops keeping up: its rate on items that take
+    // no time at all.
+    let (grain, items, _) = grains[0];
+    let rounds = calibrate(grain);
+    let inputs: Vec<u64> = (0..items).collect();
+    let mut one_worker = None;
+    for count in [1, 2, 2 * workers] {
+        let pool = Context::new("forkserver")?.pool().processes(count).initializer(keep, rounds);
+        let pool = pool.build()?;
+        let took = measure(runs, || {
+            assert_eq!(pool.map(work, inputs.clone()).expect("map").len(), inputs.len());
+        })
+        .median;
+        let base = *one_worker.get_or_insert(took);
+        table.row(
+            &format!("{items} items of ~{grain:?} each, {count} worker(s), vs 1 worker"),
+            "forkserver",
+            Value::rate(items as f64, took, "items"),
+            Value::rate(items as f64, base, "items"),
+            Value::Missing("–"),
+            Target::Words(format!(
+                "{:.2}× one worker's throughput",
+                base.as_secs_f64() / took.as_secs_f64()
+            )),
+        );
+    }
+    // The parent's own CPU time per item (all its threads, not the workers'), on items of no
+    // work: a worker of ~1 µs items needs the parent for that long per item, so the parent
+    // keeps up with about (a worker's time per item ÷ it) workers.
+    let pool =
+        Context::new("forkserver")?.pool().processes(workers).initializer(keep, 0).build()?;
+    let mut parent_cpu = Vec::new();
+    let empty = measure(runs, || {
+        let before = common::process_cpu();
+        assert_eq!(pool.map(work, inputs.clone()).expect("map").len(), inputs.len());
+        parent_cpu.push(common::process_cpu().saturating_sub(before));
+    })
+    .median;
+    parent_cpu.sort();
+    let per_item = parent_cpu[parent_cpu.len() / 2].as_secs_f64() / items as f64;
+    let worker_item = one_worker.unwrap_or_default().as_secs_f64() / items as f64;
+    table.row(
+        &format!("{items} items of no work, {workers} workers (the parent's CPU per item)"),
+        "forkserver",
+        Value::rate(items as f64, empty, "items"),
+        Value::Missing("–"),
+        Value::Missing("–"),
+        Target::Words(format!(
+            "parent: {:.0} ns of CPU per item, enough for about {:.0} workers of ~{grain:?} items",
+            per_item * 1e9,
+            worker_item / per_item.max(1e-12)
+        )),
+    );
+    drop(pool);
+
+    for (method, ours, python) in memory {
+        let kib = |v: Option<f64>| Value::Text(v.map_or("–".into(), |v| format!("{v:.0} KiB")));
+        let verdict = match (ours, python) {
+            (Some(ours), Some(python)) => {
+                let ratio = ours as f64 / python;
+                format!(
+                    "≤ 0.2× Python's: {ratio:.2}×, {}",
+                    if ratio <= 0.2 { "met" } else { "**missed**" }
+                )
+            }
+            _ => "≤ 0.2× Python's: not measured".into(),
+        };
+        table.row(
+            "PSS of an idle pool worker vs a Python Pool worker's",
+            method,
+            kib(ours.map(|v| v as f64)),
+            kib(python),
+            Value::Missing("–"),
+            Target::Words(verdict),
+        );
     }
     table.note(
         "÷ baseline is a cost ratio (ours ÷ rayon's time); the target column gives the \

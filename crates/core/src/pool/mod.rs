@@ -45,7 +45,7 @@ use crate::runtime::task::{Portable, Task};
 use crate::shared::shm::SealedMemoryWriter;
 use crate::transport::channel::Frame;
 use crate::transport::codec;
-use crate::transport::wire::ItemResult;
+use crate::transport::wire::{BATCH_ITEMS, BATCH_PLAIN, ItemResult};
 
 /// Encoded initializer arguments of at least this many bytes reach the workers through one
 /// sealed memory file that each maps, instead of a copy through every worker's socket (which
@@ -556,12 +556,21 @@ fn decode_batch<R: Portable, S: ItemSink<R>>(
         Ok(received) => received,
         Err(error) => return failed(out, error),
     };
-    // Results go straight into `out`: no intermediate vector of per-item outcomes.
     let start = out.mark();
     out.reserve(count);
-    let seed = BatchSeed { out: &mut *out, task, first, _results: PhantomData };
-    let decode = || codec::decode_seed(seed, &body[offset..]);
-    let decoded = codec::with_attachments(fds, blocks, decode);
+    let decoded = match body[offset..].split_first() {
+        // Every item returned: their values whole, handed over as one vector.
+        Some((&BATCH_PLAIN, values)) => {
+            codec::with_attachments(fds, blocks, || codec::decode::<Vec<R>>(values))
+                .map(|values| out.push_all(values))
+        }
+        // Results go straight into `out`: no intermediate vector of per-item outcomes.
+        Some((&BATCH_ITEMS, items)) => {
+            let seed = BatchSeed { out: &mut *out, task, first, _results: PhantomData };
+            codec::with_attachments(fds, blocks, || codec::decode_seed(seed, items))
+        }
+        _ => Err(codec::CodecError::new("the batch's results have no known tag")),
+    };
     let error = match decoded {
         Ok(()) if out.len() - start.len == count => return,
         Ok(()) => Error::new(
@@ -585,6 +594,10 @@ trait ItemSink<R> {
     fn reserve(&mut self, additional: usize);
     /// The next item's result.
     fn push(&mut self, item: Result<R>);
+    /// The values of the next items, which all returned.
+    fn push_all(&mut self, values: Vec<R>) {
+        values.into_iter().for_each(|value| self.push(Ok(value)));
+    }
     /// Where things stand, to go back to.
     fn mark(&self) -> Mark;
     /// Forgets every result taken since `mark`.
@@ -610,6 +623,10 @@ impl<R> ItemSink<R> for VecDeque<Result<R>> {
 
     fn push(&mut self, item: Result<R>) {
         self.push_back(item);
+    }
+
+    fn push_all(&mut self, values: Vec<R>) {
+        self.extend(values.into_iter().map(Ok));
     }
 
     fn mark(&self) -> Mark {
@@ -683,6 +700,11 @@ impl<R> ItemSink<R> for Values<R> {
                 self.first_error.get_or_insert(error);
             }
         }
+    }
+
+    fn push_all(&mut self, values: Vec<R>) {
+        self.len += values.len();
+        self.values.extend(values);
     }
 
     fn mark(&self) -> Mark {

@@ -21,7 +21,7 @@ use serde::de::DeserializeOwned;
 use crate::error::{Error, ErrorKind};
 use crate::runtime::panic::catch_panic;
 use crate::transport::codec::{self, CodecError};
-use crate::transport::wire::ItemResult;
+use crate::transport::wire::{BATCH_ITEMS, BATCH_PLAIN, ItemResult};
 
 /// State built by an initializer (a pool worker's, the forkserver's preload), type-erased.
 pub type State = Box<dyn Any + Send>;
@@ -98,8 +98,10 @@ pub fn run_encoded<S: 'static, A: DeserializeOwned, R: Serialize>(
 /// The body of every [`TaskEntry::run_batch`]: one panic, or one value that cannot be encoded,
 /// fails its own item and no other.
 ///
-/// The output is the encoding of a `Vec<ItemResult<R>>`, written item by item: bincode writes a
-/// sequence as its length followed by the elements, so the parent decodes it in one call.
+/// The output is tagged (see [`BATCH_PLAIN`]): when every item returned and the values encode,
+/// the `Vec<R>` of them, which the parent decodes in one call (one copy for numbers);
+/// otherwise a `Vec<ItemResult<R>>`, written item by item (bincode writes a sequence as its
+/// length followed by the elements).
 pub fn run_batch<S: 'static, A: DeserializeOwned, R: Serialize>(
     f: fn(&S, A) -> R,
     state: &dyn Any,
@@ -108,10 +110,36 @@ pub fn run_batch<S: 'static, A: DeserializeOwned, R: Serialize>(
 ) -> Result<(), CallError> {
     let state = state_as::<S>(state)?;
     let items = codec::decode::<Vec<A>>(args).map_err(CallError::Args)?;
-    codec::encode_into(&(items.len() as u64), out).map_err(CallError::Result)?;
-    for item in items {
+    let count = items.len();
+    let mut items = items.into_iter();
+    let mut values = Vec::with_capacity(count);
+    let mut panicked = None;
+    for item in items.by_ref() {
+        match catch_panic(|| f(state, item)) {
+            Ok(value) => values.push(value),
+            Err(panic) => {
+                panicked = Some(panic);
+                break;
+            }
+        }
+    }
+    let start = out.len();
+    if panicked.is_none() {
+        out.push(BATCH_PLAIN);
+        if codec::encode_into(&values, out).is_ok() {
+            return Ok(());
+        }
+        // A value that does not encode fails its own item: told item by item below.
+        out.truncate(start);
+    }
+    out.push(BATCH_ITEMS);
+    codec::encode_into(&(count as u64), out).map_err(CallError::Result)?;
+    let returned = values.into_iter().map(Ok);
+    let rest =
+        panicked.map(Err).into_iter().chain(items.map(|item| catch_panic(|| f(state, item))));
+    for outcome in returned.chain(rest) {
         let mark = out.len();
-        let written = match catch_panic(|| f(state, item)) {
+        let written = match outcome {
             Ok(value) => codec::encode_into(&ItemResult::Returned(&value), out),
             Err(panic) => codec::encode_into(&ItemResult::<&R>::Panicked(panic), out),
         };
@@ -267,7 +295,8 @@ mod tests {
         let args = codec::encode(&vec![1u32, 13, 3]).unwrap();
         let mut out = Vec::new();
         run_batch(scaled, &2u32, &args, &mut out).unwrap();
-        let results = codec::decode::<Vec<ItemResult<u32>>>(&out).unwrap();
+        assert_eq!(out[0], BATCH_ITEMS);
+        let results = codec::decode::<Vec<ItemResult<u32>>>(&out[1..]).unwrap();
         assert_eq!(results.len(), 3);
         assert_eq!(results[0], ItemResult::Returned(2));
         match &results[1] {
@@ -275,5 +304,11 @@ mod tests {
             other => panic!("expected a panic, got {other:?}"),
         }
         assert_eq!(results[2], ItemResult::Returned(6));
+        // Without a panic: the values alone.
+        let args = codec::encode(&vec![1u32, 2, 3]).unwrap();
+        out.clear();
+        run_batch(scaled, &2u32, &args, &mut out).unwrap();
+        assert_eq!(out[0], BATCH_PLAIN);
+        assert_eq!(codec::decode::<Vec<u32>>(&out[1..]).unwrap(), vec![2, 4, 6]);
     }
 }

@@ -16,7 +16,7 @@ use crate::transport::channel::{Channel, Frame, FrameError};
 use crate::transport::codec::{self, Block, CodecError};
 
 /// The protocol version both sides announce; a mismatch fails the handshake.
-pub const PROTOCOL_VERSION: u32 = 5;
+pub const PROTOCOL_VERSION: u32 = 6;
 
 /// Parent to child: what to run. The task's encoded arguments follow as the frame's payload.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -117,7 +117,7 @@ pub enum ToParent {
     Returned,
     /// A pool worker built its state and takes batches.
     Ready,
-    /// A pool worker ran a batch; the payload is the encoded `Vec<ItemResult<R>>`.
+    /// A pool worker ran a batch; the payload is its results (see [`BATCH_PLAIN`]).
     BatchDone {
         /// The batch's number.
         id: u64,
@@ -164,7 +164,15 @@ pub enum FailReason {
     Setup,
 }
 
-/// The outcome of one item of a pool batch; a batch's results travel as `Vec<ItemResult<R>>`.
+/// How a pool batch's results travel, after `BatchDone`: a tag byte, then, when every item
+/// returned, [`BATCH_PLAIN`] and the `Vec<R>` of their values (a vector of numbers is then
+/// one packed copy, nothing per item); otherwise [`BATCH_ITEMS`] and a `Vec<ItemResult<R>>`.
+pub const BATCH_PLAIN: u8 = 1;
+
+/// See [`BATCH_PLAIN`].
+pub const BATCH_ITEMS: u8 = 0;
+
+/// The outcome of one item of a pool batch, in a batch tagged [`BATCH_ITEMS`].
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum ItemResult<T> {
     /// The task returned this value.
