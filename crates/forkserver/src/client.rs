@@ -136,15 +136,24 @@ static SPARES: AtomicU32 = AtomicU32::new(DEFAULT_SPARES);
 /// what an idle forked copy of the small server costs (BENCHMARKS.md, "Start-up", reports its
 /// proportional set size).
 ///
+/// A server that has died meanwhile is not an error: the next start launches another, which
+/// is told the new count.
+///
 /// # Errors
 ///
-/// Only if the running server cannot be told (it died: the next start launches another,
-/// which gets the new count).
+/// Only if a running server cannot be told.
 pub fn set_spares(count: u32) -> Result<()> {
     SPARES.store(count, Ordering::Relaxed);
     let mut guard = SERVER.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-    match guard.as_mut().filter(|s| s.owner == std::process::id()) {
-        Some(server) => server.send_spares(),
+    match guard.as_mut() {
+        Some(server) => {
+            if server.usable() {
+                server.send_spares()
+            } else {
+                // A dead server (the next start replaces it) or a forked parent's.
+                Ok(())
+            }
+        }
         None => Ok(()),
     }
 }
