@@ -310,21 +310,7 @@ fn sigint(ctx: &Context) -> Result<(), Failed> {
 /// The descriptors open in this process above stderr (without the one that lists them).
 #[task]
 fn open_fds() -> Vec<String> {
-    let entries: Vec<_> = std::fs::read_dir("/proc/self/fd")
-        .map(|dir| dir.filter_map(|e| e.ok()).map(|e| e.path()).collect())
-        .unwrap_or_default();
-    entries
-        .iter()
-        .filter_map(|path| {
-            let number: i32 = path.file_name()?.to_str()?.parse().ok()?;
-            let target = std::fs::read_link(path).ok()?;
-            if number <= 2 {
-                return None;
-            }
-            // The directory being listed shows up as an fd of its own.
-            (!target.starts_with("/proc")).then(|| target.to_string_lossy().into_owned())
-        })
-        .collect()
+    open_fds_here()
 }
 
 fn children_fds(ctx: &Context) -> Result<(), Failed> {
@@ -627,7 +613,7 @@ fn surroundings(var: String) -> (std::path::PathBuf, Option<String>, String, Vec
     )
 }
 
-/// [`open_fds`]'s list, in this process.
+/// The descriptors open in this process above stderr, but for the directory listing them.
 fn open_fds_here() -> Vec<String> {
     let entries: Vec<_> = std::fs::read_dir("/proc/self/fd")
         .map(|dir| dir.filter_map(|e| e.ok()).map(|e| e.path()).collect())
