@@ -810,7 +810,7 @@ pub(crate) struct Shared {
     /// A submission has woken the driver, which has not serviced the pool since.
     wake_pending: AtomicBool,
     /// How many slots someone awaits (the engine's `Results` holds it too).
-    pub(crate) awaiting: Arc<AtomicUsize>,
+    awaiting: Arc<AtomicUsize>,
 }
 
 impl Shared {

@@ -116,7 +116,8 @@ pub fn serve(
                 spares: &spares,
                 reserve: reserve.as_ref(),
             };
-            match fork_spare(others, &to_reset, env.generation, child_main) {
+            let child = Child { main: child_main, to_reset: &to_reset };
+            match fork_spare(others, child, env.generation) {
                 Some(spare) => spares.push(spare),
                 None => spares_failed = true,
             }
@@ -311,6 +312,14 @@ struct Others<'a> {
 }
 
 impl Others<'_> {
+    /// Forks, closing in the child every descriptor of the list above and `also` (the
+    /// server's end of something the child holds the other end of).
+    fn fork(&self, also: BorrowedFd<'_>) -> std::io::Result<Forked> {
+        let mut close = self.descriptors();
+        close.push(also);
+        sys::fork_in_single_threaded_server(&close)
+    }
+
     /// Every descriptor of the list above.
     fn descriptors(&self) -> Vec<BorrowedFd<'_>> {
         let mut close: Vec<BorrowedFd<'_>> = vec![self.control.as_fd()];
@@ -385,12 +394,7 @@ fn answer_forked(status: &Channel, pid: u32, pidfd: &OwnedFd) {
 fn fork_one(request: ForkRequest, others: Others<'_>, child: Child<'_>) -> Option<Served> {
     let ForkRequest { status, channel, cwd } = request;
     drop(cwd);
-    let forked = {
-        let mut close = others.descriptors();
-        close.push(status.as_fd());
-        sys::fork_in_single_threaded_server(&close)
-    };
-    match forked {
+    match others.fork(status.as_fd()) {
         // `main` ends the child process; its `Infallible` return type says it never comes
         // back here.
         #[allow(unreachable_code)]
@@ -420,23 +424,13 @@ fn fork_one(request: ForkRequest, others: Others<'_>, child: Child<'_>) -> Optio
 
 /// Forks a spare: a child that waits for a request on its handoff socket. `None` if the fork
 /// (or what it needs) failed.
-fn fork_spare(
-    others: Others<'_>,
-    to_reset: &[i32],
-    generation: u64,
-    main: &dyn Fn(Channel) -> Infallible,
-) -> Option<Spare> {
+fn fork_spare(others: Others<'_>, child: Child<'_>, generation: u64) -> Option<Spare> {
     let (ours, theirs) = Channel::pair().ok()?;
-    let forked = {
-        let mut close = others.descriptors();
-        close.push(ours.as_fd());
-        sys::fork_in_single_threaded_server(&close)
-    };
-    match forked {
+    match others.fork(ours.as_fd()) {
         #[allow(unreachable_code)]
         Ok(Forked::Child) => {
-            sys::reset_signals(to_reset);
-            match run_spare(theirs, main) {}
+            sys::reset_signals(child.to_reset);
+            match run_spare(theirs, child.main) {}
         }
         Ok(Forked::Parent(pid)) => {
             drop(theirs);
