@@ -13,6 +13,7 @@ pub const SCENARIOS: &[Scenario] = &[
     ("introspect_a_task_knows_its_process_and_its_parent", current_and_parent),
     ("introspect_a_child_sees_its_parent_end_through_the_sentinel", watches_parent),
     ("introspect_active_children_lists_the_running_ones", active),
+    ("introspect_a_child_lists_its_own_children_not_its_siblings", own_children),
     ("introspect_cpu_count_follows_the_affinity_mask", cpus),
 ];
 
@@ -86,6 +87,32 @@ fn active(ctx: &Context) -> Result<(), Failed> {
         let _ = child.join();
     }
     ensure(listed(&pids) == 0, || format!("{:?} after both ended", multiproc::active_children()))
+}
+
+/// The pids this task sees among its active children: none, then the one it started.
+#[task]
+fn children_seen(method: String) -> (Vec<u32>, Vec<u32>, u32) {
+    let pids = || multiproc::active_children().iter().map(|c| c.pid).collect::<Vec<_>>();
+    let before = pids();
+    let ctx = Context::new(&method).expect("the method");
+    let mut own = ctx.process(nap, DEADLINE).start().expect("a grandchild");
+    let during = pids();
+    let pid = own.pid();
+    own.kill().expect("kill the grandchild");
+    let _ = own.join();
+    (before, during, pid)
+}
+
+/// A forked child's memory holds its parent's list of children: it must not take them for
+/// its own.
+fn own_children(ctx: &Context) -> Result<(), Failed> {
+    let mut sibling = ctx.process(nap, DEADLINE).start()?;
+    let seen = ctx.process(children_seen, ctx.start_method().to_owned()).start()?;
+    let (before, during, pid) = join(seen)??;
+    sibling.kill()?;
+    let _ = sibling.join();
+    ensure(before.is_empty(), || format!("the child listed {before:?} before it started any"))?;
+    ensure(during == [pid], || format!("the child listed {during:?}, its own child is {pid}"))
 }
 
 fn cpus(_ctx: &Context) -> Result<(), Failed> {

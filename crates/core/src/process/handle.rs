@@ -82,7 +82,6 @@ impl<A: Portable, R: Portable> ProcessBuilder<A, R> {
             let setup_fds = std::mem::take(&mut resolved.fds);
             Work::Moved(Box::new(move |channel: Channel| -> Infallible {
                 sys::close_in_forked_child(&close);
-                crate::process::active::forget_inherited();
                 child::run_moved(channel, settings, setup_fds, move || {
                     registry::encode_result(&func(&(), args))
                 })

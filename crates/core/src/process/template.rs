@@ -47,8 +47,6 @@ impl Template {
             .map_err(|(count, e)| threads::fork_error(count, e))?;
         match forked {
             Forked::Child => {
-                // The caller's children are not the template's, nor its workers'.
-                crate::process::active::forget_inherited();
                 // Workers read nothing from the terminal, as under every start method.
                 if sys::set_stdin(dev_null).is_err() {
                     sys::exit_immediately(child::EXIT_FAILED);

@@ -201,7 +201,9 @@ pub fn send<M: Serialize>(
 /// payload follows it ([`send`] for one frame, or as one of several
 /// [`OutFrame`](crate::transport::channel::OutFrame)s).
 pub fn head<M: Serialize>(message: &M) -> Result<Vec<u8>, SendError> {
-    let mut head = vec![0u8; 4];
+    // One allocation that fits any control message, not a zeroed one grown twice.
+    let mut head = Vec::with_capacity(64);
+    head.extend_from_slice(&[0; 4]);
     codec::encode_into(message, &mut head).map_err(SendError::Encode)?;
     let len = u32::try_from(head.len() - 4).expect("a control message is small");
     head[..4].copy_from_slice(&len.to_le_bytes());
