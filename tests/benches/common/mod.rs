@@ -420,3 +420,21 @@ pub fn process_cpu() -> Duration {
         .sum();
     Duration::from_nanos(nanos)
 }
+
+/// Minor page faults so far (`/proc/self/stat`): this process's own, and those of its children
+/// that have been reaped.
+pub struct MinorFaults {
+    /// This process's (`minflt`).
+    pub own: u64,
+    /// Its reaped children's (`cminflt`).
+    pub children: u64,
+}
+
+/// This process's [`MinorFaults`] now.
+pub fn minor_faults() -> MinorFaults {
+    let stat = std::fs::read_to_string("/proc/self/stat").expect("/proc/self/stat");
+    // The fields after the command's closing parenthesis, from the state (field 3) on.
+    let after_name = stat.rsplit_once(')').map_or("", |(_, rest)| rest);
+    let field = |n: usize| after_name.split_whitespace().nth(n - 3).and_then(|f| f.parse().ok());
+    MinorFaults { own: field(10).unwrap_or(0), children: field(11).unwrap_or(0) }
+}
