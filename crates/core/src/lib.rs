@@ -51,7 +51,11 @@ pub use transport::fd::Fd;
 /// is harmless. Builds that turn the feature off must call it first thing in `main`, before
 /// starting any thread.
 pub fn init() {
-    runtime::role::take_role();
+    // What the `.init_array` constructor runs: the role of a re-executed child, and any other
+    // crate's before-`main` step (an MPI job's agents).
+    for before_main in sys::BEFORE_MAIN {
+        before_main();
+    }
 }
 
 /// Re-exported for `#[multiproc::task]`; not a stable API.

@@ -57,6 +57,12 @@ pub use multiproc_core::{IMapStream, wait_async};
 pub use multiproc_core::{
     ParentProcess, ProcessInfo, active_children, cpu_count, current_process, parent_process,
 };
+/// The `mpi` context's view of the job (the `mpi` feature): where this process stands in it,
+/// and the start method itself.
+#[cfg(feature = "mpi")]
+pub mod mpi {
+    pub use multiproc_mpi::{AGENT_TIMEOUT, EXIT_AGENT_FAILED, Launch, Mpi, launched};
+}
 pub use multiproc_forkserver::DEFAULT_SPARES as DEFAULT_FORKSERVER_SPARES;
 pub use multiproc_forkserver::DEFAULT_START_TIMEOUT as DEFAULT_FORKSERVER_START_TIMEOUT;
 pub use multiproc_forkserver::server_pid as forkserver_pid;
@@ -157,6 +163,16 @@ impl Context {
             "fork" => Arc::new(multiproc_fork::Fork::new()),
             "spawn" => Arc::new(multiproc_spawn::Spawn),
             "forkserver" => Arc::new(multiproc_forkserver::Forkserver),
+            #[cfg(feature = "mpi")]
+            "mpi" => Arc::new(multiproc_mpi::Mpi::new()?),
+            #[cfg(not(feature = "mpi"))]
+            "mpi" => {
+                return Err(Error::new(
+                    ErrorKind::UnknownStartMethod,
+                    "the mpi context is not built in: enable multiproc's `mpi` feature (it needs \
+                     an MPI library, such as Debian's libopenmpi-dev, and libclang)",
+                ));
+            }
             _ => {
                 return Err(Error::new(
                     ErrorKind::UnknownStartMethod,

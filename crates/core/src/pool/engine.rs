@@ -229,7 +229,8 @@ impl Worker {
             Some(Initializer { args: InitArgs::Encoded { in_memory: true, .. }, .. })
         );
         let initializer = config.initializer.as_ref().map(|i| i.task.into());
-        let setup = WorkerSetup { initializer, args_in_memory };
+        let ring = config.method.carries_descriptors();
+        let setup = WorkerSetup { initializer, args_in_memory, ring };
         let start = start_message(
             "multiproc::pool::worker",
             &name,
@@ -882,6 +883,7 @@ impl Shared {
         task: &'static str,
         batches: Vec<Encoded>,
     ) -> Result<Vec<Arc<Slot>>> {
+        self.refuse_descriptors(task, &batches)?;
         let batches: Vec<Batch> = batches.into_iter().map(|e| self.number(task, e)).collect();
         let slots = batches.iter().map(|b| Arc::clone(&b.slot)).collect();
         let count = batches.len();
@@ -891,10 +893,20 @@ impl Shared {
 
     /// [`submit`](Self::submit) of one batch, with nothing to allocate beside it.
     pub(crate) fn submit_one(&self, task: &'static str, batch: Encoded) -> Result<Arc<Slot>> {
+        self.refuse_descriptors(task, std::slice::from_ref(&batch))?;
         let batch = self.number(task, batch);
         let slot = Arc::clone(&batch.slot);
         self.enqueue(std::iter::once(batch), 1)?;
         Ok(slot)
+    }
+
+    /// Refuses batches whose arguments hold descriptors the pool's workers cannot be sent.
+    fn refuse_descriptors(&self, task: &str, batches: &[Encoded]) -> Result<()> {
+        let method = &*self.config.method;
+        batches.iter().try_for_each(|(_, _, attachments)| {
+            let what = format!("arguments of pool task `{task}`");
+            crate::process::method::refuse_descriptors(method, &what, attachments)
+        })
     }
 
     /// A batch with the next number and an empty slot.

@@ -134,7 +134,11 @@ impl PoolBuilder<()> {
                     };
                     writer.append(piece).map_err(|e| e.to_string())
                 };
-                let spilled = codec::encode_spilling(&args, SHARED_ARGS_MIN, &mut spill);
+                // Sealed memory is a descriptor: where none can travel, the encoding stays
+                // whole and goes to each worker (`mpi`: once to each node's agent).
+                let spill_at =
+                    if self.method.carries_descriptors() { SHARED_ARGS_MIN } else { usize::MAX };
+                let spilled = codec::encode_spilling(&args, spill_at, &mut spill);
                 let inline = spilled.map_err(|e| {
                     Error::new(
                         ErrorKind::Encode,
@@ -154,6 +158,10 @@ impl PoolBuilder<()> {
             let fits = attachments.check_fits_one_message().map_err(|e| {
                 let message = format!("arguments of initializer `{}`: {e}", task.name());
                 Error::new(ErrorKind::Encode, message)
+            });
+            let fits = fits.and_then(|()| {
+                let what = format!("arguments of initializer `{}`", task.name());
+                crate::process::method::refuse_descriptors(&*self.method, &what, &attachments)
             });
             fits.and(encoded).map(|(bytes, in_memory)| InitArgs::Encoded {
                 bytes: Arc::new(bytes),
@@ -228,7 +236,9 @@ impl<S: 'static> PoolBuilder<S> {
     /// Fails with the initializer's panic ([`ErrorKind::Panicked`]), or when a worker cannot
     /// be started (for the fork start method, when the calling process has other threads).
     pub fn build(self) -> Result<Pool<S>> {
-        let processes = self.processes.unwrap_or_else(crate::process::active::cpu_count);
+        let processes = self.processes.unwrap_or_else(|| {
+            self.method.default_processes().unwrap_or_else(crate::process::active::cpu_count)
+        });
         if processes == 0 {
             return Err(Error::new(ErrorKind::InvalidState, "a pool needs at least one process"));
         }

@@ -95,6 +95,8 @@ impl<A: Portable, R: Portable> ProcessBuilder<A, R> {
             let bytes = bytes.map_err(|e| {
                 Error::new(ErrorKind::Encode, format!("arguments of task `{}`: {e}", start.task))
             })?;
+            let what = format!("arguments of task `{}`", start.task);
+            crate::process::method::refuse_descriptors(&*self.method, &what, &attachments)?;
             Work::Sent(Arc::new(bytes), attachments)
         };
         let Launched { child, channel, active } =

@@ -51,6 +51,27 @@ pub struct StartRequest<'a> {
     pub payload: Payload,
 }
 
+/// Refuses `attachments` that hold descriptors when `method`'s channels cannot carry them
+/// (`mpi`), before anything is sent.
+pub(crate) fn refuse_descriptors(
+    method: &dyn StartMethod,
+    what: &str,
+    attachments: &crate::transport::codec::Attachments,
+) -> Result<()> {
+    if method.carries_descriptors() || attachments.fds.is_empty() {
+        return Ok(());
+    }
+    Err(crate::error::Error::new(
+        crate::error::ErrorKind::Encode,
+        format!(
+            "{what} hold {} file descriptor(s) (an Fd, shared memory, a pipe, a lock), which \
+             cannot cross to the machines of the `{}` context",
+            attachments.fds.len(),
+            method.name()
+        ),
+    ))
+}
+
 /// A way of starting child processes: fork, spawn, forkserver.
 pub trait StartMethod: Send + Sync + fmt::Debug {
     /// The name `Context::new` maps to this method (`"fork"`, `"spawn"`, `"forkserver"`).
@@ -60,6 +81,20 @@ pub trait StartMethod: Send + Sync + fmt::Debug {
     /// sent over the channel ([`Payload::Sent`]).
     fn moves_arguments(&self) -> bool {
         false
+    }
+
+    /// Whether a child's channel carries file descriptors (and so shared memory, pipes and
+    /// `Fd`s). A method whose children run on other machines (`mpi`) says no: a value holding
+    /// one is refused when it is submitted, with an error naming the method.
+    fn carries_descriptors(&self) -> bool {
+        true
+    }
+
+    /// How many workers a pool of this method has when the caller does not say: `None` for
+    /// [`cpu_count`](crate::cpu_count) of this machine (a method that starts its children on
+    /// other machines counts theirs).
+    fn default_processes(&self) -> Option<usize> {
+        None
     }
 
     /// Starts one child whose runtime talks over `request.channel`.

@@ -79,7 +79,7 @@ pub fn serve(channel: Channel) -> ! {
             prepare(&start, &channel);
             let initializer = setup.initializer.clone();
             let in_memory = setup.args_in_memory;
-            worker::run(channel, move || match initializer {
+            worker::run(channel, setup.ring, move || match initializer {
                 Some(name) => {
                     let entry =
                         registry::lookup(&name).map_err(|e| (lookup_failure(&e), e.to_string()))?;
@@ -114,7 +114,8 @@ pub fn serve_template_worker(
             finish(&channel, Outcome::Failed(FailReason::Protocol, why));
         }
         prepare(&start, &channel);
-        worker::run(channel, || make_state().map_err(|e| (call_failure(&e), e.to_string())))
+        let ring = start.worker.as_ref().is_some_and(|setup| setup.ring);
+        worker::run(channel, ring, || make_state().map_err(|e| (call_failure(&e), e.to_string())))
     })
 }
 

@@ -17,12 +17,13 @@ use crate::transport::ring::{HOLD_BELOW, MAX_HELD, Ring};
 use crate::transport::wire::{self, FailReason, ToParent, ToWorker};
 
 /// The pool worker: builds its state (a panic there is reported like a task's, and ends the
-/// worker), says `Ready`, then runs batches until the parent closes the channel.
+/// worker), says `Ready` (with a results ring if `ring`), then runs batches until the parent closes the channel.
 ///
 /// Within a batch a panic fails only its item ([`registry::run_batch`]), so a worker outlives
 /// the panics of the tasks it runs; it ends with `_exit(0)` at end-of-file, after flushing.
 pub(super) fn run(
     mut channel: Channel,
+    ring: bool,
     make_state: impl FnOnce() -> Result<State, (FailReason, String)>,
 ) -> ! {
     let state = match catch_panic(make_state) {
@@ -31,8 +32,9 @@ pub(super) fn run(
         Err(panic) => finish(&channel, Outcome::Panicked(panic)),
     };
     // The ring for results held back (see `pool::ring`) travels with `Ready`; without one
-    // (it could not be made), every result goes to the socket.
-    let mut ring = Ring::create().ok();
+    // (it could not be made, or the channel carries no descriptors), every result goes to the
+    // socket.
+    let mut ring = if ring { Ring::create().ok() } else { None };
     let ring_fd: Vec<_> = ring.iter().map(Ring::fd).collect();
     if wire::send(&channel, &ToParent::Ready, &[], &ring_fd, &[], None, None).is_err() {
         sys::exit_immediately(EXIT_FAILED);

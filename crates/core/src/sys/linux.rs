@@ -436,6 +436,23 @@ pub fn exit_immediately(code: i32) -> ! {
     unsafe { libc::_exit(code) }
 }
 
+/// `atexit(handler)`: runs `handler` when the process returns from `main` or calls
+/// `std::process::exit` (not at `_exit`, nor when killed). For a library that must say goodbye
+/// to a peer before the process ends (an MPI job's rank 0 ends the job cleanly).
+pub fn at_exit(handler: extern "C" fn()) -> io::Result<()> {
+    // SAFETY: atexit only records the function pointer, which is valid for the whole process.
+    match unsafe { libc::atexit(handler) } {
+        0 => Ok(()),
+        _ => Err(io::Error::other("atexit: no room for another handler")),
+    }
+}
+
+/// This machine's host name (the kernel's `nodename`), or `"?"` if it cannot be read.
+pub fn host_name() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map_or_else(|_| "?".to_owned(), |name| name.trim_end().to_owned())
+}
+
 /// `getppid()`.
 pub fn parent_pid() -> u32 {
     rustix::process::getppid().map_or(0, |pid| pid.as_raw_nonzero().get() as u32)

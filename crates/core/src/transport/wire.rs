@@ -16,7 +16,7 @@ use crate::transport::channel::{Channel, Frame, FrameError};
 use crate::transport::codec::{self, Block, CodecError};
 
 /// The protocol version both sides announce; a mismatch fails the handshake.
-pub const PROTOCOL_VERSION: u32 = 6;
+pub const PROTOCOL_VERSION: u32 = 7;
 
 /// Parent to child: what to run. The task's encoded arguments follow as the frame's payload.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -87,6 +87,9 @@ pub struct WorkerSetup {
     /// The payload is a `SealedMemory` that holds the encoded arguments
     /// (large ones: every worker maps one copy instead of being sent its own).
     pub args_in_memory: bool,
+    /// The worker may hold results back in a shared ring (whose descriptor travels with
+    /// `Ready`): not where the channel carries no descriptors (`mpi`).
+    pub ring: bool,
 }
 
 /// Parent to pool worker, after the worker said [`ToParent::Ready`].
@@ -264,7 +267,11 @@ mod tests {
             parent_pid: 7,
             daemon: true,
             log: Some("debug".into()),
-            worker: Some(WorkerSetup { initializer: Some("m::init".into()), args_in_memory: true }),
+            worker: Some(WorkerSetup {
+                initializer: Some("m::init".into()),
+                args_in_memory: true,
+                ring: true,
+            }),
             setup: Some(Setup {
                 env_clear: true,
                 env: vec![(b"A".to_vec(), Some(b"1".to_vec())), (b"B".to_vec(), None)],
