@@ -32,9 +32,10 @@ pub fn fd_count() -> usize {
     std::fs::read_dir("/proc/self/fd").map(|dir| dir.count()).unwrap_or(0)
 }
 
-/// Pids of this process's children that are zombies (ended but not reaped).
+/// Pids of this process's children that are zombies (ended but not reaped); under the mpi
+/// context, its agents' too.
 pub fn zombie_children() -> Vec<u32> {
-    let me = std::process::id();
+    let parents = local_parents();
     let Ok(dir) = std::fs::read_dir("/proc") else {
         return Vec::new();
     };
@@ -50,7 +51,7 @@ pub fn zombie_children() -> Vec<u32> {
             let mut fields = rest.split_whitespace();
             let state = fields.next();
             let ppid = fields.next().and_then(|p| p.parse::<u32>().ok());
-            state == Some("Z") && ppid == Some(me)
+            state == Some("Z") && ppid.is_some_and(|ppid| parents.contains(&ppid))
         })
         .collect()
 }
@@ -167,16 +168,18 @@ pub fn read_pid(stream: &mut std::os::unix::net::UnixStream) -> Result<u32, Fail
     Ok(u32::from_le_bytes(pid))
 }
 
-/// Pids of this process's children that have not ended.
+/// Pids of this process's children that have not ended; under the mpi context, its agents'
+/// too.
 pub fn living_children() -> Vec<u32> {
-    let me = std::process::id().to_string();
+    let parents: Vec<String> = local_parents().iter().map(u32::to_string).collect();
     let Ok(dir) = std::fs::read_dir("/proc") else { return Vec::new() };
     dir.filter_map(|entry| entry.ok()?.file_name().to_str()?.parse::<u32>().ok())
         .filter(|pid| {
             let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
             let mut fields = stat.rsplit_once(") ").map(|(_, rest)| rest).unwrap_or("").split(' ');
             let state = fields.next();
-            fields.next() == Some(me.as_str()) && state != Some("Z")
+            fields.next().is_some_and(|ppid| parents.iter().any(|p| p == ppid))
+                && state != Some("Z")
         })
         .collect()
 }
@@ -196,7 +199,25 @@ pub struct Descendant {
     pub parent_of_any: bool,
 }
 
-/// Every process below this one (children, theirs, and so on), from procfs.
+/// The processes on this machine whose children are ours: this one, and under the mpi
+/// context its node agents (the parents of its workers).
+fn local_parents() -> Vec<u32> {
+    let parents = vec![std::process::id()];
+    #[cfg(feature = "mpi")]
+    let parents = {
+        let mut parents = parents;
+        if std::env::var("MULTIPROC_START_METHOD").is_ok_and(|m| m == "mpi") {
+            let host = multiproc_core::sys::host_name();
+            let agents = multiproc::mpi::Mpi::new().map(|mpi| mpi.agents()).unwrap_or_default();
+            parents.extend(agents.into_iter().filter(|a| a.host == host).map(|a| a.pid));
+        }
+        parents
+    };
+    parents
+}
+
+/// Every process below this one (children, theirs, and so on; under the mpi context, below
+/// its agents), from procfs.
 pub fn descendants() -> Vec<Descendant> {
     fn children(pid: u32) -> Vec<u32> {
         // Each thread lists the children it forked.
@@ -216,7 +237,7 @@ pub fn descendants() -> Vec<Descendant> {
         stat.rsplit_once(") ").is_some_and(|(_, rest)| rest.starts_with('Z'))
     };
     let mut found = Vec::new();
-    let mut next = children(std::process::id());
+    let mut next: Vec<u32> = local_parents().into_iter().flat_map(children).collect();
     while let Some(pid) = next.pop() {
         let below = children(pid);
         found.push(Descendant { pid, zombie: zombie(pid), parent_of_any: !below.is_empty() });

@@ -15,6 +15,7 @@ mod hardening;
 mod introspect;
 mod ipc;
 mod lifecycle;
+mod mpi;
 mod pool;
 mod protocol;
 mod queue;
@@ -55,6 +56,16 @@ fn main() -> std::process::ExitCode {
     .concat();
     if method == "forkserver" {
         scenarios.extend_from_slice(forkserver::SCENARIOS);
+    }
+    if method == "mpi" {
+        // Under mpirun: the pool scenarios, but those whose values hold descriptors (which
+        // the mpi context refuses, as its own scenarios check), and the mpi context's own.
+        scenarios = pool::SCENARIOS
+            .iter()
+            .filter(|(name, _)| !pool::NEEDS_DESCRIPTORS.contains(name))
+            .chain(mpi::SCENARIOS)
+            .copied()
+            .collect();
     }
     let trials = scenarios
         .into_iter()

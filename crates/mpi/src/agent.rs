@@ -122,7 +122,7 @@ fn spawn_child(id: u64, children: &Arc<Mutex<HashMap<u64, Child>>>) -> Result<u3
     // Registered before the tunnel runs, so that the first frame from rank 0 finds it.
     let mut table = children.lock().unwrap_or_else(|p| p.into_inner());
     let ended = Arc::clone(children);
-    let queue = tunnel::open(id, ours.into_fd(), 0, move || {
+    let (queue, reader) = tunnel::open(id, ours.into_fd(), 0, move || {
         // The child closed its channel: it ended, or is about to. Its status follows its last
         // frame, which the reader has sent.
         let status = child.wait_deadline(None).ok().flatten();
@@ -134,8 +134,12 @@ fn spawn_child(id: u64, children: &Arc<Mutex<HashMap<u64, Child>>>) -> Result<u3
         };
         let _ = link::send(0, TAG_CONTROL, &wire::encode_control(&Control::Ended { id, how }));
     })
-    .map_err(|e| format!("starting the tunnel's threads: {e}"))?;
+    .map_err(|e| format!("starting the tunnel's writer: {e}"))?;
     table.insert(id, Child { pidfd, queue });
+    drop(table);
+    // Rank 0 knows the tunnel (it registered it before asking): the child's frames may go
+    // before the answer.
+    reader.start().map_err(|e| format!("starting the tunnel's reader: {e}"))?;
     Ok(pid)
 }
 

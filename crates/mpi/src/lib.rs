@@ -33,7 +33,7 @@ pub mod wire;
 #[cfg(feature = "mpi")]
 pub use agent::EXIT_AGENT_FAILED;
 #[cfg(feature = "mpi")]
-pub use rank0::{AGENT_TIMEOUT, Mpi, become_agent};
+pub use rank0::{AGENT_TIMEOUT, AgentInfo, Mpi, become_agent};
 
 /// Where this process stands in an MPI job, as its launcher's environment says (readable
 /// before `MPI_Init`): OpenMPI's `OMPI_COMM_WORLD_RANK`/`_SIZE`, or the PMI variables of

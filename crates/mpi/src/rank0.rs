@@ -46,6 +46,7 @@ struct Agent {
     rank: i32,
     cpus: u32,
     host: String,
+    pid: u32,
     /// The children it runs for us now.
     children: AtomicUsize,
 }
@@ -114,7 +115,7 @@ fn join_job() -> Result<&'static Link> {
             .flatten();
         let slot = usize::try_from(message.source - 1).ok().and_then(|i| agents.get_mut(i));
         match (hello, slot) {
-            (Some(Control::Hello { cpus, host, fingerprint, .. }), Some(slot)) => {
+            (Some(Control::Hello { cpus, host, fingerprint, pid }), Some(slot)) => {
                 if fingerprint != multiproc_core::runtime::child::fingerprint() {
                     return Err(Error::new(
                         ErrorKind::StartFailed,
@@ -125,8 +126,8 @@ fn join_job() -> Result<&'static Link> {
                         ),
                     ));
                 }
-                *slot =
-                    Some(Agent { rank: message.source, cpus, host, children: AtomicUsize::new(0) });
+                let rank = message.source;
+                *slot = Some(Agent { rank, cpus, host, pid, children: AtomicUsize::new(0) });
             }
             _ => tracing::warn!(source = message.source, "an unexpected message before hello"),
         }
@@ -213,15 +214,28 @@ static ENDED: Mutex<Option<HashMap<u64, Arc<EndState>>>> = Mutex::new(None);
 
 /// Where a remote child's end is recorded, and the pipe that wakes whoever polls for it.
 struct EndState {
-    status: Mutex<Option<ExitStatus>>,
-    bell: std::fs::File,
+    /// The status, and the pipe's write end until the status is known.
+    state: Mutex<(Option<ExitStatus>, Option<std::fs::File>)>,
 }
 
 impl EndState {
+    fn new(bell: OwnedFd) -> EndState {
+        EndState { state: Mutex::new((None, Some(bell.into()))) }
+    }
+
+    fn status(&self) -> Option<ExitStatus> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner()).0
+    }
+
+    /// Records the end and rings the bell. The write end is closed before the lock is let go,
+    /// so that a caller who sees the status finds the pipe's descriptor gone.
     fn end(&self, status: ExitStatus) {
         use std::io::Write;
-        *self.status.lock().unwrap_or_else(|p| p.into_inner()) = Some(status);
-        let _ = (&self.bell).write_all(&[1]);
+        let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        state.0 = Some(status);
+        if let Some(mut bell) = state.1.take() {
+            let _ = bell.write_all(&[1]);
+        }
     }
 }
 
@@ -259,13 +273,30 @@ impl Mpi {
         Ok(Mpi)
     }
 
-    /// The agents: each one's rank, host name and CPUs.
-    pub fn agents(&self) -> Vec<(u32, String, u32)> {
-        link().map_or_else(
-            |_| Vec::new(),
-            |link| link.agents.iter().map(|a| (a.rank as u32, a.host.clone(), a.cpus)).collect(),
-        )
+    /// The job's node agents.
+    pub fn agents(&self) -> Vec<AgentInfo> {
+        let Ok(link) = link() else { return Vec::new() };
+        let info = |a: &Agent| AgentInfo {
+            rank: a.rank as u32,
+            host: a.host.clone(),
+            pid: a.pid,
+            cpus: a.cpus,
+        };
+        link.agents.iter().map(info).collect()
     }
+}
+
+/// A node agent of the job, as it introduced itself.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AgentInfo {
+    /// Its MPI rank.
+    pub rank: u32,
+    /// Its node's host name.
+    pub host: String,
+    /// Its pid on that node.
+    pub pid: u32,
+    /// The CPUs it may use: the workers it counts for in a pool's default size.
+    pub cpus: u32,
 }
 
 impl StartMethod for Mpi {
@@ -295,7 +326,7 @@ impl StartMethod for Mpi {
             .expect("at least one agent");
         let id = link.next_id.fetch_add(1, Ordering::SeqCst);
         let (bell_read, bell_write) = sys::pipe().map_err(|e| Error::io("pipe", e))?;
-        let ended = Arc::new(EndState { status: Mutex::new(None), bell: bell_write.into() });
+        let ended = Arc::new(EndState::new(bell_write));
         let (answer_to, answer) = mpsc::channel();
         link.pending.lock().unwrap_or_else(|p| p.into_inner()).insert(id, answer_to);
         ENDED
@@ -304,7 +335,7 @@ impl StartMethod for Mpi {
             .get_or_insert_default()
             .insert(id, Arc::clone(&ended));
         let rank = agent.rank;
-        let queue = tunnel::open(id, request.channel, rank, move || {
+        let (queue, reader) = tunnel::open(id, request.channel, rank, move || {
             // The engine closed its end: the child reads end-of-file.
             let _ = link::send(rank, TAG_CONTROL, &wire::encode_control(&Control::Close { id }));
         })
@@ -314,7 +345,11 @@ impl StartMethod for Mpi {
             .unwrap_or_else(|p| p.into_inner())
             .insert(id, Remote { agent: index, queue });
         agent.children.fetch_add(1, Ordering::SeqCst);
+        // The agent learns of the tunnel before its first frame (the `Start` the engine wrote
+        // into the channel already): the reader starts after the request.
         let sent = link::send(rank, TAG_CONTROL, &wire::encode_control(&Control::Start { id }));
+        let sent =
+            sent.and_then(|()| reader.start().map_err(|e| format!("a tunnel's reader: {e}")));
         let started = sent.and_then(|()| match answer.recv_timeout(AGENT_TIMEOUT) {
             Ok(result) => result,
             Err(_) => Err(format!("no answer within {AGENT_TIMEOUT:?}")),
@@ -348,7 +383,7 @@ struct RemoteChild {
 
 impl std::fmt::Debug for EndState {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("EndState").field("status", &self.status).finish()
+        f.debug_struct("EndState").field("status", &self.status()).finish()
     }
 }
 
@@ -362,11 +397,11 @@ impl ChildHandle for RemoteChild {
     }
 
     fn try_wait(&mut self) -> io::Result<Option<ExitStatus>> {
-        Ok(*self.ended.status.lock().unwrap_or_else(|p| p.into_inner()))
+        Ok(self.ended.status())
     }
 
     fn signal(&self, signal: i32) -> io::Result<()> {
-        if self.ended.status.lock().unwrap_or_else(|p| p.into_inner()).is_some() {
+        if self.ended.status().is_some() {
             return Ok(());
         }
         let message = wire::encode_control(&Control::Signal { id: self.id, signal });

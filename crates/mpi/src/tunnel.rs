@@ -7,7 +7,7 @@
 //! router never blocks on a socket nobody reads, and one slow child holds up no other.
 
 use std::os::fd::OwnedFd;
-use std::sync::mpsc;
+use std::sync::{Arc, Mutex, mpsc};
 use std::thread;
 
 use multiproc_core::transport::channel::{Channel, FrameError};
@@ -21,49 +21,91 @@ pub enum Inbound {
     Frame(TunnelFrame),
     /// Shuts the socket's write side: the other rank closed its end.
     Close,
-    /// Runs once every frame before it was written (rank 0 learns a child's end this way).
+    /// Runs once every frame before it was written, and the socket closed (rank 0 learns a
+    /// child's end this way); nothing is written after it.
     Then(Box<dyn FnOnce() + Send>),
 }
 
-/// Starts the two threads of tunnel `id` over `socket`, whose frames go to rank `peer`;
-/// `at_end` runs on the reader once the local end closed (it reads end-of-file or an error).
-/// Returns the writer's queue.
+/// The reading half of a tunnel, not yet started: see [`open`].
+pub struct Reader {
+    id: u64,
+    socket: OwnedFd,
+    peer: i32,
+    at_end: Box<dyn FnOnce() + Send>,
+    /// Where the reader's thread is left for the writer, which waits for it at the end.
+    handle: Arc<Mutex<Option<thread::JoinHandle<()>>>>,
+}
+
+impl Reader {
+    /// Starts sending the local end's frames to the other rank. A caller that must say
+    /// something first (rank 0 asks the agent to start the child, so that the agent knows the
+    /// tunnel before its first frame) says it before this: the messages of one rank to another
+    /// arrive in the order they were sent.
+    pub fn start(self) -> std::io::Result<()> {
+        let Reader { id, socket, peer, at_end, handle } = self;
+        let mut slot = handle.lock().unwrap_or_else(|p| p.into_inner());
+        *slot =
+            Some(thread::Builder::new().name(format!("mpi-tunnel-{id}-out")).spawn(move || {
+                let mut channel = Channel::from_fd(socket);
+                read_loop(id, &mut channel, peer);
+                // Closed before anyone hears of the end, so that a caller counting its
+                // descriptors after the child's end finds this one gone.
+                drop(channel);
+                at_end();
+            })?);
+        Ok(())
+    }
+}
+
+/// Opens tunnel `id` over `socket`, whose frames go to rank `peer`: starts its writer, and
+/// returns the writer's queue and the reader, to be started ([`Reader::start`]). `at_end` runs
+/// on the reader once the local end closed (it reads end-of-file or an error).
 pub fn open(
     id: u64,
     socket: OwnedFd,
     peer: i32,
     at_end: impl FnOnce() + Send + 'static,
-) -> std::io::Result<mpsc::Sender<Inbound>> {
+) -> std::io::Result<(mpsc::Sender<Inbound>, Reader)> {
     let write_half = socket.try_clone()?;
     let (queue, inbound) = mpsc::channel::<Inbound>();
-    thread::Builder::new().name(format!("mpi-tunnel-{id}-out")).spawn(move || {
-        let mut channel = Channel::from_fd(socket);
-        read_loop(id, &mut channel, peer);
-        at_end();
-    })?;
+    let handle: Arc<Mutex<Option<thread::JoinHandle<()>>>> = Arc::default();
+    let reader = Reader { id, socket, peer, at_end: Box::new(at_end), handle: Arc::clone(&handle) };
     thread::Builder::new().name(format!("mpi-tunnel-{id}-in")).spawn(move || {
-        let channel = Channel::from_fd(write_half);
-        let mut broken = false;
+        let mut channel = Some(Channel::from_fd(write_half));
         for next in inbound {
             match next {
-                Inbound::Frame(frame) if !broken => {
+                Inbound::Frame(frame) => {
+                    let Some(open) = &channel else { continue };
                     let blocks: Vec<_> = frame
                         .blocks
                         .into_iter()
                         .map(|block| std::sync::Arc::new(block.into()))
                         .collect();
                     // A local end that went away takes no more frames; what follows is dropped.
-                    broken = channel.send(&[&frame.body], &[], &blocks, None, None).is_err();
+                    if open.send(&[&frame.body], &[], &blocks, None, None).is_err() {
+                        channel = None;
+                    }
                 }
-                Inbound::Frame(_) => {}
                 Inbound::Close => {
-                    let _ = channel.shutdown_write();
+                    if let Some(open) = &channel {
+                        let _ = open.shutdown_write();
+                    }
                 }
-                Inbound::Then(then) => then(),
+                Inbound::Then(then) => {
+                    // The last word of a tunnel. Its socket is closed first, the reader's
+                    // descriptor too (a shutdown ends its read), so that whoever learns of the
+                    // end from `then` finds no descriptor of the tunnel's left open.
+                    if let Some(open) = channel.take() {
+                        let _ = open.shutdown();
+                    }
+                    let reader = handle.lock().unwrap_or_else(|p| p.into_inner()).take();
+                    let _ = reader.map(thread::JoinHandle::join);
+                    then();
+                }
             }
         }
     })?;
-    Ok(queue)
+    Ok((queue, reader))
 }
 
 /// Sends every frame read from `channel` to `peer`, until end-of-file.

@@ -61,7 +61,7 @@ pub use multiproc_core::{
 /// and the start method itself.
 #[cfg(feature = "mpi")]
 pub mod mpi {
-    pub use multiproc_mpi::{AGENT_TIMEOUT, EXIT_AGENT_FAILED, Launch, Mpi, launched};
+    pub use multiproc_mpi::{AGENT_TIMEOUT, AgentInfo, EXIT_AGENT_FAILED, Launch, Mpi, launched};
 }
 pub use multiproc_forkserver::DEFAULT_SPARES as DEFAULT_FORKSERVER_SPARES;
 pub use multiproc_forkserver::DEFAULT_START_TIMEOUT as DEFAULT_FORKSERVER_START_TIMEOUT;

@@ -584,6 +584,12 @@ impl Channel {
         self.sock.shutdown(std::net::Shutdown::Write)
     }
 
+    /// Shuts both directions of the socket, for every descriptor of it: a read blocked on
+    /// another duplicate returns end-of-file.
+    pub fn shutdown(&self) -> io::Result<()> {
+        self.sock.shutdown(std::net::Shutdown::Both)
+    }
+
     /// Whether the peer has closed its end (as far as reads so far have seen).
     pub fn is_closed(&self) -> bool {
         self.eof
