@@ -27,17 +27,24 @@ fn square(x: u64) -> u64 {
     x * x
 }
 
-fn main() {
+fn main() -> std::process::ExitCode {
     if multiproc::mpi::launched().is_some() {
         victim();
-    } else {
-        driver();
     }
+    let args = libtest_mimic::Arguments::from_args();
+    let trial = libtest_mimic::Trial::test(
+        "an_agent_sigkilled_ends_the_job_in_bounded_time_naming_its_rank_leaving_nothing",
+        || {
+            driver();
+            Ok(())
+        },
+    );
+    libtest_mimic::run(&args, vec![trial]).exit_code()
 }
 
 /// Rank 0: starts a pool on both agents, prints every pid of the job, kills agent rank 1,
 /// and maps until the launcher ends it.
-fn victim() {
+fn victim() -> ! {
     let ctx = Context::new("mpi").expect("the mpi context");
     let pool = ctx.pool().processes(2).chunksize(1).build().expect("a pool");
     let seen = pool.map(lineage, vec![300u64, 300]).expect("lineage");

@@ -1,11 +1,12 @@
 //! `cargo xtask`: the project's automation, so that CI and a developer run the same commands.
 //!
 //! - `test-all-methods`: the workspace's unit tests, then the integration suite once per start
-//!   method, with a method × passed/failed table; non-zero exit if anything failed.
+//!   method (and, where `mpirun` is on the PATH, its pool scenarios as an MPI job of rank 0 and
+//!   two node agents), with a method × passed/failed table; non-zero exit if anything failed.
 //! - `ci`: fmt, clippy `-D warnings`, test-all-methods, docs with warnings denied, every example
 //!   with a timeout, and the benchmarks in quick mode (which checks that they run, not their times).
 //! - `bench [--quick]`: the benchmarks (start-up, forkserver preload memory, pool, large data,
-//!   bound data, pipes), each beside raw-syscall baselines and Python's `multiprocessing`
+//!   bound data, pipes, and with `mpirun` the mpi context), each beside raw-syscall baselines and Python's `multiprocessing`
 //!   measured in the same run; the tables go to `BENCHMARKS.md` (quick mode:
 //!   `target/bench-quick.md`).
 
@@ -15,6 +16,44 @@ use std::time::{Duration, Instant};
 
 /// The start methods the integration suite runs under.
 const METHODS: &[&str] = &["fork", "spawn", "forkserver"];
+
+/// How long one MPI job of the suite may run (`mpirun --timeout`), in seconds.
+const MPI_TIMEOUT_SECS: &str = "600";
+
+/// Whether `mpirun` is on the PATH: then the suite gets its `mpi` column, and the mpi example
+/// runs.
+fn have_mpirun() -> bool {
+    Command::new("mpirun")
+        .arg("--version")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+/// OpenMPI set up as a container on a small machine needs it: root allowed, more ranks than
+/// cores, ranks that yield when idle, TCP kept to loopback. A variable the caller set is left
+/// as it is.
+fn with_mpi_env(mut cmd: Command) -> Command {
+    for (key, value) in [
+        ("OMPI_ALLOW_RUN_AS_ROOT", "1"),
+        ("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1"),
+        ("OMPI_MCA_rmaps_base_oversubscribe", "1"),
+        ("OMPI_MCA_mpi_yield_when_idle", "1"),
+        ("OMPI_MCA_btl_tcp_if_include", "lo"),
+        ("OMPI_MCA_oob_tcp_if_include", "lo"),
+    ] {
+        if std::env::var_os(key).is_none() {
+            cmd.env(key, value);
+        }
+    }
+    cmd
+}
+
+/// A cargo command whose binaries run as MPI jobs (see [`with_mpi_env`]).
+fn mpi_cargo() -> Command {
+    with_mpi_env(cargo())
+}
 
 /// How long one example may run in CI.
 const EXAMPLE_TIMEOUT: Duration = Duration::from_secs(300);
@@ -107,6 +146,21 @@ fn test_all_methods() -> Result<(), String> {
         let what = format!("integration suite under {method}");
         rows.push((method.to_string(), run_counting(suite, &what)?));
     }
+    if have_mpirun() {
+        // The pool scenarios across ranks: cargo runs the suite's binary through mpirun.
+        let mut suite = mpi_cargo();
+        suite.args(["test", "-p", "multiproc-tests", "--features", "mpi", "--test", "suite"]);
+        suite.env("MULTIPROC_START_METHOD", "mpi");
+        let runner = format!("mpirun -n 3 --timeout {MPI_TIMEOUT_SECS}");
+        suite.env("CARGO_TARGET_X86_64_UNKNOWN_LINUX_GNU_RUNNER", runner);
+        rows.push(("mpi".to_owned(), run_counting(suite, "integration suite under mpirun -n 3")?));
+        let mut agent = mpi_cargo();
+        agent.args(["test", "-p", "multiproc-tests", "--features", "mpi", "--test", "mpi_agent"]);
+        let what = "an MPI agent SIGKILLed (mpi_agent)";
+        rows.push(("mpi agent death".to_owned(), run_counting(agent, what)?));
+    } else {
+        eprintln!("xtask: no mpirun on the PATH: the mpi column is left out");
+    }
     let mut harness = cargo();
     harness.args(["test", "-p", "multiproc-tests", "--test", "harness"]);
     let what = "multiproc::test_main! under cargo test";
@@ -161,17 +215,32 @@ fn ci() -> Result<(), String> {
         "warnings",
     ]);
     run(default_features, "cargo clippy of the default features")?;
+    if have_mpirun() {
+        let mut with_mpi = cargo();
+        with_mpi.args(["clippy", "-p", "multiproc-mpi", "-p", "multiproc-tests"]);
+        with_mpi.args(["-p", "multiproc-examples", "--all-targets", "--features"]);
+        with_mpi.args(["multiproc-mpi/mpi,multiproc-tests/mpi,multiproc-examples/mpi"]);
+        with_mpi.args(["--", "-D", "warnings"]);
+        run(with_mpi, "cargo clippy with the mpi feature")?;
+    }
     test_all_methods()?;
     let mut doc = cargo();
     doc.args(["doc", "--workspace", "--no-deps"]).env("RUSTDOCFLAGS", "-D warnings");
+    if have_mpirun() {
+        doc.args(["--features", "multiproc/mpi"]);
+    }
     run(doc, "cargo doc with warnings denied")?;
     run_examples()?;
     bench(true)
 }
 
 fn run_examples() -> Result<(), String> {
+    let mpi = have_mpirun();
     let mut build = cargo();
     build.args(["build", "--release", "-p", "multiproc-examples", "--examples"]);
+    if mpi {
+        build.args(["--features", "mpi"]);
+    }
     run(build, "build the examples")?;
     let mut names: Vec<String> = std::fs::read_dir(root().join("examples"))
         .map_err(|e| format!("examples/: {e}"))?
@@ -183,8 +252,20 @@ fn run_examples() -> Result<(), String> {
     names.sort();
     for name in names {
         let binary = root().join("target/release/examples").join(&name);
+        // The mpi examples run as an MPI job: rank 0 and two node agents.
+        let mut command = if name.starts_with("mpi_") {
+            if !mpi {
+                eprintln!("xtask: example {name} skipped: no mpirun on the PATH");
+                continue;
+            }
+            let mut job = with_mpi_env(Command::new("mpirun"));
+            job.args(["-n", "3", "--timeout", MPI_TIMEOUT_SECS]).arg(&binary);
+            job
+        } else {
+            Command::new(&binary)
+        };
         eprintln!("xtask: example {name}");
-        let mut child = Command::new(&binary).spawn().map_err(|e| format!("{name}: {e}"))?;
+        let mut child = command.spawn().map_err(|e| format!("{name}: {e}"))?;
         let started = Instant::now();
         let status = loop {
             if let Some(status) = child.try_wait().map_err(|e| format!("{name}: {e}"))? {
@@ -213,9 +294,17 @@ const BENCHES: &[&str] =
 fn bench(quick: bool) -> Result<(), String> {
     let partial = root().join("target/bench-report.partial.md");
     let _ = std::fs::remove_file(&partial);
-    for name in BENCHES {
-        let mut cmd = cargo();
-        cmd.args(["bench", "-p", "multiproc-tests", "--bench", name, "--"]);
+    let mpi = have_mpirun();
+    if !mpi {
+        eprintln!("xtask: no mpirun on the PATH: the mpi benchmark is left out");
+    }
+    for name in BENCHES.iter().chain(mpi.then_some(&"mpi")) {
+        let mut cmd = if *name == "mpi" { mpi_cargo() } else { cargo() };
+        cmd.args(["bench", "-p", "multiproc-tests", "--bench", name]);
+        if *name == "mpi" {
+            cmd.args(["--features", "mpi"]);
+        }
+        cmd.arg("--");
         if quick {
             cmd.arg("--quick");
         }
