@@ -34,7 +34,11 @@ fn workloads(pool: &Pool, items: u64, runs: usize, applies: usize) -> (Stats, St
     let imap = measure(runs, || {
         // The pool's default chunk size for imap is 1.
         let stream = pool.imap(identity, inputs.clone());
-        assert_eq!(stream.map(|r| r.expect("imap")).count(), inputs.len());
+        let taken = stream.fold(0, |n, result| {
+            result.expect("imap");
+            n + 1
+        });
+        assert_eq!(taken, inputs.len());
     });
     let apply = measure(applies, || {
         assert_eq!(pool.apply(identity, 7).expect("apply"), 7);
