@@ -1,12 +1,15 @@
 //! The MPI side of a rank: `MPI_Init`, sending one message, and the receive loop that each
 //! rank's router runs.
 //!
-//! MPI has no descriptor to poll, so a router probes (`MPI_Improbe`) in a loop. It stays on the
-//! CPU only while messages keep coming: after a short run of empty probes it yields, then sleeps
-//! for longer and longer (up to [`MAX_NAP`]), and a message brings it back to probing. An idle
-//! rank therefore costs a wake-up per millisecond, not a CPU.
+//! MPI has no descriptor to poll, so a router probes (`MPI_Improbe`) in a loop. While this
+//! rank is busy (it sent or received a message within [`ACTIVE`]), it yields between probes:
+//! an answer is usually on its way, and a yield gives the CPU to any worker that wants it.
+//! Once the rank has been quiet that long it sleeps between probes, for longer and longer (up
+//! to [`MAX_NAP`]), and a message brings it back. An idle rank therefore costs a wake-up per
+//! millisecond, not a CPU.
 
-use std::sync::RwLock;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{OnceLock, RwLock};
 use std::time::{Duration, Instant};
 
 use mpi::point_to_point::{Destination, MatchedReceiveVec, Source};
@@ -15,8 +18,26 @@ use mpi::topology::{Communicator, SimpleCommunicator};
 /// The longest nap between probes of an idle router.
 pub const MAX_NAP: Duration = Duration::from_millis(1);
 
-/// The empty probes a router makes, yielding between them, before it starts to nap.
-const SPINS: u32 = 64;
+/// How long after its last message a rank counts as busy.
+pub const ACTIVE: Duration = Duration::from_millis(5);
+
+/// When this rank last sent or received a message, in nanoseconds since [`epoch`].
+static LAST_MESSAGE: AtomicU64 = AtomicU64::new(0);
+
+fn epoch() -> Instant {
+    static EPOCH: OnceLock<Instant> = OnceLock::new();
+    *EPOCH.get_or_init(Instant::now)
+}
+
+fn note_activity() {
+    let now = epoch().elapsed().as_nanos() as u64;
+    LAST_MESSAGE.fetch_max(now, Ordering::Relaxed);
+}
+
+fn busy() -> bool {
+    let since = epoch().elapsed().as_nanos() as u64 - LAST_MESSAGE.load(Ordering::Relaxed);
+    since < ACTIVE.as_nanos() as u64
+}
 
 /// The largest message MPI can carry here (its count is a C `int`).
 pub const MAX_MESSAGE: usize = i32::MAX as usize;
@@ -68,6 +89,7 @@ pub fn send(rank: i32, tag: i32, bytes: &[u8]) -> Result<(), String> {
     }
     SimpleCommunicator::world().process_at_rank(rank).send_with_tag(bytes, tag);
     drop(open);
+    note_activity();
     Ok(())
 }
 
@@ -101,6 +123,7 @@ impl Prober {
                 if let Some(probed) = world.any_process().immediate_matched_probe() {
                     self.empty = 0;
                     let (bytes, status) = probed.matched_receive_vec::<u8>();
+                    note_activity();
                     let (source, tag) = (status.source_rank(), status.tag());
                     return Some(Received { source, tag, bytes });
                 }
@@ -112,16 +135,15 @@ impl Prober {
         }
     }
 
-    /// Waits a little after an empty probe: a yield at first, then naps that double up to
-    /// [`MAX_NAP`].
+    /// Waits a little after an empty probe: a yield while the rank is busy, else naps that
+    /// double up to [`MAX_NAP`].
     fn idle(&mut self) {
-        self.empty = self.empty.saturating_add(1);
-        if self.empty <= SPINS {
+        if busy() {
+            self.empty = 0;
             std::thread::yield_now();
-        } else {
-            let doublings = (self.empty - SPINS).min(10);
-            let nap = Duration::from_micros(2u64 << doublings).min(MAX_NAP);
-            std::thread::sleep(nap);
+            return;
         }
+        self.empty = self.empty.saturating_add(1).min(10);
+        std::thread::sleep(Duration::from_micros(2u64 << self.empty).min(MAX_NAP));
     }
 }
