@@ -35,7 +35,9 @@ fn note_activity() {
 }
 
 fn busy() -> bool {
-    let since = epoch().elapsed().as_nanos() as u64 - LAST_MESSAGE.load(Ordering::Relaxed);
+    // Another thread may have noted a message after `now` was read.
+    let now = epoch().elapsed().as_nanos() as u64;
+    let since = now.saturating_sub(LAST_MESSAGE.load(Ordering::Relaxed));
     since < ACTIVE.as_nanos() as u64
 }
 

@@ -143,7 +143,14 @@ fn join_job() -> Result<&'static Link> {
     }));
     let router = std::thread::Builder::new()
         .name("multiproc-mpi-router".into())
-        .spawn(move || route(link))
+        .spawn(move || {
+            // Without its router rank 0 would wait forever for its workers: a bug there ends
+            // the process, and with it (MPI's way) the job, rather than hang it.
+            if std::panic::catch_unwind(|| route(link)).is_err() {
+                eprintln!("multiproc: the mpi router of rank 0 panicked; ending the job");
+                std::process::abort();
+            }
+        })
         .map_err(|e| Error::io("starting the mpi router", e))?;
     *link.router.lock().unwrap_or_else(|p| p.into_inner()) = Some(router);
     sys::at_exit(leave_job).map_err(|e| Error::io("atexit", e))?;
