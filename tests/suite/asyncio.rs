@@ -16,6 +16,16 @@ use crate::Scenario;
 use crate::common::{DEADLINE, Gate, ensure, fd_count, gated, join, nap, read_pid, warm_up};
 use crate::pool::{square, with_pool};
 
+/// The scenarios above that use only pools and processes, and so run under the mpi context
+/// too (the others hold pipes, queues and locks: descriptors, which it refuses).
+pub const POOL_AND_PROCESS: &[&str] = &[
+    "async_10000_awaited_results_on_2_threads_use_no_thread_each",
+    "async_a_killed_worker_fails_its_future_as_it_fails_get",
+    "async_a_dropped_future_cancels_its_queued_task",
+    "async_imap_is_a_stream_in_order_and_unordered",
+    "async_a_process_killed_from_another_task_resolves_with_the_signal",
+];
+
 pub const SCENARIOS: &[Scenario] = &[
     ("async_10000_awaited_results_on_2_threads_use_no_thread_each", ten_thousand_awaited),
     ("async_a_killed_worker_fails_its_future_as_it_fails_get", killed_worker_future),

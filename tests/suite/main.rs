@@ -63,6 +63,11 @@ fn main() -> std::process::ExitCode {
         scenarios = pool::SCENARIOS
             .iter()
             .filter(|(name, _)| !pool::NEEDS_DESCRIPTORS.contains(name))
+            .chain(
+                asyncio::SCENARIOS
+                    .iter()
+                    .filter(|(name, _)| asyncio::POOL_AND_PROCESS.contains(name)),
+            )
             .chain(mpi::SCENARIOS)
             .copied()
             .collect();

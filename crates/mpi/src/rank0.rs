@@ -408,10 +408,20 @@ impl ChildHandle for RemoteChild {
     }
 
     fn signal(&self, signal: i32) -> io::Result<()> {
-        if self.ended.status().is_some() {
-            return Ok(());
-        }
-        let message = wire::encode_control(&Control::Signal { id: self.id, signal });
-        link::send(self.rank, TAG_CONTROL, &message).map_err(io::Error::other)
+        signal_remote(self.rank, self.id, &self.ended, signal)
     }
+
+    fn signal_sender(&self) -> io::Result<multiproc_core::process::method::SignalSender> {
+        let (rank, id, ended) = (self.rank, self.id, Arc::clone(&self.ended));
+        Ok(Box::new(move |signal| signal_remote(rank, id, &ended, signal)))
+    }
+}
+
+/// Asks the agent of rank `rank` to signal the child of tunnel `id`, unless it has ended.
+fn signal_remote(rank: i32, id: u64, ended: &EndState, signal: i32) -> io::Result<()> {
+    if ended.status().is_some() {
+        return Ok(());
+    }
+    let message = wire::encode_control(&Control::Signal { id, signal });
+    link::send(rank, TAG_CONTROL, &message).map_err(io::Error::other)
 }

@@ -141,11 +141,16 @@ enum Need {
 
 /// Sends signals to one child from anywhere ([`Process::signaller`]); the child's pidfd makes
 /// it safe against pid reuse, and a child that has ended is not an error.
-#[derive(Debug)]
 pub struct Signaller {
     pid: u32,
-    pidfd: std::os::fd::OwnedFd,
+    send: crate::process::method::SignalSender,
     signalled: Arc<AtomicBool>,
+}
+
+impl std::fmt::Debug for Signaller {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Signaller").field("pid", &self.pid).finish_non_exhaustive()
+    }
 }
 
 impl Signaller {
@@ -167,9 +172,8 @@ impl Signaller {
     /// Sends `signal`; its `Process` then reports an end by it as asked for, like one by
     /// [`Process::signal`].
     pub fn signal(&self, signal: i32) -> Result<()> {
-        use std::os::fd::AsFd;
         self.signalled.store(true, Ordering::Relaxed);
-        crate::process::method::signal_unless_ended(self.pidfd.as_fd(), None, signal)
+        (self.send)(signal)
             .map_err(|e| Error::io(format!("signal {signal} to process {}", self.pid), e))
     }
 }
@@ -321,12 +325,11 @@ impl<R: Portable> Process<R> {
     /// this one awaits `join_async`, with the `tokio` feature), through a duplicate of its pidfd: it
     /// can never signal another process that reused the pid.
     pub fn signaller(&self) -> Result<Signaller> {
-        let pidfd = self
+        let send = self
             .handle()
-            .pidfd()
-            .try_clone_to_owned()
-            .map_err(|e| Error::io(format!("dup of the pidfd of {}", self.label()), e))?;
-        Ok(Signaller { pid: self.pid(), pidfd, signalled: Arc::clone(&self.signalled) })
+            .signal_sender()
+            .map_err(|e| Error::io(format!("a signaller for {}", self.label()), e))?;
+        Ok(Signaller { pid: self.pid(), send, signalled: Arc::clone(&self.signalled) })
     }
 
     /// [`join`](Self::join) as a future: waits for the child's result and its end through the

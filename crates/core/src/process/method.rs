@@ -132,7 +132,19 @@ pub trait ChildHandle: Send + fmt::Debug {
     fn wait_deadline(&mut self, deadline: Option<Instant>) -> io::Result<Option<ExitStatus>> {
         poll_until_ended(self, deadline)
     }
+
+    /// A way to signal the child from any thread, apart from this handle
+    /// ([`Process::signaller`](crate::Process::signaller)). By default a duplicate of its
+    /// pidfd; a child on another machine (`mpi`) is signalled through whoever runs it there.
+    fn signal_sender(&self) -> io::Result<SignalSender> {
+        let pidfd = self.pidfd().try_clone_to_owned()?;
+        Ok(Box::new(move |signal| signal_unless_ended(pidfd.as_fd(), None, signal)))
+    }
 }
+
+/// Sends a signal to one child, from any thread ([`ChildHandle::signal_sender`]); a child that
+/// has ended is not an error.
+pub type SignalSender = Box<dyn Fn(i32) -> io::Result<()> + Send + Sync>;
 
 /// [`ChildHandle::wait_deadline`] by polling the child's sentinel between tries to reap it.
 fn poll_until_ended<C: ChildHandle + ?Sized>(
