@@ -18,6 +18,7 @@ use crate::pool::{square, with_pool};
 
 /// The scenarios above that use only pools and processes, and so run under the mpi context
 /// too (the others hold pipes, queues and locks: descriptors, which it refuses).
+#[cfg_attr(not(feature = "mpi"), allow(dead_code))]
 pub const POOL_AND_PROCESS: &[&str] = &[
     "async_10000_awaited_results_on_2_threads_use_no_thread_each",
     "async_a_killed_worker_fails_its_future_as_it_fails_get",

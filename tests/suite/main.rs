@@ -15,6 +15,7 @@ mod hardening;
 mod introspect;
 mod ipc;
 mod lifecycle;
+#[cfg(feature = "mpi")]
 mod mpi;
 mod pool;
 mod protocol;
@@ -57,6 +58,8 @@ fn main() -> std::process::ExitCode {
     if method == "forkserver" {
         scenarios.extend_from_slice(forkserver::SCENARIOS);
     }
+    // (Without the feature, `Context::from_env` above refuses "mpi".)
+    #[cfg(feature = "mpi")]
     if method == "mpi" {
         // Under mpirun: the pool scenarios, but those whose values hold descriptors (which
         // the mpi context refuses, as its own scenarios check), and the mpi context's own.

@@ -14,7 +14,10 @@ use crate::pool::{square, with_pool};
 pub const SCENARIOS: &[Scenario] = &[
     ("mpi_workers_run_under_the_agents_spread_over_them", placement),
     ("mpi_values_holding_descriptors_are_refused_at_submission", descriptors_refused),
-    ("mpi_a_large_initializer_vector_reaches_every_worker_and_replacement", large_state),
+    (
+        "mpi_a_large_initializer_vector_reaches_every_worker_and_replacement_once_per_node",
+        large_state,
+    ),
     ("mpi_a_process_runs_under_an_agent", process),
 ];
 
@@ -102,6 +105,8 @@ fn large_state(ctx: &Context) -> Result<(), Failed> {
     // travels to each worker, and to each replacement.
     let len = 1_000_000usize;
     let values: Vec<u64> = (0..len as u64).map(|v| v * 7).collect();
+    let job = multiproc::mpi::Mpi::new()?;
+    let sent_before = job.sent_bytes();
     with_pool(
         ctx,
         || {
@@ -117,7 +122,14 @@ fn large_state(ctx: &Context) -> Result<(), Failed> {
                 })?;
             }
             let workers: HashSet<u32> = seen.iter().map(|(_, _, pid)| *pid).collect();
-            ensure(workers.len() >= 4, || format!("only {} workers ran tasks", workers.len()))
+            ensure(workers.len() >= 4, || format!("only {} workers ran tasks", workers.len()))?;
+            // Shipped once per node (two agents), not once per worker: the others were
+            // sent a reference.
+            let sent = job.sent_bytes() - sent_before;
+            let encoded = (len * 8) as u64;
+            ensure(sent < 3 * encoded, || {
+                format!("{sent} bytes sent for {} workers of a {encoded}-byte state", workers.len())
+            })
         },
     )
 }

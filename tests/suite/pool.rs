@@ -54,6 +54,7 @@ pub const SCENARIOS: &[Scenario] = &[
 
 /// The scenarios above whose values hold descriptors (shared memory, queues), which the mpi
 /// context refuses at submission (its own scenarios check that): left out of its column.
+#[cfg_attr(not(feature = "mpi"), allow(dead_code))]
 pub const NEEDS_DESCRIPTORS: &[&str] = &[
     "pool_large_initializer_arguments_reach_every_worker_and_replacement",
     "pool_held_back_results_do_not_wait_for_a_slow_batch",

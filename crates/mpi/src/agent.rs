@@ -16,6 +16,7 @@ use multiproc_core::process::method::signal_unless_ended;
 use multiproc_core::transport::channel::Channel;
 use multiproc_core::{ExitStatus, Payload, StartMethod, StartRequest, sys};
 
+use crate::cache;
 use crate::link::{self, Prober};
 use crate::tunnel::{self, Inbound};
 use crate::wire::{self, Control, Ended, TAG_CONTROL, TAG_FRAME};
@@ -54,14 +55,20 @@ pub fn run() -> ! {
     }
     let children: Arc<Mutex<HashMap<u64, Child>>> = Arc::default();
     let mut prober = Prober::default();
+    let mut store = cache::Store::default();
     loop {
         let Some(message) = prober.next(None) else { continue };
         if message.source != 0 {
             tracing::warn!(rank, source = message.source, "a message from a rank that is not 0");
             continue;
         }
-        if message.tag == TAG_FRAME {
-            match wire::decode_frame(&message.bytes) {
+        if [TAG_FRAME, cache::TAG_KEEP, cache::TAG_REF].contains(&message.tag) {
+            let frame = if message.tag == TAG_FRAME {
+                wire::decode_frame(&message.bytes)
+            } else {
+                store.receive(message.tag, &message.bytes)
+            };
+            match frame {
                 Ok(frame) => {
                     let children = children.lock().unwrap_or_else(|p| p.into_inner());
                     if let Some(child) = children.get(&frame.id) {
@@ -122,7 +129,7 @@ fn spawn_child(id: u64, children: &Arc<Mutex<HashMap<u64, Child>>>) -> Result<u3
     // Registered before the tunnel runs, so that the first frame from rank 0 finds it.
     let mut table = children.lock().unwrap_or_else(|p| p.into_inner());
     let ended = Arc::clone(children);
-    let (queue, reader) = tunnel::open(id, ours.into_fd(), 0, move || {
+    let (queue, reader) = tunnel::open(id, ours.into_fd(), 0, tunnel::send_whole, move || {
         // The child closed its channel: it ended, or is about to. Its status follows its last
         // frame, which the reader has sent.
         let status = child.wait_deadline(None).ok().flatten();

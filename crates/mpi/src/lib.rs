@@ -23,6 +23,8 @@
 #[cfg(feature = "mpi")]
 mod agent;
 #[cfg(feature = "mpi")]
+mod cache;
+#[cfg(feature = "mpi")]
 mod link;
 #[cfg(feature = "mpi")]
 mod rank0;

@@ -13,6 +13,7 @@ use multiproc_core::{
     ChildHandle, Error, ErrorKind, ExitStatus, Payload, Result, StartMethod, StartRequest, sys,
 };
 
+use crate::cache;
 use crate::link::{self, Prober};
 use crate::tunnel::{self, Inbound};
 use crate::wire::{self, Control, Ended, TAG_CONTROL, TAG_FRAME};
@@ -280,6 +281,12 @@ impl Mpi {
         Ok(Mpi)
     }
 
+    /// How many bytes of tunnelled frames this rank has sent its agents so far (a payload sent
+    /// again as a reference counts at the reference's size): what shipping a pool's work cost.
+    pub fn sent_bytes(&self) -> u64 {
+        cache::sent_bytes()
+    }
+
     /// The job's node agents.
     pub fn agents(&self) -> Vec<AgentInfo> {
         let Ok(link) = link() else { return Vec::new() };
@@ -342,11 +349,13 @@ impl StartMethod for Mpi {
             .get_or_insert_default()
             .insert(id, Arc::clone(&ended));
         let rank = agent.rank;
-        let (queue, reader) = tunnel::open(id, request.channel, rank, move || {
-            // The engine closed its end: the child reads end-of-file.
-            let _ = link::send(rank, TAG_CONTROL, &wire::encode_control(&Control::Close { id }));
-        })
-        .map_err(|e| Error::io("starting a tunnel's threads", e))?;
+        let (queue, reader) =
+            tunnel::open(id, request.channel, rank, cache::send_frame, move || {
+                // The engine closed its end: the child reads end-of-file.
+                let _ =
+                    link::send(rank, TAG_CONTROL, &wire::encode_control(&Control::Close { id }));
+            })
+            .map_err(|e| Error::io("starting a tunnel's threads", e))?;
         link.tunnels
             .lock()
             .unwrap_or_else(|p| p.into_inner())

@@ -12,8 +12,15 @@ use std::thread;
 
 use multiproc_core::transport::channel::{Channel, FrameError};
 
-use crate::link;
-use crate::wire::{self, TAG_FRAME, TunnelFrame};
+use crate::wire::TunnelFrame;
+
+/// How a tunnel's reader sends one frame (body, blocks) of tunnel `id` to rank `peer`.
+pub type SendFrame = fn(peer: i32, id: u64, body: &[u8], blocks: &[&[u8]]) -> Result<(), String>;
+
+/// Sends a frame as it is (an agent's side).
+pub fn send_whole(peer: i32, id: u64, body: &[u8], blocks: &[&[u8]]) -> Result<(), String> {
+    crate::link::send(peer, crate::wire::TAG_FRAME, &crate::wire::encode_frame(id, body, blocks))
+}
 
 /// What a tunnel's writer does next, in order.
 pub enum Inbound {
@@ -31,6 +38,7 @@ pub struct Reader {
     id: u64,
     socket: OwnedFd,
     peer: i32,
+    send: SendFrame,
     at_end: Box<dyn FnOnce() + Send>,
     /// Where the reader's thread is left for the writer, which waits for it at the end.
     handle: Arc<Mutex<Option<thread::JoinHandle<()>>>>,
@@ -42,12 +50,12 @@ impl Reader {
     /// tunnel before its first frame) says it before this: the messages of one rank to another
     /// arrive in the order they were sent.
     pub fn start(self) -> std::io::Result<()> {
-        let Reader { id, socket, peer, at_end, handle } = self;
+        let Reader { id, socket, peer, send, at_end, handle } = self;
         let mut slot = handle.lock().unwrap_or_else(|p| p.into_inner());
         *slot =
             Some(thread::Builder::new().name(format!("mpi-tunnel-{id}-out")).spawn(move || {
                 let mut channel = Channel::from_fd(socket);
-                read_loop(id, &mut channel, peer);
+                read_loop(id, &mut channel, peer, send);
                 // Closed before anyone hears of the end, so that a caller counting its
                 // descriptors after the child's end finds this one gone.
                 drop(channel);
@@ -57,19 +65,22 @@ impl Reader {
     }
 }
 
-/// Opens tunnel `id` over `socket`, whose frames go to rank `peer`: starts its writer, and
+/// Opens tunnel `id` over `socket`, whose frames go to rank `peer` (each through `send`): starts
+/// its writer, and
 /// returns the writer's queue and the reader, to be started ([`Reader::start`]). `at_end` runs
 /// on the reader once the local end closed (it reads end-of-file or an error).
 pub fn open(
     id: u64,
     socket: OwnedFd,
     peer: i32,
+    send: SendFrame,
     at_end: impl FnOnce() + Send + 'static,
 ) -> std::io::Result<(mpsc::Sender<Inbound>, Reader)> {
     let write_half = socket.try_clone()?;
     let (queue, inbound) = mpsc::channel::<Inbound>();
     let handle: Arc<Mutex<Option<thread::JoinHandle<()>>>> = Arc::default();
-    let reader = Reader { id, socket, peer, at_end: Box::new(at_end), handle: Arc::clone(&handle) };
+    let at_end = Box::new(at_end);
+    let reader = Reader { id, socket, peer, send, at_end, handle: Arc::clone(&handle) };
     thread::Builder::new().name(format!("mpi-tunnel-{id}-in")).spawn(move || {
         let mut channel = Some(Channel::from_fd(write_half));
         for next in inbound {
@@ -109,7 +120,7 @@ pub fn open(
 }
 
 /// Sends every frame read from `channel` to `peer`, until end-of-file.
-fn read_loop(id: u64, channel: &mut Channel, peer: i32) {
+fn read_loop(id: u64, channel: &mut Channel, peer: i32, send: SendFrame) {
     loop {
         match channel.recv(None, None) {
             Ok(frame) => {
@@ -123,8 +134,7 @@ fn read_loop(id: u64, channel: &mut Channel, peer: i32) {
                     );
                 }
                 let blocks: Vec<&[u8]> = frame.blocks.iter().map(|b| b.as_slice()).collect();
-                let bytes = wire::encode_frame(id, &frame.body, &blocks);
-                if let Err(e) = link::send(peer, TAG_FRAME, &bytes) {
+                if let Err(e) = send(peer, id, &frame.body, &blocks) {
                     tracing::error!(id, "tunnel to rank {peer}: {e}");
                     return;
                 }
