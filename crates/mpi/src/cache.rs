@@ -59,8 +59,11 @@ impl<V: Clone> Kept<V> {
     }
 }
 
-/// Rank 0's mirror of what each agent keeps (the payloads' lengths; the agent has the bytes).
-static SHIPPED: Mutex<Option<HashMap<i32, Arc<Mutex<Kept<()>>>>>> = Mutex::new(None);
+/// Rank 0's mirror of what one agent keeps (the payloads' keys; the agent has the bytes).
+type Mirror = Arc<Mutex<Kept<()>>>;
+
+/// Each agent's [`Mirror`], by rank.
+static SHIPPED: Mutex<Option<HashMap<i32, Mirror>>> = Mutex::new(None);
 
 /// Bytes rank 0 has sent as tunnelled frames, references counted at their size.
 static SENT_BYTES: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
