@@ -2,6 +2,8 @@
 //! surviving it), and that must happen within a bounded time, with `mpirun` naming the rank,
 //! and leave nothing behind: no process of the job, no `/tmp/ompi.*` folder.
 //!
+//! Beside it: outside an MPI job, `Context::new("mpi")` fails and says how to launch.
+//!
 //! Run as a plain test (`cargo test --features mpi --test mpi_agent`), it launches itself under
 //! `mpirun -n 3`; there, rank 0 runs the victim side.
 
@@ -32,14 +34,24 @@ fn main() -> std::process::ExitCode {
         victim();
     }
     let args = libtest_mimic::Arguments::from_args();
-    let trial = libtest_mimic::Trial::test(
-        "an_agent_sigkilled_ends_the_job_in_bounded_time_naming_its_rank_leaving_nothing",
-        || {
-            driver();
+    let trials = vec![
+        libtest_mimic::Trial::test(
+            "an_agent_sigkilled_ends_the_job_in_bounded_time_naming_its_rank_leaving_nothing",
+            || {
+                driver();
+                Ok(())
+            },
+        ),
+        libtest_mimic::Trial::test("without_a_launcher_the_mpi_context_says_how_to_launch", || {
+            let error = Context::new("mpi").expect_err("no MPI job here");
+            let text = error.to_string();
+            if error.kind() != multiproc::ErrorKind::StartFailed || !text.contains("mpirun -n 3") {
+                return Err(format!("{:?}: {text}", error.kind()).into());
+            }
             Ok(())
-        },
-    );
-    libtest_mimic::run(&args, vec![trial]).exit_code()
+        }),
+    ];
+    libtest_mimic::run(&args, trials).exit_code()
 }
 
 /// Rank 0: starts a pool on both agents, prints every pid of the job, kills agent rank 1,
