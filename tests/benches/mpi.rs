@@ -12,7 +12,7 @@ mod common;
 use std::process::Command;
 use std::time::Duration;
 
-use common::{Stats, Table, Target, Value, measure};
+use common::{Stats, Table, Target, Value, measure, numbers};
 use multiproc::{Context, Pool, task};
 
 /// The trivial task.
@@ -50,48 +50,13 @@ fn sizes() -> (u64, usize, usize) {
     if common::quick() { (2_000, 2, 20) } else { (100_000, 5, 2_000) }
 }
 
-/// `mpirun -n 3` with OpenMPI set up for a container on a small machine (as `cargo xtask`
-/// sets it, where unset).
+/// `mpirun -n 3`, with a time limit. OpenMPI's settings for a container on a small machine
+/// (root, oversubscription, yielding ranks, loopback) come from the environment: `cargo xtask
+/// bench` and `.ci/run` set them.
 fn mpirun() -> Command {
     let mut job = Command::new("mpirun");
-    for (key, value) in [
-        ("OMPI_ALLOW_RUN_AS_ROOT", "1"),
-        ("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1"),
-        ("OMPI_MCA_rmaps_base_oversubscribe", "1"),
-        ("OMPI_MCA_mpi_yield_when_idle", "1"),
-        ("OMPI_MCA_btl_tcp_if_include", "lo"),
-        ("OMPI_MCA_oob_tcp_if_include", "lo"),
-    ] {
-        if std::env::var_os(key).is_none() {
-            job.env(key, value);
-        }
-    }
     job.args(["-n", "3", "--timeout", "600"]);
     job
-}
-
-/// The `name value` lines of a finished command's output.
-fn numbers(mut command: Command, what: &str) -> Option<std::collections::HashMap<String, f64>> {
-    let output = match command.output() {
-        Ok(output) => output,
-        Err(e) => {
-            eprintln!("{what}: {e}");
-            return None;
-        }
-    };
-    if !output.status.success() {
-        eprintln!("{what} failed: {}", String::from_utf8_lossy(&output.stderr));
-        return None;
-    }
-    Some(
-        String::from_utf8_lossy(&output.stdout)
-            .lines()
-            .filter_map(|line| {
-                let (name, value) = line.split_once(' ')?;
-                Some((name.to_owned(), value.trim().parse().ok()?))
-            })
-            .collect(),
-    )
 }
 
 fn main() -> multiproc::Result<()> {

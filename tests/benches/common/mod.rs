@@ -356,15 +356,24 @@ pub fn python_placed(
     if let Some(cpus) = across {
         command.env(PYTHON_CPUS_ENV, cpus);
     }
+    numbers(command, &format!("python3 {script}"))
+}
+
+/// The `name value` lines that `command` printed, or `None` (said on stderr) if it could not
+/// run or failed: how the Python baselines, and the benchmarks that run as MPI jobs, report.
+pub fn numbers(
+    mut command: std::process::Command,
+    what: &str,
+) -> Option<std::collections::HashMap<String, f64>> {
     let output = match command.output() {
         Ok(output) => output,
         Err(e) => {
-            eprintln!("python3 not available ({e}): Python columns are skipped");
+            eprintln!("{what} not available ({e}): its columns are skipped");
             return None;
         }
     };
     if !output.status.success() {
-        eprintln!("python3 {script} failed: {}", String::from_utf8_lossy(&output.stderr));
+        eprintln!("{what} failed: {}", String::from_utf8_lossy(&output.stderr));
         return None;
     }
     Some(
