@@ -24,6 +24,11 @@ const EXIT_AT_ONCE: &str = "MULTIPROC_BENCH_EXIT_AT_ONCE";
 /// Processes started together in the burst workload.
 const BURST: usize = 64;
 
+/// A raw fork, its child's `_exit`, and the wait for it.
+fn raw_fork_join() {
+    raw_fork().wait_deadline(None).expect("wait");
+}
+
 fn raw_fork() -> DirectChild {
     match sys::fork_single_threaded(&[], 0) {
         Ok(Forked::Child) => sys::exit_immediately(0),
@@ -163,9 +168,7 @@ fn main() {
         format!("{:.0} + {:.0}", per(before.children, after.children), per(before.own, after.own))
     };
     let ours = faults(&|| start_join(&fork));
-    let theirs = faults(&|| {
-        raw_fork().wait_deadline(None).expect("wait");
-    });
+    let theirs = faults(&raw_fork_join);
     table.row(
         "minor page faults per start → join, child + parent, vs raw fork+_exit+waitid",
         "fork",
@@ -195,9 +198,7 @@ fn main() {
     let without = after_pause(&|| start_join(&forkserver));
     multiproc::set_forkserver_spares(multiproc::DEFAULT_FORKSERVER_SPARES).expect("spares");
     let with = after_pause(&|| start_join(&forkserver));
-    let raw = after_pause(&|| {
-        raw_fork().wait_deadline(None).expect("wait");
-    });
+    let raw = after_pause(&raw_fork_join);
     table.row(
         "start → join after a 5 ms pause, with spares vs without",
         "forkserver",

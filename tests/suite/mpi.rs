@@ -8,7 +8,7 @@ use libtest_mimic::Failed;
 use multiproc::{Context, ErrorKind, SharedMemory, task};
 
 use crate::Scenario;
-use crate::common::{ensure, join};
+use crate::common::{DEADLINE, ensure, join};
 use crate::pool::{square, with_pool};
 
 pub const SCENARIOS: &[Scenario] = &[
@@ -19,6 +19,7 @@ pub const SCENARIOS: &[Scenario] = &[
         large_state,
     ),
     ("mpi_a_process_runs_under_an_agent", process),
+    ("mpi_a_worker_that_writes_garbage_into_its_channel_fails_its_item", garbage_frame),
 ];
 
 /// This worker's pid and its parent's (its node's agent).
@@ -139,4 +140,37 @@ fn process(ctx: &Context) -> Result<(), Failed> {
     ensure(parent != std::process::id() && pid != std::process::id(), || {
         format!("the process {pid} ran under {parent}, rank 0 is {}", std::process::id())
     })
+}
+
+/// Writes a frame header that claims more than any frame may hold into this worker's own
+/// channel (fd 3 in a spawned child, where every mpi worker is), then waits.
+#[task]
+fn scribble() -> u64 {
+    use std::io::Write;
+    let channel = multiproc_core::sys::adopt_inherited_socket(3).expect("the worker's channel");
+    let mut stream = std::os::unix::net::UnixStream::from(channel);
+    let _ = stream.write_all(&[0xff; 16]);
+    // The descriptor is the worker's channel's: not ours to close.
+    std::mem::forget(stream);
+    std::thread::sleep(DEADLINE);
+    0
+}
+
+/// The agent reads the garbage, not rank 0: it must still end the worker, so that the item
+/// fails (in a local pool the engine kills such a worker) instead of waiting forever.
+fn garbage_frame(ctx: &Context) -> Result<(), Failed> {
+    with_pool(
+        ctx,
+        || ctx.pool().processes(1).build(),
+        |pool| {
+            let mut pending = pool.apply_async(scribble, ())?;
+            let error = match pending.get_timeout(DEADLINE / 2) {
+                Ok(None) => return Err("the item neither returned nor failed".into()),
+                Ok(Some(value)) => return Err(format!("returned {value}").into()),
+                Err(error) => error,
+            };
+            ensure(error.kind() == ErrorKind::ChildExited, || format!("{error:?}"))?;
+            ensure(pool.apply(square, 9)? == 81, || "the pool after".into())
+        },
+    )
 }

@@ -25,6 +25,9 @@ use crate::wire::{self, Control, Ended, TAG_CONTROL, TAG_FRAME};
 /// nonsense).
 pub const EXIT_AGENT_FAILED: i32 = 121;
 
+/// How long a child may live on after its channel closed before the agent kills it.
+const AFTER_EOF: Duration = Duration::from_secs(10);
+
 /// A child this agent started.
 struct Child {
     /// Its pidfd (a duplicate; the tunnel's reader holds the handle that reaps it).
@@ -129,10 +132,19 @@ fn spawn_child(id: u64, children: &Arc<Mutex<HashMap<u64, Child>>>) -> Result<u3
     // Registered before the tunnel runs, so that the first frame from rank 0 finds it.
     let mut table = children.lock().unwrap_or_else(|p| p.into_inner());
     let ended = Arc::clone(children);
-    let (queue, reader) = tunnel::open(id, ours.into_fd(), 0, tunnel::send_whole, move || {
-        // The child closed its channel: it ended, or is about to. Its status follows its last
-        // frame, which the reader has sent.
-        let status = child.wait_deadline(None).ok().flatten();
+    let (queue, reader) = tunnel::open(id, ours.into_fd(), 0, tunnel::send_whole, move |garbled| {
+        // The child closed its channel: it ended, or is about to (its status follows its last
+        // frame, which the reader has sent). A child whose channel carried garbage, or whose
+        // frames could not go on, is killed, as a local pool's engine would: rank 0 never saw
+        // what it wrote. One that outlives its channel by `AFTER_EOF` is killed too.
+        if garbled {
+            let _ = child.signal(libc::SIGKILL);
+        }
+        let mut status = child.wait_deadline(Some(Instant::now() + AFTER_EOF)).ok().flatten();
+        if status.is_none() {
+            let _ = child.signal(libc::SIGKILL);
+            status = child.wait_deadline(None).ok().flatten();
+        }
         ended.lock().unwrap_or_else(|p| p.into_inner()).remove(&id);
         let how = match status {
             Some(ExitStatus::Exited(code)) => Ended::Exited(code),

@@ -57,6 +57,8 @@ struct Remote {
     agent: usize,
     /// The writer of the local end (which the engine reads).
     queue: mpsc::Sender<Inbound>,
+    /// Where its end is recorded (shared with its `RemoteChild`).
+    ended: Arc<EndState>,
 }
 
 /// Rank 0's side of the job: the agents, the tunnels, the router thread.
@@ -154,6 +156,7 @@ fn join_job() -> Result<&'static Link> {
         })
         .map_err(|e| Error::io("starting the mpi router", e))?;
     *link.router.lock().unwrap_or_else(|p| p.into_inner()) = Some(router);
+    let _ = LINK_FOR_EXIT.set(link);
     sys::at_exit(leave_job).map_err(|e| Error::io("atexit", e))?;
     tracing::debug!(agents = link.agents.len(), "joined the MPI job");
     Ok(link)
@@ -192,17 +195,9 @@ fn route(link: &'static Link) {
                         Ended::Signaled(signal) => ExitStatus::Signaled(signal),
                         Ended::Unknown => ExitStatus::Unknown,
                     };
-                    let ended = ENDED
-                        .lock()
-                        .unwrap_or_else(|p| p.into_inner())
-                        .as_mut()
-                        .and_then(|ended| ended.remove(&id));
                     // After the frames before it are in the local socket.
-                    let _ = remote.queue.send(Inbound::Then(Box::new(move || {
-                        if let Some(ended) = ended {
-                            ended.end(status);
-                        }
-                    })));
+                    let ended = remote.ended;
+                    let _ = remote.queue.send(Inbound::Then(Box::new(move || ended.end(status))));
                 }
             }
             Ok(other) => tracing::warn!(rank = message.source, "an agent sent {other:?}"),
@@ -216,9 +211,6 @@ fn answer(link: &Link, id: u64, result: std::result::Result<u32, String>) {
         let _ = waiter.send(result);
     }
 }
-
-/// The ends of the remote children not yet reported, by tunnel.
-static ENDED: Mutex<Option<HashMap<u64, Arc<EndState>>>> = Mutex::new(None);
 
 /// Where a remote child's end is recorded, and the pipe that wakes whoever polls for it.
 struct EndState {
@@ -276,8 +268,7 @@ impl Mpi {
     /// an error that says how to launch when this process is not rank 0 of a job with at least
     /// one agent.
     pub fn new() -> Result<Mpi> {
-        let link = link()?;
-        let _ = LINK_FOR_EXIT.set(link);
+        link()?;
         Ok(Mpi)
     }
 
@@ -343,14 +334,9 @@ impl StartMethod for Mpi {
         let ended = Arc::new(EndState::new(bell_write));
         let (answer_to, answer) = mpsc::channel();
         link.pending.lock().unwrap_or_else(|p| p.into_inner()).insert(id, answer_to);
-        ENDED
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .get_or_insert_default()
-            .insert(id, Arc::clone(&ended));
         let rank = agent.rank;
         let (queue, reader) =
-            tunnel::open(id, request.channel, rank, cache::send_frame, move || {
+            tunnel::open(id, request.channel, rank, cache::send_frame, move |_| {
                 // The engine closed its end: the child reads end-of-file.
                 let _ =
                     link::send(rank, TAG_CONTROL, &wire::encode_control(&Control::Close { id }));
@@ -359,7 +345,7 @@ impl StartMethod for Mpi {
         link.tunnels
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .insert(id, Remote { agent: index, queue });
+            .insert(id, Remote { agent: index, queue, ended: Arc::clone(&ended) });
         agent.children.fetch_add(1, Ordering::SeqCst);
         // The agent learns of the tunnel before its first frame (the `Start` the engine wrote
         // into the channel already): the reader starts after the request.

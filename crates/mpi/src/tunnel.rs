@@ -39,7 +39,7 @@ pub struct Reader {
     socket: OwnedFd,
     peer: i32,
     send: SendFrame,
-    at_end: Box<dyn FnOnce() + Send>,
+    at_end: Box<dyn FnOnce(bool) + Send>,
     /// Where the reader's thread is left for the writer, which waits for it at the end.
     handle: Arc<Mutex<Option<thread::JoinHandle<()>>>>,
 }
@@ -55,11 +55,11 @@ impl Reader {
         *slot =
             Some(thread::Builder::new().name(format!("mpi-tunnel-{id}-out")).spawn(move || {
                 let mut channel = Channel::from_fd(socket);
-                read_loop(id, &mut channel, peer, send);
+                let garbled = !read_loop(id, &mut channel, peer, send);
                 // Closed before anyone hears of the end, so that a caller counting its
                 // descriptors after the child's end finds this one gone.
                 drop(channel);
-                at_end();
+                at_end(garbled);
             })?);
         Ok(())
     }
@@ -68,13 +68,14 @@ impl Reader {
 /// Opens tunnel `id` over `socket`, whose frames go to rank `peer` (each through `send`): starts
 /// its writer, and
 /// returns the writer's queue and the reader, to be started ([`Reader::start`]). `at_end` runs
-/// on the reader once the local end closed (it reads end-of-file or an error).
+/// on the reader once it stops: at end-of-file, or (told `true`) when the local end wrote
+/// bytes that are not frames, or a frame could not be sent on.
 pub fn open(
     id: u64,
     socket: OwnedFd,
     peer: i32,
     send: SendFrame,
-    at_end: impl FnOnce() + Send + 'static,
+    at_end: impl FnOnce(bool) + Send + 'static,
 ) -> std::io::Result<(mpsc::Sender<Inbound>, Reader)> {
     let write_half = socket.try_clone()?;
     let (queue, inbound) = mpsc::channel::<Inbound>();
@@ -119,8 +120,9 @@ pub fn open(
     Ok((queue, reader))
 }
 
-/// Sends every frame read from `channel` to `peer`, until end-of-file.
-fn read_loop(id: u64, channel: &mut Channel, peer: i32, send: SendFrame) {
+/// Sends every frame read from `channel` to `peer`: true at end-of-file, false when the
+/// channel or the send failed.
+fn read_loop(id: u64, channel: &mut Channel, peer: i32, send: SendFrame) -> bool {
     loop {
         match channel.recv(None, None) {
             Ok(frame) => {
@@ -136,13 +138,13 @@ fn read_loop(id: u64, channel: &mut Channel, peer: i32, send: SendFrame) {
                 let blocks: Vec<&[u8]> = frame.blocks.iter().map(|b| b.as_slice()).collect();
                 if let Err(e) = send(peer, id, &frame.body, &blocks) {
                     tracing::error!(id, "tunnel to rank {peer}: {e}");
-                    return;
+                    return false;
                 }
             }
-            Err(FrameError::Disconnected) => return,
+            Err(FrameError::Disconnected) => return true,
             Err(e) => {
                 tracing::error!(id, "tunnel: a bad frame from the local end: {e}");
-                return;
+                return false;
             }
         }
     }
