@@ -195,9 +195,9 @@ fn main() -> Result<(), multiproc::Error> {
          before any worker can decode it, and the baseline writes nothing: that write is what \
          stands between the initializer row and 1.1×. Measured apart (80 MB, this VM): encoding \
          it 37-49 ms, of which one pwrite into a memfd 28-32 ms, the fastest way found (mapping \
-         and copying 51 ms, two threads copying halves 34 ms, malloc and memcpy into fresh \
-         memory 34-44 ms; shared memory has no huge pages here). Only workers decoding behind the \
-         writer, or not copying (the sealed slice row), avoid it.",
+         and copying 51-54 ms, two threads copying halves 34-52 ms, malloc and memcpy into \
+         fresh memory 34-44 ms; shared memory has no huge pages here). Only workers decoding \
+         behind the writer, or not copying (the sealed slice row), avoid it.",
     );
     table.note("The forkserver's preload is built once per server (before this table), so its row has nothing left to build or ship.");
     table.finish();
