@@ -165,6 +165,10 @@ fn test_all_methods() -> Result<(), String> {
     harness.args(["test", "-p", "multiproc-tests", "--test", "harness"]);
     let what = "multiproc::test_main! under cargo test";
     rows.push(("test_main!".to_owned(), run_counting(harness, what)?));
+    let mut allocations = cargo();
+    allocations.args(["test", "-p", "multiproc-tests", "--test", "fork_allocations"]);
+    let what = "a fork child allocates nothing before its task";
+    rows.push(("fork child allocations".to_owned(), run_counting(allocations, what)?));
     // Each test its own process, as nextest runs them: what a test assumes of the tests
     // before it shows up here.
     for method in METHODS {

@@ -74,10 +74,10 @@ pub(super) enum Outcome {
 
 /// Entry point of a child that gets its task over the channel (spawn, forkserver).
 pub fn serve(channel: Channel) -> ! {
-    with_start(channel, |channel, start, args, fds, blocks| {
-        if let Some(setup) = &start.worker {
-            prepare(&start, &channel);
-            let initializer = setup.initializer.clone();
+    with_start(channel, |channel, mut start, args, fds, blocks| {
+        if let Some(setup) = start.worker.take() {
+            prepare(&mut start, &channel);
+            let initializer = setup.initializer;
             let in_memory = setup.args_in_memory;
             worker::run(channel, setup.ring, move || match initializer {
                 Some(name) => {
@@ -108,12 +108,12 @@ pub fn serve_template_worker(
     channel: Channel,
     make_state: impl FnOnce() -> Result<registry::State, CallError>,
 ) -> ! {
-    with_start(channel, |channel, start, _, _, _| {
+    with_start(channel, |channel, mut start, _, _, _| {
         if start.worker.is_none() {
             let why = "a pool template's child was sent a task, not a worker's setup".to_owned();
             finish(&channel, Outcome::Failed(FailReason::Protocol, why));
         }
-        prepare(&start, &channel);
+        prepare(&mut start, &channel);
         let ring = start.worker.as_ref().is_some_and(|setup| setup.ring);
         worker::run(channel, ring, || make_state().map_err(|e| (call_failure(&e), e.to_string())))
     })
@@ -172,7 +172,7 @@ fn set_up(start: &Start, fds: Vec<OwnedFd>, channel: &Channel) {
 /// Runs a task sent by name with its arguments, and ends the process.
 fn run_sent(
     channel: Channel,
-    start: Start,
+    mut start: Start,
     args: &[u8],
     fds: Vec<OwnedFd>,
     blocks: Vec<Vec<u8>>,
@@ -181,7 +181,7 @@ fn run_sent(
         Ok(entry) => entry,
         Err(e) => finish(&channel, Outcome::Failed(lookup_failure(&e), e.to_string())),
     };
-    prepare(&start, &channel);
+    prepare(&mut start, &channel);
     let outcome =
         run_guarded(&start, || codec::with_attachments(fds, blocks, || (entry.run)(&(), args)));
     finish(&channel, outcome)
@@ -198,7 +198,7 @@ pub(super) fn lookup_failure(error: &crate::Error) -> FailReason {
 /// Entry point of a forked child whose task and arguments are already in memory (fork).
 pub fn run_moved(
     channel: Channel,
-    start: Start,
+    mut start: Start,
     setup_fds: Vec<OwnedFd>,
     call: impl FnOnce() -> Result<Vec<u8>, CallError>,
 ) -> ! {
@@ -206,7 +206,7 @@ pub fn run_moved(
     // hello (see `serve`); a daemon follows its parent from `prepare` on.
     say_hello_or_exit(&channel);
     set_up(&start, setup_fds, &channel);
-    prepare(&start, &channel);
+    prepare(&mut start, &channel);
     let outcome = run_guarded(&start, call);
     finish(&channel, outcome)
 }
@@ -253,7 +253,7 @@ fn check_handshake(start: &Start) -> Option<Outcome> {
 
 /// Adopts the parent's settings: log level, panic capture, and (for a daemon) the watch that
 /// ends the child when its parent goes away.
-fn prepare(start: &Start, channel: &Channel) {
+fn prepare(start: &mut Start, channel: &Channel) {
     crate::runtime::identity::adopt(start);
     crate::runtime::log::adopt(start.log.as_deref());
     install_panic_hook();
@@ -281,7 +281,13 @@ fn watch_parent(channel: &Channel) {
 }
 
 fn run_guarded(start: &Start, call: impl FnOnce() -> Result<Vec<u8>, CallError>) -> Outcome {
-    let span = tracing::debug_span!("child", pid = std::process::id(), name = %start.name);
+    // The name moved to this process's identity (see `prepare`); the span reads it back only
+    // when it is enabled.
+    let span = tracing::debug_span!(
+        "child",
+        pid = std::process::id(),
+        name = %crate::runtime::identity::current_process().name
+    );
     let _entered = span.enter();
     tracing::debug!(task = %start.task, "running task");
     match codec::collecting(|| catch_panic(call)) {

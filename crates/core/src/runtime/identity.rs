@@ -40,11 +40,12 @@ fn identity() -> std::sync::RwLockReadGuard<'static, Option<Identity>> {
     IDENTITY.read().unwrap_or_else(|p| p.into_inner())
 }
 
-/// Takes this child's identity from its `Start`.
-pub(crate) fn adopt(start: &Start) {
+/// Takes this child's identity from its `Start`, moving its name and start method out (they
+/// are left empty there): a forked child allocates nothing for them.
+pub(crate) fn adopt(start: &mut Start) {
     *IDENTITY.write().unwrap_or_else(|p| p.into_inner()) = Some(Identity {
-        name: start.name.clone(),
-        start_method: start.method.clone(),
+        name: std::mem::take(&mut start.name),
+        start_method: std::mem::take(&mut start.method),
         daemon: start.daemon,
         parent: start.parent_pid,
     });

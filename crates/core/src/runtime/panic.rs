@@ -11,6 +11,10 @@ use std::thread::{self, ThreadId};
 use crate::error::RemotePanic;
 
 static TASK_THREAD: OnceLock<ThreadId> = OnceLock::new();
+/// A panic hook, as `std::panic::take_hook` returns it.
+type Hook = Box<dyn Fn(&panic::PanicHookInfo<'_>) + Sync + Send>;
+/// The hook [`install_panic_hook`] found, which ours calls after recording.
+static PREVIOUS_HOOK: OnceLock<Hook> = OnceLock::new();
 static LAST_PANIC: Mutex<Option<RemotePanic>> = Mutex::new(None);
 
 /// Records the panics of the calling thread (message, location, backtrace) for
@@ -20,8 +24,11 @@ pub fn install_panic_hook() {
     if TASK_THREAD.set(thread::current().id()).is_err() {
         return;
     }
-    let previous = panic::take_hook();
-    panic::set_hook(Box::new(move |info| {
+    // Our hook captures nothing and the one it replaces is kept in a static: installing it
+    // allocates nothing (a forked child's every allocation touches pages it shares with its
+    // parent, each a copy-on-write fault).
+    let _ = PREVIOUS_HOOK.set(panic::take_hook());
+    panic::set_hook(Box::new(|info| {
         if TASK_THREAD.get() == Some(&thread::current().id()) {
             let panic = RemotePanic {
                 message: payload_message(info.payload()),
@@ -34,7 +41,9 @@ pub fn install_panic_hook() {
                 slot.get_or_insert(panic);
             }
         }
-        previous(info);
+        if let Some(previous) = PREVIOUS_HOOK.get() {
+            previous(info);
+        }
     }));
 }
 

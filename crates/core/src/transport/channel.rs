@@ -24,6 +24,8 @@ use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::os::unix::net::UnixStream;
 use std::time::Instant;
 
+use smallvec::SmallVec;
+
 use crate::sys::{self, POLLIN, POLLOUT, PollFd};
 use crate::transport::codec::Block;
 
@@ -386,7 +388,8 @@ impl Channel {
         deadline: Option<Instant>,
         abort: Option<BorrowedFd<'_>>,
     ) -> Result<(), (usize, FrameError)> {
-        let heads: Vec<([u8; HEADER_LEN], Vec<u8>)> = frames.iter().map(OutFrame::head).collect();
+        let heads: SmallVec<[([u8; HEADER_LEN], Vec<u8>); 2]> =
+            frames.iter().map(OutFrame::head).collect();
         let mut start = 0;
         while start < frames.len() {
             let end =
@@ -810,9 +813,9 @@ impl Pending {
 fn frame_parts<'a>(
     frames: &[OutFrame<'a>],
     heads: &'a [([u8; HEADER_LEN], Vec<u8>)],
-) -> Vec<&'a [u8]> {
+) -> SmallVec<[&'a [u8]; 8]> {
     let count = |f: &OutFrame<'_>| 2 + f.body.len() + f.blocks.len();
-    let mut parts: Vec<&[u8]> = Vec::with_capacity(frames.iter().map(count).sum());
+    let mut parts: SmallVec<[&[u8]; 8]> = SmallVec::with_capacity(frames.iter().map(count).sum());
     for (frame, (header, table)) in frames.iter().zip(heads) {
         assert!(frame.blocks.len() <= MAX_BLOCKS, "the encoder never collects more blocks");
         parts.push(header);
@@ -824,8 +827,8 @@ fn frame_parts<'a>(
     parts
 }
 
-fn remaining_slices<'a>(parts: &[&'a [u8]], mut skip: usize) -> Vec<IoSlice<'a>> {
-    let mut out = Vec::with_capacity(parts.len().min(MAX_IOVECS));
+fn remaining_slices<'a>(parts: &[&'a [u8]], mut skip: usize) -> SmallVec<[IoSlice<'a>; 8]> {
+    let mut out = SmallVec::with_capacity(parts.len().min(MAX_IOVECS));
     for part in parts {
         if out.len() == MAX_IOVECS {
             break;

@@ -200,14 +200,16 @@ pub fn send<M: Serialize>(
     channel.send(&[&head, payload], fds, blocks, deadline, abort).map_err(SendError::Frame)
 }
 
+/// A frame's control message, as [`head`] encodes it: on the stack unless it is long (a `Start`
+/// with a long name), so that most sends allocate nothing.
+pub type Head = smallvec::SmallVec<[u8; 64]>;
+
 /// The start of a frame's body that carries `message`: its length, then its encoding; the
 /// payload follows it ([`send`] for one frame, or as one of several
 /// [`OutFrame`](crate::transport::channel::OutFrame)s).
-pub fn head<M: Serialize>(message: &M) -> Result<Vec<u8>, SendError> {
-    // One allocation that fits any control message, not a zeroed one grown twice.
-    let mut head = Vec::with_capacity(64);
-    head.extend_from_slice(&[0; 4]);
-    codec::encode_into(message, &mut head).map_err(SendError::Encode)?;
+pub fn head<M: Serialize>(message: &M) -> Result<Head, SendError> {
+    let mut head = Head::from_slice(&[0; 4]);
+    codec::encode_into_small(message, &mut head).map_err(SendError::Encode)?;
     let len = u32::try_from(head.len() - 4).expect("a control message is small");
     head[..4].copy_from_slice(&len.to_le_bytes());
     Ok(head)

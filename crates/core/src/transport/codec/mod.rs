@@ -288,6 +288,27 @@ pub fn encode_into<T: Serialize + ?Sized>(value: &T, out: &mut Vec<u8>) -> Resul
         .map_err(|e| CodecError(format!("cannot encode {}: {e}", std::any::type_name::<T>())))
 }
 
+/// Appends the encoding of `value` to `out`, a buffer that holds a small message on the stack.
+pub fn encode_into_small<T: Serialize + ?Sized, A: smallvec::Array<Item = u8>>(
+    value: &T,
+    out: &mut smallvec::SmallVec<A>,
+) -> Result<(), CodecError> {
+    value
+        .serialize(&mut ser::Encoder::new(SmallSink(out)))
+        .map_err(|e| CodecError(format!("cannot encode {}: {e}", std::any::type_name::<T>())))
+}
+
+/// The writer of [`encode_into_small`].
+struct SmallSink<'a, A: smallvec::Array<Item = u8>>(&'a mut smallvec::SmallVec<A>);
+
+impl<A: smallvec::Array<Item = u8>> bincode::enc::write::Writer for SmallSink<'_, A> {
+    #[inline]
+    fn write(&mut self, bytes: &[u8]) -> Result<(), bincode::error::EncodeError> {
+        self.0.extend_from_slice(bytes);
+        Ok(())
+    }
+}
+
 /// The writer of [`fds_in`]: the bytes go nowhere.
 struct Discard;
 
@@ -297,6 +318,9 @@ impl bincode::enc::write::Writer for Discard {
         Ok(())
     }
 }
+
+/// What [`Sink`] makes room for when it first grows.
+const SMALL_VALUE: usize = 32;
 
 /// The writer of [`encode_into`]: appends to a vector which, once it must grow past a few
 /// megabytes, moves to a [`sys::large_buffer`](crate::sys::large_buffer) (huge pages) instead of
@@ -318,7 +342,9 @@ impl Sink<'_> {
     fn grow(out: &mut Vec<u8>, more: usize) {
         let needed = out.len() + more;
         if needed < 4 << 20 {
-            out.reserve(more);
+            // A first write makes room for a small value at once: most are, and growing from
+            // nothing one field at a time reallocates twice.
+            out.reserve(more.max(SMALL_VALUE.saturating_sub(out.len())));
             return;
         }
         let mut bigger = crate::sys::large_buffer(needed.max(2 * out.capacity()));
@@ -415,8 +441,10 @@ pub fn encode_spilling<T: Serialize + ?Sized>(
 
 /// The encoding of `value`.
 pub fn encode<T: Serialize + ?Sized>(value: &T) -> Result<Vec<u8>, CodecError> {
-    // Room for a small value at once: most are, and growing from nothing reallocates twice.
-    let mut out = Vec::with_capacity(32);
+    // Nothing allocated before the first byte (the encoding of `()` has none): a task run in a
+    // freshly forked child that returns nothing allocates nothing, where every page the
+    // allocator touches would be a copy-on-write fault.
+    let mut out = Vec::new();
     encode_into(value, &mut out)?;
     Ok(out)
 }
