@@ -447,7 +447,7 @@ impl Worker {
         match message {
             ToParent::Hello { version, fingerprint, .. } if !self.hello => {
                 self.hello = true;
-                if let Some(error) = check_hello(&self.label, version, fingerprint) {
+                if let Some(error) = check_hello(|| self.label.clone(), version, fingerprint) {
                     self.kill(error);
                 }
             }

@@ -448,13 +448,14 @@ impl<R: Portable> Process<R> {
     }
 
     fn on_frame(&mut self, frame: Frame) {
-        let label = self.label();
+        // The label is made only for an error: a well-behaved child's frames cost no
+        // formatting.
         let message = match wire::decode::<ToParent>(&frame) {
             Ok((message, payload)) => (message, frame.body.len() - payload.len()),
             Err(e) => {
                 self.broken = Some(Error::new(
                     ErrorKind::Protocol,
-                    format!("{label} sent a message that did not decode: {e}"),
+                    format!("{} sent a message that did not decode: {e}", self.label()),
                 ));
                 self.reading = false;
                 return;
@@ -463,7 +464,7 @@ impl<R: Portable> Process<R> {
         match message {
             (ToParent::Hello { version, fingerprint: theirs, .. }, _) if !self.hello => {
                 self.hello = true;
-                if let Some(error) = check_hello(&label, version, theirs) {
+                if let Some(error) = check_hello(|| self.label(), version, theirs) {
                     self.broken = Some(error);
                     self.reading = false;
                 }
@@ -483,7 +484,7 @@ impl<R: Portable> Process<R> {
             (other, _) => {
                 self.broken = Some(Error::new(
                     ErrorKind::Protocol,
-                    format!("{label} sent {other:?} out of order"),
+                    format!("{} sent {other:?} out of order", self.label()),
                 ));
                 self.reading = false;
             }
@@ -491,12 +492,13 @@ impl<R: Portable> Process<R> {
     }
 
     fn take_result(&mut self) -> Result<R> {
-        let label = self.label();
+        // The label and the status's text are made only for an error: a result that decodes
+        // costs no formatting.
         let status = self.status;
         if self.result_taken {
             return Err(Error::new(
                 ErrorKind::ResultTaken,
-                format!("the result of {label} was already taken"),
+                format!("the result of {} was already taken", self.label()),
             ));
         }
         self.result_taken = true;
@@ -504,6 +506,7 @@ impl<R: Portable> Process<R> {
             return Err(error.with_exit_status(status));
         }
         if let Some(cut) = self.cut_short.take() {
+            let label = self.label();
             return Err(match status {
                 // Killed, or crashed, in the middle of sending its result.
                 Some(status) if !status.success() => {
@@ -513,7 +516,6 @@ impl<R: Portable> Process<R> {
                     .with_exit_status(status),
             });
         }
-        let status_text = status.map_or_else(|| "still running".to_owned(), |s| s.to_string());
         match self.reply.take() {
             Some(Reply::Returned(frame, offset)) => {
                 let Frame { body, fds, blocks } = frame;
@@ -521,32 +523,36 @@ impl<R: Portable> Process<R> {
                 codec::with_attachments(fds, blocks, decode).map_err(|e| {
                     Error::new(
                         ErrorKind::Decode,
-                        format!("{label} returned bytes that did not decode: {e}"),
+                        format!("{} returned bytes that did not decode: {e}", self.label()),
                     )
                     .with_exit_status(status)
                 })
             }
             Some(Reply::Panicked(panic)) => {
-                Err(Error::child(label, ChildFailure::Panicked(panic), status))
+                Err(Error::child(self.label(), ChildFailure::Panicked(panic), status))
             }
             Some(Reply::Failed(reason, message)) => Err(Error::new(
                 fail_kind(reason),
-                format!("{label} could not run its task: {message}"),
+                format!("{} could not run its task: {message}", self.label()),
             )
             .with_exit_status(status)),
             // A child we signalled ourselves ended as asked, even if it had not said hello yet.
-            None if !self.hello && !self.ended_by_our_signal() => Err(Error::new(
-                ErrorKind::StartFailed,
-                format!("{label} ended before the handshake: {status_text}"),
-            )
-            .with_exit_status(status)),
+            None if !self.hello && !self.ended_by_our_signal() => {
+                let status_text =
+                    status.map_or_else(|| "still running".to_owned(), |s| s.to_string());
+                Err(Error::new(
+                    ErrorKind::StartFailed,
+                    format!("{} ended before the handshake: {status_text}", self.label()),
+                )
+                .with_exit_status(status))
+            }
             None => match status {
                 Some(status) => {
-                    Err(Error::child(label, ChildFailure::Exited(status), Some(status)))
+                    Err(Error::child(self.label(), ChildFailure::Exited(status), Some(status)))
                 }
                 None => Err(Error::new(
                     ErrorKind::Protocol,
-                    format!("{label} closed its channel without a result"),
+                    format!("{} closed its channel without a result", self.label()),
                 )),
             },
         }

@@ -89,16 +89,19 @@ pub(crate) fn launch(
     {
         sent_args = None;
     }
+    // Allocated before the fork: after it, every page this process writes is a copy-on-write
+    // fault while the child lives.
+    let mut info = ProcessInfo {
+        name: name.clone(),
+        pid: 0,
+        start_method: Some(start.method.clone()),
+        daemon: start.daemon,
+    };
     let request =
         StartRequest { channel: child_end.into_fd(), parent_end: parent_end.as_fd(), payload };
     let child = method.start(request)?;
     let pid = child.pid();
-    let info = ProcessInfo {
-        name: name.clone(),
-        pid,
-        start_method: Some(start.method.clone()),
-        daemon: start.daemon,
-    };
+    info.pid = pid;
     let active = crate::process::active::record(info);
     tracing::debug!(pid, name = %name, method = method.name(), task = %start.task, "process started");
     if let Some((args, attachments)) = sent_args {
@@ -154,8 +157,13 @@ fn with_setup_fds<'a>(
 }
 
 /// The parent's side of the handshake: `None` if the child's `Hello` matches us.
-pub(crate) fn check_hello(label: &str, version: u32, theirs: u64) -> Option<Error> {
+pub(crate) fn check_hello(
+    label: impl FnOnce() -> String,
+    version: u32,
+    theirs: u64,
+) -> Option<Error> {
     (version != PROTOCOL_VERSION || theirs != fingerprint()).then(|| {
+        let label = label();
         Error::new(
             ErrorKind::StartFailed,
             format!(

@@ -198,7 +198,9 @@ struct Partial {
     start: u64,
     /// Header and block table, for reporting a truncation.
     header_len: usize,
-    parts: Vec<Part>,
+    /// The body, then each block: held inline, without an allocation, for a frame of at most
+    /// one block.
+    parts: SmallVec<[Part; 2]>,
     /// The first part not yet complete.
     current: usize,
 }
