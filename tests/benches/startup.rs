@@ -252,12 +252,29 @@ fn main() {
          sees.",
     );
     table.note(
+        "Where a start through spares goes (measured apart, 5 ms between starts): `start()` is \
+         most of it (230-250 µs of 250-270 µs here; `join` then finds the result waiting), \
+         which is the request waking the server, the server waking the spare and answering. \
+         Mapping a spare's pages while it waits (13 faults after the handoff down to 1) moved \
+         nothing measurable. What stands between these rows and 1×: the hops through the \
+         server, on the start and for the exit status. A client holding the spares' handoff \
+         sockets itself, with spares forked by the server as the client's own children \
+         (CLONE_PARENT), would leave one hop; that design is not built.",
+    );
+    table.note(
         "Page faults are what a fork start costs beyond a raw fork: every page either process \
-         writes after the fork is a copy-on-write fault, which costs about 2-3 µs on this VM \
-         (a raw fork whose child writes 22 pages and whose parent writes 9 took 60-85 µs \
-         longer, the whole gap between the two). Ours come from the allocator (about 8 in the \
-         child), the runtime's statics, the stack, and code pages the child enters (fork does \
-         not copy the page tables of file mappings, so each code page faults once).",
+         writes after the fork is a copy-on-write fault, about 2-3 µs each on this VM (a raw \
+         fork whose child writes 22 pages and whose parent writes 9 took 60-85 µs longer, the \
+         whole gap between the two), and so is the child's first entry into each 64 KiB of \
+         code (fork copies no page tables of file mappings). The child's runtime allocates \
+         nothing before its task (tests/fork_allocations.rs; it made 7 allocations, and 30 \
+         faults per start, before this round, 24 after); what remains is mostly code, about 10 \
+         faults in this binary and 3 in libc, beside glibc's fork, the stack and the runtime's \
+         statics. Mapping the code ahead does not pay: MADV_POPULATE_READ over this binary's \
+         text in the child made start → join slower (107 → 112 µs on one CPU; with libc's \
+         text too, 120 → 155 µs): mapping the pages is the cost, not taking the traps. The \
+         parent's count is the pages it writes per start: 15 allocations per start → join \
+         (21 before this round), on as many pages as the heap's churn spread them over.",
     );
     table.note(
         "The raw posix_spawn baseline runs this benchmark's own binary, which exits in main, with \
