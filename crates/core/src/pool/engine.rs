@@ -40,6 +40,7 @@ use crate::sys::{self, POLLIN, PollFd};
 use crate::transport::channel::{Channel, Frame, FrameError, OutFrame};
 use crate::transport::codec::Attachments;
 use crate::transport::ring::Ring;
+use crate::transport::spin::{self, Spin};
 use crate::transport::wire::{self, ToParent, ToWorker, WorkerSetup};
 
 use super::slot::Slot;
@@ -574,6 +575,10 @@ pub(crate) struct Engine {
     /// Callers asleep on the condition while another drives: without any, waking them is
     /// skipped (a futex syscall on every turn of the driver, measured, for nobody).
     sleepers: usize,
+    /// Whether a caller driving the pool polls its workers a moment before it sleeps in poll
+    /// (see `transport::spin`): a worker that answers within microseconds is then heard
+    /// without a wake-up.
+    spin: Spin,
 }
 
 impl Engine {
@@ -837,6 +842,7 @@ impl Shared {
             thread_waits: false,
             stopping: false,
             sleepers: 0,
+            spin: Spin::default(),
         };
         let shared = Arc::new(Shared {
             config,
@@ -1060,12 +1066,28 @@ impl Shared {
                 (Some(a), Some(b)) => Some(a.min(b)),
                 (a, b) => a.or(b),
             };
+            let mut state = std::mem::take(&mut engine.spin);
             drop(engine);
             let mut set = self.poll_set(&watched, true);
-            let _ = sys::poll(&mut set, wake_at);
+            let spins = state.now();
+            let started = Instant::now();
+            let look = |set: &mut [PollFd<'_>]| {
+                Ok::<_, std::convert::Infallible>(
+                    (sys::poll(set, Some(Instant::now())).unwrap_or(0) > 0).then_some(()),
+                )
+            };
+            let heard = spins
+                && matches!(spin::spin_for(&mut state, started, || look(&mut set)), Ok(Some(())));
+            if !heard {
+                let _ = sys::poll(&mut set, wake_at);
+                if spins {
+                    state.waited(started.elapsed());
+                }
+            }
             let ready = self.poll_result(&set, &watched, true);
             drop(set);
             engine = self.lock();
+            engine.spin = state;
             self.wake_pending.store(false, SeqCst);
             self.service(&mut engine, &ready);
             self.give_back_turn(&mut engine);
