@@ -168,7 +168,7 @@ fn test_all_methods() -> Result<(), String> {
     let mut allocations = cargo();
     allocations.args(["test", "-p", "multiproc-tests", "--test", "fork_allocations"]);
     let what = "a fork child allocates nothing before its task";
-    rows.push(("fork child allocations".to_owned(), run_counting(allocations, what)?));
+    rows.push(("fork allocations".to_owned(), run_counting(allocations, what)?));
     // Each test its own process, as nextest runs them: what a test assumes of the tests
     // before it shows up here.
     for method in METHODS {
