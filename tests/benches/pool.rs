@@ -139,11 +139,13 @@ fn main() -> Result<(), multiproc::Error> {
     }
     table.note("Python ÷ multiproc is Python's time over ours: above 1, multiproc is faster.");
     table.note(
-        "A worker waiting for its next task and a caller waiting for its result both spin \
-         before they sleep (10 µs at first, yielding the CPU between tries; see the pipe table): \
-         across CPUs, an apply round trip went from 82 µs to 26 µs with the worker spinning, \
-         and to 6-9 µs with the caller spinning too, where the raw ping-pong, which sleeps, \
-         takes 58-70 µs on this VM.",
+        "A caller waiting for its result (and the progress thread, when it drives) polls the \
+         workers for a moment before it sleeps (10 µs at first, yielding the CPU between \
+         tries; see the pipe table); a worker waiting for its next task sleeps at once. \
+         Across CPUs an apply round trip went from 82 µs to 28-31 µs with the caller spinning; \
+         with the worker spinning too it was 6-9 µs, but 100,000 apply_async awaited at once \
+         fell from 700-780 k to 560-580 k items/s, the workers' spins taking the CPU the \
+         parent fed them from.",
     );
     table.note(
         "\"On two CPUs\": the workers (ours, Python's) and the raw echo process run on one CPU, \

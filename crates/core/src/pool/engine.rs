@@ -1069,21 +1069,7 @@ impl Shared {
             let mut state = std::mem::take(&mut engine.spin);
             drop(engine);
             let mut set = self.poll_set(&watched, true);
-            let spins = state.now();
-            let started = Instant::now();
-            let look = |set: &mut [PollFd<'_>]| {
-                Ok::<_, std::convert::Infallible>(
-                    (sys::poll(set, Some(Instant::now())).unwrap_or(0) > 0).then_some(()),
-                )
-            };
-            let heard = spins
-                && matches!(spin::spin_for(&mut state, started, || look(&mut set)), Ok(Some(())));
-            if !heard {
-                let _ = sys::poll(&mut set, wake_at);
-                if spins {
-                    state.waited(started.elapsed());
-                }
-            }
+            spin_then_poll(&mut state, &mut set, wake_at);
             let ready = self.poll_result(&set, &watched, true);
             drop(set);
             engine = self.lock();
@@ -1190,14 +1176,16 @@ impl Shared {
             }
             let watched = engine.watched();
             let wake_at = engine.next_deadline(self.config.task_timeout);
+            let mut state = std::mem::take(&mut engine.spin);
             drop(engine);
             woken.drain(..).for_each(Waker::wake);
             // Prepared before, read after: nothing between allocates or takes a lock.
             let mut set = self.poll_set(&watched, true);
-            let _ = me.idle(|| sys::poll(&mut set, wake_at));
+            me.idle(|| spin_then_poll(&mut state, &mut set, wake_at));
             ready = self.poll_result(&set, &watched, true);
             drop(set);
             engine = self.lock();
+            engine.spin = state;
             self.wake_pending.store(false, SeqCst);
         }
         // What came in meanwhile is queued before the turn is given back.
@@ -1353,6 +1341,26 @@ impl Shared {
         if engine.driving {
             self.wake_driver();
         }
+    }
+}
+
+/// Polls `set` without blocking for as long as `spin` allows (see `transport::spin`), then, if
+/// nothing was ready, blocks until `wake_at`. Allocates nothing and takes no lock: the progress
+/// thread runs it as idle.
+fn spin_then_poll(spin: &mut Spin, set: &mut [PollFd<'_>], wake_at: Option<Instant>) {
+    let spins = spin.now();
+    let started = Instant::now();
+    let mut look = || {
+        Ok::<_, std::convert::Infallible>(
+            (sys::poll(set, Some(Instant::now())).unwrap_or(0) > 0).then_some(()),
+        )
+    };
+    if spins && matches!(spin::spin_for(spin, started, &mut look), Ok(Some(()))) {
+        return;
+    }
+    let _ = sys::poll(set, wake_at);
+    if spins {
+        spin.waited(started.elapsed());
     }
 }
 

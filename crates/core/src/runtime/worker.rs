@@ -40,6 +40,8 @@ pub(super) fn run(
         sys::exit_immediately(EXIT_FAILED);
     }
     drop(ring_fd);
+    // Waits for the next task sleep at once (see `Channel::set_spins`).
+    channel.set_spins(false);
     let mut out = Vec::new();
     let mut held = 0;
     loop {

@@ -13,8 +13,8 @@ use std::time::{Duration, Instant};
 /// the peer runs on another CPU, the whole of a round trip there. Two ends that both spin find
 /// each other's frames without sleeping: a ping-pong between two CPUs went from 71-77 µs to
 /// 4.3-4.5 µs (the raw socket's, which sleeps, stayed at 69-73 µs); a pool `apply` round trip
-/// went from 82 µs to 26 µs with its worker spinning, and to 6-9 µs with the caller's wait
-/// spinning too. Each try yields, so on one CPU the other end runs meanwhile: there the
+/// from 82 µs to 28-31 µs with the caller's wait spinning (its worker does not: see
+/// `Channel::set_spins`). Each try yields, so on one CPU the other end runs meanwhile: there the
 /// ping-pong went from 1.18× the raw socket's to 1.08×.
 pub(crate) const SPIN_MIN_US: u32 = 10;
 
