@@ -575,9 +575,9 @@ pub(crate) struct Engine {
     /// Callers asleep on the condition while another drives: without any, waking them is
     /// skipped (a futex syscall on every turn of the driver, measured, for nobody).
     sleepers: usize,
-    /// Whether a caller driving the pool polls its workers a moment before it sleeps in poll
-    /// (see `transport::spin`): a worker that answers within microseconds is then heard
-    /// without a wake-up.
+    /// Whether whoever drives the pool (a caller or the progress thread) polls its workers a
+    /// moment before it sleeps in poll (see `transport::spin`): a worker that answers within
+    /// microseconds is then heard without a wake-up. Taken out while the driver polls.
     spin: Spin,
 }
 
