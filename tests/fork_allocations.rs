@@ -67,7 +67,10 @@ fn a_fork_child_allocates_nothing_before_its_task() -> multiproc::Result<()> {
     MAIN_PID.store(std::process::id(), Relaxed);
     let ctx = Context::new("fork")?;
     for child in 0..3 {
-        let allocations = ctx.process(allocations_before_the_task, ()).start()?.join()?;
+        let mut process = ctx.process(allocations_before_the_task, ()).start()?;
+        let allocations = process
+            .join_timeout(std::time::Duration::from_secs(30))?
+            .unwrap_or_else(|| panic!("child {child} still running after 30 s"));
         assert_eq!(allocations, 0, "child {child} allocated before its task");
     }
     Ok(())

@@ -527,7 +527,7 @@ impl Channel {
     /// With neither a deadline nor an abort descriptor, a receive that finds nothing first tries
     /// again for a few microseconds, yielding the CPU between tries, before it sleeps: a peer
     /// that answers quickly is then heard without a wake-up. A peer slow to answer turns that
-    /// off for a while (see `SLOW_PEER`).
+    /// off for a while (see `transport::spin`).
     ///
     /// A frame that had fully arrived before `abort` fired is still returned: a child that sends
     /// its result and exits at once loses nothing.

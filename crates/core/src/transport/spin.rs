@@ -1,8 +1,8 @@
 //! Spinning before sleeping: a wait that may get its answer within microseconds tries for it a
 //! little, yielding the CPU between tries, before it sleeps in the kernel, and stops trying for
 //! a while when answers are slow. A channel's receive
-//! ([`Channel::recv`](crate::transport::channel::Channel::recv)) and a pool caller's wait for
-//! its workers use it.
+//! ([`Channel::recv`](crate::transport::channel::Channel::recv)) and whoever drives a pool,
+//! waiting for its workers, use it.
 
 use std::time::{Duration, Instant};
 
@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 /// from 82 µs to 28-31 µs with the caller's wait spinning (its worker does not: see
 /// `Channel::set_spins`). Each try yields, so on one CPU the other end runs meanwhile: there the
 /// ping-pong went from 1.18× the raw socket's to 1.08×.
-pub(crate) const SPIN_MIN_US: u32 = 10;
+const SPIN_MIN_US: u32 = 10;
 
 /// The longest a spin grows to while the peer keeps answering within [`SLOW_PEER`].
 ///
@@ -25,25 +25,24 @@ pub(crate) const SPIN_MIN_US: u32 = 10;
 /// a spin fixed at 5 µs never caught it, one fixed at 10 µs in some runs only (by a lucky
 /// quick wake-up), and a spin that grows to 50 µs does. Once both spin, each spin ends within
 /// microseconds, when the frame is there.
-pub(crate) const SPIN_MAX_US: u32 = 50;
+const SPIN_MAX_US: u32 = 50;
 
 /// A wait longer than this, from the start of a spin that found nothing to the frame, says the
 /// peer is slow to answer: a spin would rarely find its frames, and costs its whole length. A
 /// quicker peer is worth spinning for even when a spin missed: it answered late because it
 /// was asleep itself, and two ends find each other spinning only if both keep trying (with a
 /// back-off after every miss, the ping-pong above never did).
-pub(crate) const SLOW_PEER: Duration = Duration::from_micros(250);
+const SLOW_PEER: Duration = Duration::from_micros(250);
 
 /// Waits on a slow peer, in a row, before receives stop spinning for a while.
-pub(crate) const MISSES_BEFORE_BACKOFF: u32 = 8;
+const MISSES_BEFORE_BACKOFF: u32 = 8;
 
 /// Receives that sleep at once after [`MISSES_BEFORE_BACKOFF`] slow waits; doubled at each
 /// further run of them, up to 64 times as many, and reset by a wait that was not slow.
-pub(crate) const BACKOFF_RECEIVES: u32 = 64;
+const BACKOFF_RECEIVES: u32 = 64;
 
-/// Whether a receive should spin before it sleeps, and for how long (see [`SPIN_MIN_US`]): it
-/// does, unless its recent
-/// waits were long ([`SLOW_PEER`]).
+/// Whether a wait should spin before it sleeps, and for how long (see [`SPIN_MIN_US`]): it
+/// does, unless its recent waits were long ([`SLOW_PEER`]).
 #[derive(Debug)]
 pub(crate) struct Spin {
     /// How long the next spin may last, in µs: [`SPIN_MIN_US`] at first.

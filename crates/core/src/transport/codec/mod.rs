@@ -283,9 +283,7 @@ fn config() -> bincode::config::Configuration {
 
 /// Appends the encoding of `value` to `out`.
 pub fn encode_into<T: Serialize + ?Sized>(value: &T, out: &mut Vec<u8>) -> Result<(), CodecError> {
-    value
-        .serialize(&mut ser::Encoder::new(Sink(out)))
-        .map_err(|e| CodecError(format!("cannot encode {}: {e}", std::any::type_name::<T>())))
+    encode_with(value, Sink(out))
 }
 
 /// Appends the encoding of `value` to `out`, a buffer that holds a small message on the stack.
@@ -293,8 +291,16 @@ pub fn encode_into_small<T: Serialize + ?Sized, A: smallvec::Array<Item = u8>>(
     value: &T,
     out: &mut smallvec::SmallVec<A>,
 ) -> Result<(), CodecError> {
+    encode_with(value, SmallSink(out))
+}
+
+/// Encodes `value` into `writer`.
+fn encode_with<T: Serialize + ?Sized, W: bincode::enc::write::Writer>(
+    value: &T,
+    writer: W,
+) -> Result<(), CodecError> {
     value
-        .serialize(&mut ser::Encoder::new(SmallSink(out)))
+        .serialize(&mut ser::Encoder::new(writer))
         .map_err(|e| CodecError(format!("cannot encode {}: {e}", std::any::type_name::<T>())))
 }
 
