@@ -27,6 +27,10 @@ pub const SCENARIOS: &[Scenario] = &[
         "pool_large_initializer_arguments_reach_every_worker_and_replacement",
         large_initializer_arguments,
     ),
+    (
+        "pool_large_initializer_arguments_that_encode_differently_fail_build_and_leave_nothing",
+        fickle_initializer_arguments,
+    ),
     ("pool_imap_consumes_an_endless_input_lazily", imap_lazy),
     ("pool_imap_unordered_yields_every_result", imap_unordered),
     ("pool_apply_async_get_timeout_ready_wait", apply_async),
@@ -580,6 +584,96 @@ fn exit_and_undecodable(ctx: &Context) -> Result<(), Failed> {
             ensure(pool.pids().len() == 2, || format!("workers {:?}", pool.pids()))
         },
     )
+}
+
+/// What [`Fickle`] does when it is encoded a third time.
+#[derive(Clone, Copy, PartialEq, Debug)]
+enum Change {
+    Fail,
+    Shorten,
+    Panic,
+}
+
+/// Large initializer arguments that encode as a plain vector twice, then differently: spawn
+/// and forkserver measure large arguments (once to see that they are large, once to size
+/// their memory) before the encoding the workers read behind, so this is a `Serialize` impl
+/// that changes its mind between them.
+struct Fickle {
+    values: Vec<u64>,
+    change: Change,
+    encodings: AtomicUsize,
+}
+
+impl Serialize for Fickle {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        if self.encodings.fetch_add(1, Ordering::SeqCst) < 2 {
+            return self.values.serialize(serializer);
+        }
+        match self.change {
+            Change::Fail => Err(serde::ser::Error::custom("changed its mind")),
+            Change::Shorten => self.values[1..].serialize(serializer),
+            Change::Panic => panic!("changed its mind"),
+        }
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for Fickle {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let values = Vec::<u64>::deserialize(deserializer)?;
+        Ok(Fickle { values, change: Change::Fail, encodings: AtomicUsize::new(0) })
+    }
+}
+
+/// Keeps the vector of a [`Fickle`].
+#[task]
+fn keep_fickle(data: Fickle) -> Vec<u64> {
+    data.values
+}
+
+/// The length of the state's vector.
+#[task]
+fn state_len(state: &Vec<u64>, _: ()) -> usize {
+    state.len()
+}
+
+fn fickle_initializer_arguments(ctx: &Context) -> Result<(), Failed> {
+    warm_up(ctx)?;
+    // 4 MB: past the size at which spawn and forkserver hand arguments over in memory.
+    let values: Vec<u64> = (0..500_000).collect();
+    for change in [Change::Fail, Change::Shorten, Change::Panic] {
+        let fds = fd_count();
+        let fickle = Fickle { values: values.clone(), change, encodings: AtomicUsize::new(0) };
+        let builder = ctx.pool().processes(2).initializer(keep_fickle, fickle);
+        let built = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| builder.build()));
+        if matches!(ctx.start_method(), "fork" | "mpi") {
+            // Moved (fork) or encoded once, whole (mpi): nothing to change its mind between.
+            let pool = built.map_err(|_| "build panicked")??;
+            let len = pool.apply(state_len, ())?;
+            ensure(len == values.len(), || format!("{change:?}: state of {len} values"))?;
+            drop(pool);
+        } else {
+            let message = match built {
+                Ok(Ok(pool)) => return Err(format!("{change:?}: built {pool:?}").into()),
+                Ok(Err(error)) => {
+                    ensure(error.kind() == ErrorKind::Encode, || format!("{change:?}: {error:?}"))?;
+                    error.to_string()
+                }
+                Err(panic) => {
+                    panic.downcast_ref::<&str>().map(|m| m.to_string()).unwrap_or_default()
+                }
+            };
+            let expected = match change {
+                Change::Fail | Change::Panic => "changed its mind",
+                Change::Shorten => "when measured",
+            };
+            ensure(message.contains(expected), || format!("{change:?}: {message}"))?;
+        }
+        let left = children_besides_server();
+        ensure(left.is_empty(), || format!("{change:?}: left {left:?}"))?;
+        ensure(zombie_children().is_empty(), || format!("{change:?}: zombies"))?;
+        ensure(fd_count() == fds, || format!("{change:?}: {} fds, {fds} before", fd_count()))?;
+    }
+    Ok(())
 }
 
 /// An initializer that panics.

@@ -96,11 +96,33 @@ pub(crate) struct Initializer {
     pub(crate) args: InitArgs,
 }
 
+/// Writes a pool's large initializer arguments into the memory its workers read them from
+/// (see `shared::arriving`), once they have started; the error says why it could not.
+pub(crate) type Fill = Box<dyn FnOnce() -> Result<()> + Send>;
+
+impl Initializer {
+    /// What still has to write the arguments, if anything: taken once, before the pool starts.
+    pub(crate) fn take_fill(&mut self) -> Option<Fill> {
+        match &mut self.args {
+            InitArgs::Encoded { fill, .. } => {
+                fill.get_mut().unwrap_or_else(|p| p.into_inner()).take()
+            }
+            _ => None,
+        }
+    }
+}
+
 /// The initializer's arguments, as the start method wants them.
 pub(crate) enum InitArgs {
     /// Sent in each worker's `Start` frame, with the descriptors and blocks the arguments hold;
-    /// `in_memory`: `bytes` encode a `SealedMemory` that holds the encoded arguments.
-    Encoded { bytes: Arc<Vec<u8>>, attachments: Attachments, in_memory: bool },
+    /// `in_memory`: `bytes` encode an `ArrivingMemory` that holds the encoded arguments, which
+    /// `fill` writes (until the pool's start has taken it).
+    Encoded {
+        bytes: Arc<Vec<u8>>,
+        attachments: Attachments,
+        in_memory: bool,
+        fill: Mutex<Option<Fill>>,
+    },
     /// Taken out of the forked worker's own copy of memory; with the pipe ends the arguments
     /// hold, which the worker keeps open. Turned into [`InitArgs::InTemplate`] at start.
     Moved(MoveInit, Vec<std::os::fd::RawFd>),
@@ -820,8 +842,9 @@ pub(crate) struct Shared {
 }
 
 impl Shared {
-    /// Starts `config.processes` workers and waits until each has run its initializer.
-    pub(crate) fn start(config: Config) -> Result<Arc<Shared>> {
+    /// Starts `config.processes` workers, writes their initializer's arguments (`fill`, which
+    /// they read as it goes), and waits until each has run its initializer.
+    pub(crate) fn start(config: Config, fill: Option<Fill>) -> Result<Arc<Shared>> {
         let wake = UnixStream::pair().map_err(|e| Error::io("socketpair for the pool", e))?;
         for end in [&wake.0, &wake.1] {
             end.set_nonblocking(true).map_err(|e| Error::io("pool wake socket", e))?;
@@ -863,6 +886,16 @@ impl Shared {
             (0..shared.config.processes).try_for_each(|_| engine.start_worker(&shared.config))
         };
         let outcome = started.and_then(|()| {
+            if let Some(fill) = fill {
+                // A panic (in a `Serialize` impl) must not leave the workers behind; the
+                // writer it drops tells them their arguments are not coming.
+                let filled = std::panic::catch_unwind(std::panic::AssertUnwindSafe(fill));
+                let filled = filled.unwrap_or_else(|panic| {
+                    shared.terminate();
+                    std::panic::resume_unwind(panic)
+                });
+                filled?;
+            }
             shared.drive_until(None, |e| e.broken.is_some() || e.workers.iter().all(|w| w.ready));
             match shared.lock().broken.as_ref() {
                 Some(error) => Err(error.duplicate()),

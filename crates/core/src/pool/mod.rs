@@ -33,7 +33,7 @@ use std::time::{Duration, Instant};
 
 use serde::de::{DeserializeSeed, Deserializer, SeqAccess, Visitor};
 
-use engine::{BatchOutcome, Config, Encoded, InitArgs, Initializer, MoveInit, Shared};
+use engine::{BatchOutcome, Config, Encoded, Fill, InitArgs, Initializer, MoveInit, Shared};
 use slot::Slot;
 
 use crate::error::{ChildFailure, Error, ErrorKind, Result};
@@ -42,14 +42,15 @@ use crate::process::method::StartMethod;
 use crate::process::setup::{ParentEnds, SetupBuilder, setup_methods};
 use crate::runtime::registry::{self, State};
 use crate::runtime::task::{Portable, Task};
-use crate::shared::shm::SealedMemoryWriter;
+use crate::shared::arriving::ArrivingWriter;
 use crate::transport::channel::Frame;
 use crate::transport::codec;
 use crate::transport::wire::{BATCH_ITEMS, BATCH_PLAIN, ItemResult};
 
 /// Encoded initializer arguments of at least this many bytes reach the workers through one
-/// sealed memory file that each maps, instead of a copy through every worker's socket (which
-/// the parent writes worker by worker, each receiving into fresh memory).
+/// memory file that each maps and decodes behind its writer, instead of a copy through every
+/// worker's socket (which the parent writes worker by worker, each receiving into fresh
+/// memory).
 const SHARED_ARGS_MIN: usize = 1 << 20;
 
 /// Configures a pool before its workers start: `ctx.pool().processes(4).build()`.
@@ -95,10 +96,12 @@ impl PoolBuilder<()> {
     /// what it returns is the worker's state, handed by reference to every task the pool
     /// runs (`fn t(state: &S, item: A)`), never sent again.
     ///
-    /// The arguments are encoded once here and sent to each worker (spawn, forkserver), or
-    /// moved into each forked worker without being serialized (fork). Encoded arguments of a
-    /// megabyte or more are written once into sealed shared memory, which every worker maps
-    /// and decodes from, instead of being sent through each worker's socket. If the initializer
+    /// The arguments are encoded once and sent to each worker (spawn, forkserver), or moved
+    /// into each forked worker without being serialized (fork). Encoded arguments of a
+    /// megabyte or more are written once into shared memory, which every worker maps and
+    /// decodes from, instead of being sent through each worker's socket: they are measured
+    /// here and written by `build()` once the workers have started, each decoding behind the
+    /// writing (so a large vector costs about one copy, not a copy and then a decode). If the initializer
     /// panics, `build()` fails with that panic; if it panics in a replacement worker, the pool
     /// stops replacing workers (no endless respawn loop) and finishes with those it has.
     pub fn initializer<A: Portable, S: Send + 'static>(
@@ -121,53 +124,7 @@ impl PoolBuilder<()> {
             });
             Ok(InitArgs::Moved(make, kept))
         } else {
-            let (encoded, attachments) = codec::collecting(|| {
-                // Past the threshold, the encoding goes straight into sealed memory, piece by
-                // piece: never held whole in this process (one copy of a large vector, not two).
-                let mut memory: Option<SealedMemoryWriter> = None;
-                let mut spill = |piece: &[u8]| -> std::result::Result<(), String> {
-                    let writer = match &mut memory {
-                        Some(writer) => writer,
-                        None => {
-                            memory.insert(SealedMemoryWriter::new().map_err(|e| e.to_string())?)
-                        }
-                    };
-                    writer.append(piece).map_err(|e| e.to_string())
-                };
-                // Sealed memory is a descriptor: where none can travel, the encoding stays
-                // whole and goes to each worker (`mpi`: once to each node's agent).
-                let spill_at =
-                    if self.method.carries_descriptors() { SHARED_ARGS_MIN } else { usize::MAX };
-                let spilled = codec::encode_spilling(&args, spill_at, &mut spill);
-                let inline = spilled.map_err(|e| {
-                    Error::new(
-                        ErrorKind::Encode,
-                        format!("arguments of initializer `{}`: {e}", task.name()),
-                    )
-                })?;
-                if let Some(bytes) = inline {
-                    return Ok((bytes, false));
-                }
-                // Inside the same collection, so that the memory's descriptor comes after
-                // those the arguments hold and their indices stay as encoded.
-                let memory = memory.expect("spilled bytes went into the memory").seal()?;
-                let handle = codec::encode(&memory)
-                    .map_err(|e| Error::new(ErrorKind::Encode, format!("{e}")))?;
-                Ok((handle, true))
-            });
-            let fits = attachments.check_fits_one_message().map_err(|e| {
-                let message = format!("arguments of initializer `{}`: {e}", task.name());
-                Error::new(ErrorKind::Encode, message)
-            });
-            let fits = fits.and_then(|()| {
-                let what = format!("arguments of initializer `{}`", task.name());
-                crate::process::method::refuse_descriptors(&*self.method, &what, &attachments)
-            });
-            fits.and(encoded).map(|(bytes, in_memory)| InitArgs::Encoded {
-                bytes: Arc::new(bytes),
-                attachments,
-                in_memory,
-            })
+            encoded_init_args(&*self.method, task.name(), args)
         };
         let (initializer, error) = match args {
             Ok(args) => (Some(Initializer { task: task.name(), args }), self.error),
@@ -252,20 +209,24 @@ impl<S: 'static> PoolBuilder<S> {
             return Err(error);
         }
         let resolved = self.setup.resolve()?;
-        let (method, initializer) = engine::with_template(self.method, self.initializer)?;
-        let shared = Shared::start(Config {
-            method,
-            processes,
-            initializer,
-            max_tasks_per_child: self.max_tasks_per_child,
-            task_timeout: self.task_timeout,
-            setup: resolved.setup,
-            setup_fds: resolved
-                .fds
-                .into_iter()
-                .map(crate::process::tracked::Tracked::new)
-                .collect(),
-        })?;
+        let (method, mut initializer) = engine::with_template(self.method, self.initializer)?;
+        let fill = initializer.as_mut().and_then(Initializer::take_fill);
+        let shared = Shared::start(
+            Config {
+                method,
+                processes,
+                initializer,
+                max_tasks_per_child: self.max_tasks_per_child,
+                task_timeout: self.task_timeout,
+                setup: resolved.setup,
+                setup_fds: resolved
+                    .fds
+                    .into_iter()
+                    .map(crate::process::tracked::Tracked::new)
+                    .collect(),
+            },
+            fill,
+        )?;
         let progress = {
             let shared = Arc::clone(&shared);
             let registration = engine::LibraryThread::register();
@@ -291,6 +252,59 @@ impl<S: 'static> PoolBuilder<S> {
             _state: PhantomData,
         })
     }
+}
+
+/// Encodes initializer arguments for a start method that sends them (spawn, forkserver, mpi).
+///
+/// Arguments shorter than [`SHARED_ARGS_MIN`] go whole in each worker's `Start` frame, as do
+/// any where descriptors cannot travel (`mpi`: once to each node's agent). Longer ones are
+/// measured here and written into arriving memory (`shared::arriving`) once the workers have
+/// been started: each decodes them behind the writing instead of after it, and the encoding is
+/// never held whole in this process (one copy of a large vector, not two).
+fn encoded_init_args<A: Portable>(
+    method: &dyn StartMethod,
+    task: &'static str,
+    args: A,
+) -> Result<InitArgs> {
+    let encode_error = move |e: &dyn fmt::Display| {
+        Error::new(ErrorKind::Encode, format!("arguments of initializer `{task}`: {e}"))
+    };
+    let limit = if method.carries_descriptors() { SHARED_ARGS_MIN } else { usize::MAX };
+    let (small, attachments) = codec::collecting(|| codec::encode_below(&args, limit));
+    let (bytes, attachments, fill) = match small.map_err(|e| encode_error(&e))? {
+        Some(bytes) => (bytes, attachments, None),
+        None => {
+            drop(attachments);
+            // Measured inside a collection, which finds the descriptors and blocks the
+            // arguments hold as the encoding will; the memory's descriptor comes after them.
+            let (measured, attachments) = codec::collecting(|| {
+                let writer =
+                    ArrivingWriter::new(codec::encoded_len(&args).map_err(|e| encode_error(&e))?)?;
+                let handle = codec::encode(&writer.handle()?).map_err(|e| encode_error(&e))?;
+                Ok::<_, Error>((writer, handle))
+            });
+            let (writer, handle) = measured?;
+            let fill: Fill = Box::new(move || {
+                let mut writer = writer;
+                let mut append = |piece: &[u8]| writer.append(piece).map_err(|e| e.to_string());
+                // The descriptors and blocks collected again are those measured above.
+                let (encoded, _again) =
+                    codec::collecting(|| codec::encode_in_pieces(&args, &mut append));
+                encoded.map_err(|e| encode_error(&e))?;
+                writer.finish().map_err(|e| encode_error(&e))
+            });
+            (handle, attachments, Some(fill))
+        }
+    };
+    attachments.check_fits_one_message().map_err(|e| encode_error(&e))?;
+    let what = format!("arguments of initializer `{task}`");
+    crate::process::method::refuse_descriptors(method, &what, &attachments)?;
+    Ok(InitArgs::Encoded {
+        bytes: Arc::new(bytes),
+        attachments,
+        in_memory: fill.is_some(),
+        fill: Mutex::new(fill),
+    })
 }
 
 impl<S> fmt::Debug for PoolBuilder<S> {

@@ -18,7 +18,7 @@ use crate::runtime::panic::{catch_panic, install_panic_hook};
 use crate::runtime::registry::{self, CallError};
 use crate::runtime::role::Role;
 use crate::runtime::worker;
-use crate::shared::shm::SealedMemory;
+use crate::shared::arriving::ArrivingMemory;
 use crate::sys::{self, POLLRDHUP, PollFd};
 use crate::transport::channel::{Channel, FrameError};
 use crate::transport::codec::{self, Attachments};
@@ -79,17 +79,26 @@ pub fn serve(channel: Channel) -> ! {
             prepare(&mut start, &channel);
             let initializer = setup.initializer;
             let in_memory = setup.args_in_memory;
+            // Arguments in memory arrive while we read them: the channel, which hangs up if the
+            // parent writing them dies, says when to stop waiting.
+            let parent = in_memory.then(|| channel.as_fd().try_clone_to_owned());
             worker::run(channel, setup.ring, move || match initializer {
                 Some(name) => {
                     let entry =
                         registry::lookup(&name).map_err(|e| (lookup_failure(&e), e.to_string()))?;
                     let make_state = || {
-                        if !in_memory {
-                            return (entry.make_state)(args);
-                        }
-                        let memory: SealedMemory =
+                        let Some(parent) = parent else {
+                            return (entry.make_state)(codec::Input::whole(args));
+                        };
+                        let parent = parent.map_err(|e| {
+                            registry::CallError::State(format!("dup of the channel: {e}"))
+                        })?;
+                        let memory: ArrivingMemory =
                             codec::decode(args).map_err(registry::CallError::Args)?;
-                        (entry.make_state)(memory.as_slice())
+                        let reader = memory.reader(parent.as_fd()).map_err(|e| {
+                            registry::CallError::Args(codec::CodecError::new(e.to_string()))
+                        })?;
+                        (entry.make_state)(reader.input())
                     };
                     codec::with_attachments(fds, blocks, make_state)
                         .map_err(|e| (call_failure(&e), e.to_string()))

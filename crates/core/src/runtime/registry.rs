@@ -43,7 +43,7 @@ pub struct TaskEntry {
     /// appends the encoded `Vec<ItemResult<R>>` to the output.
     pub run_batch: RunBatchFn,
     /// Decodes the arguments, runs the (stateless) task and keeps its return value as state.
-    pub make_state: fn(&[u8]) -> Result<State, CallError>,
+    pub make_state: fn(codec::Input<'_>) -> Result<State, CallError>,
 }
 
 /// Why a type-erased call could not complete (a panic is not one of these: it unwinds).
@@ -155,10 +155,10 @@ pub fn run_batch<S: 'static, A: DeserializeOwned, R: Serialize>(
 /// The body of every [`TaskEntry::make_state`]: only a stateless task can build state.
 pub fn make_state<S: 'static, A: DeserializeOwned, R: Send + 'static>(
     f: fn(&S, A) -> R,
-    args: &[u8],
+    args: codec::Input<'_>,
 ) -> Result<State, CallError> {
     let state = state_as::<S>(&())?;
-    let args = codec::decode::<A>(args).map_err(CallError::Args)?;
+    let args = codec::decode_input::<A>(args).map_err(CallError::Args)?;
     Ok(Box::new(f(state, args)))
 }
 
@@ -285,9 +285,9 @@ mod tests {
         let out = run_encoded(double, &10u32, &args).unwrap();
         assert_eq!(codec::decode::<u32>(&out).unwrap(), 8);
         // Only stateless tasks build state.
-        let state = make_state(double, &args).unwrap();
+        let state = make_state(double, codec::Input::whole(&args)).unwrap();
         assert_eq!(state.downcast_ref::<u32>(), Some(&8));
-        assert!(matches!(make_state(scaled, &args), Err(CallError::State(_))));
+        assert!(matches!(make_state(scaled, codec::Input::whole(&args)), Err(CallError::State(_))));
     }
 
     #[test]

@@ -105,37 +105,6 @@ impl SharedMemory {
     }
 }
 
-/// Sealed memory filled by appending, for bytes whose length is known only once they are all
-/// written (a value being encoded): each piece is written into the memory file (`pwrite`),
-/// which grows as it goes; nothing is mapped until it is sealed.
-pub(crate) struct SealedMemoryWriter {
-    fd: OwnedFd,
-    /// Bytes written.
-    len: u64,
-}
-
-impl SealedMemoryWriter {
-    /// An empty memory file.
-    pub(crate) fn new() -> Result<SealedMemoryWriter> {
-        let fd = sys::memfd("multiproc-shm", 0).map_err(|e| io_error("memfd_create", e))?;
-        Ok(SealedMemoryWriter { fd, len: 0 })
-    }
-
-    /// Appends `data`.
-    pub(crate) fn append(&mut self, data: &[u8]) -> Result<()> {
-        let end = self.len + data.len() as u64;
-        sys::write_all_at(self.fd.as_fd(), data, self.len).map_err(|e| io_error("write", e))?;
-        self.len = end;
-        Ok(())
-    }
-
-    /// Seals what was written, read-only, and maps it.
-    pub(crate) fn seal(self) -> Result<SealedMemory> {
-        sys::seal_read_only(self.fd.as_fd()).map_err(|e| io_error("seal", e))?;
-        SealedMemory::from_fd(self.fd)
-    }
-}
-
 /// Read-only shared bytes, lent directly (`&[u8]`).
 pub struct SealedMemory {
     fd: OwnedFd,

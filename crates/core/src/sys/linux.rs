@@ -1015,16 +1015,46 @@ pub fn prefault<T>(spare: &mut [MaybeUninit<T>]) {
 pub fn vec_from_bytes<P: bytemuck::Pod>(bytes: &[u8]) -> Vec<P> {
     let count = bytes.len() / size_of::<P>();
     assert_eq!(count * size_of::<P>(), bytes.len(), "a whole number of elements");
+    let copied = vec_filled::<P, std::convert::Infallible>(count, |out| {
+        copy_into(out, bytes);
+        Ok(())
+    });
+    match copied {
+        Ok(vec) => vec,
+    }
+}
+
+/// Copies `from` into `out`, which must be as long (`<[MaybeUninit<u8>]>::write_copy_of_slice`,
+/// which this crate's minimum Rust does not have).
+pub fn copy_into(out: &mut [MaybeUninit<u8>], from: &[u8]) {
+    assert_eq!(out.len(), from.len(), "copy_into: lengths differ");
+    // SAFETY: both are `from.len()` bytes long (checked); `out` is borrowed mutably, so it
+    // cannot overlap `from`; writing bytes into `MaybeUninit<u8>`s is always allowed.
+    unsafe { ptr::copy_nonoverlapping(from.as_ptr(), out.as_mut_ptr().cast::<u8>(), from.len()) };
+}
+
+/// A vector of `count` `P`s whose bytes `fill` writes, every one of them, into prefaulted
+/// memory; `fill`'s error, if it fails (nothing is kept).
+pub fn vec_filled<P: bytemuck::Pod, E>(
+    count: usize,
+    fill: impl FnOnce(&mut [MaybeUninit<u8>]) -> Result<(), E>,
+) -> Result<Vec<P>, E> {
     let mut vec = Vec::<P>::with_capacity(count);
     prefault(vec.spare_capacity_mut());
-    // SAFETY: the vector has room for `count` elements, `count * size_of::<P>()` bytes, which
-    // is exactly `bytes.len()`; a fresh allocation cannot overlap `bytes`. Every bit pattern
-    // is a valid `P` (`Pod`), so once copied, all `count` elements are initialised.
-    unsafe {
-        std::ptr::copy_nonoverlapping(bytes.as_ptr(), vec.as_mut_ptr().cast::<u8>(), bytes.len());
-        vec.set_len(count);
-    }
-    vec
+    let spare = vec.spare_capacity_mut();
+    // SAFETY: the spare capacity holds at least `count` elements, `count * size_of::<P>()`
+    // bytes, viewed as the uninitialised bytes they are.
+    let bytes = unsafe {
+        std::slice::from_raw_parts_mut(
+            spare.as_mut_ptr().cast::<MaybeUninit<u8>>(),
+            count * size_of::<P>(),
+        )
+    };
+    fill(bytes)?;
+    // SAFETY: `fill` succeeded, which means it wrote every byte of the first `count` elements;
+    // every bit pattern is a valid `P` (`Pod`).
+    unsafe { vec.set_len(count) };
+    Ok(vec)
 }
 
 /// Whether `error` is `EMSGSIZE`: a record larger than the socket can ever take whole.
@@ -1077,7 +1107,10 @@ pub fn futex_wake(word: &AtomicU32, count: u32) {
 pub struct Mapping {
     ptr: std::ptr::NonNull<u8>,
     len: usize,
+    /// The file is sealed read-only: the bytes never change, so slices may be lent.
     sealed: bool,
+    /// Mapped `PROT_WRITE`: bytes may be written and atomic words handed out.
+    writable: bool,
 }
 
 // SAFETY: the mapping is plain memory owned by this value; every access either copies through
@@ -1092,6 +1125,13 @@ impl Mapping {
     /// `mmap(len, PROT_READ | PROT_WRITE, MAP_SHARED, fd)`.
     pub fn writable(fd: BorrowedFd<'_>, len: usize) -> io::Result<Mapping> {
         Self::map(fd, len, rustix::mm::ProtFlags::READ | rustix::mm::ProtFlags::WRITE, false)
+    }
+
+    /// `mmap(len, PROT_READ, MAP_SHARED, fd)` of a file that is not sealed: another process
+    /// may still be writing it, so its bytes are lent only by [`Mapping::bytes_unchecked`],
+    /// whose caller knows which of them no longer change.
+    pub fn read_only(fd: BorrowedFd<'_>, len: usize) -> io::Result<Mapping> {
+        Self::map(fd, len, rustix::mm::ProtFlags::READ, false)
     }
 
     /// `mmap(len, PROT_READ, MAP_SHARED, fd)` of a file that must be sealed read-only (checked
@@ -1116,7 +1156,7 @@ impl Mapping {
         let prot = ProtFlags::READ | ProtFlags::WRITE;
         // Pages past the file's end are not backed; see above for why none is touched.
         let ptr = mmap_shared(fd, len, prot, MapFlags::SHARED | MapFlags::NORESERVE)?;
-        Ok(Mapping { ptr, len, sealed: false })
+        Ok(Mapping { ptr, len, sealed: false, writable: true })
     }
 
     fn map(
@@ -1129,13 +1169,14 @@ impl Mapping {
         if (size as u128) < len as u128 {
             return Err(io::Error::other(format!("memory of {size} bytes, expected {len}")));
         }
+        let writable = prot.contains(rustix::mm::ProtFlags::WRITE);
         if len == 0 {
-            return Ok(Mapping { ptr: std::ptr::NonNull::dangling(), len, sealed });
+            return Ok(Mapping { ptr: std::ptr::NonNull::dangling(), len, sealed, writable });
         }
         // The file is at least `len` bytes long (checked above), so every mapped page is
         // backed.
         let ptr = mmap_shared(fd, len, prot, rustix::mm::MapFlags::SHARED)?;
-        Ok(Mapping { ptr, len, sealed })
+        Ok(Mapping { ptr, len, sealed, writable })
     }
 
     /// Mapped bytes.
@@ -1161,8 +1202,8 @@ impl Mapping {
 
     /// Copies `data` into the mapping at `offset`; the mapping must be writable.
     pub fn write_at(&self, offset: usize, data: &[u8]) -> io::Result<()> {
-        if self.sealed {
-            return Err(io::Error::other("the memory is sealed read-only"));
+        if !self.writable {
+            return Err(io::Error::other("the memory is mapped read-only"));
         }
         self.check(offset, data.len())?;
         // SAFETY: the range is inside a writable mapping (checked above); no reference into
@@ -1174,7 +1215,7 @@ impl Mapping {
         Ok(())
     }
 
-    /// The bytes of a sealed mapping; `None` for a writable one, whose bytes may change under
+    /// The bytes of a sealed mapping; `None` for any other, whose bytes may change under
     /// any reference.
     pub fn as_slice(&self) -> Option<&[u8]> {
         // SAFETY: a sealed mapping is read-only and its file can never be written again
@@ -1183,11 +1224,26 @@ impl Mapping {
         self.sealed.then(|| unsafe { std::slice::from_raw_parts(self.ptr.as_ptr(), self.len) })
     }
 
+    /// Every mapped byte, sealed or not.
+    ///
+    /// # Safety
+    ///
+    /// The caller reads through the slice only bytes that no process changes while it is
+    /// borrowed (those another process wrote and published before, and never writes again).
+    pub unsafe fn bytes_unchecked(&self) -> &[u8] {
+        if self.len == 0 {
+            return &[];
+        }
+        // SAFETY: ptr/len describe a live mapping that `&self` outlives; what is read through
+        // it does not change (the caller's promise), so the shared reference is sound.
+        unsafe { std::slice::from_raw_parts(self.ptr.as_ptr(), self.len) }
+    }
+
     /// The mapping as 32-bit atomic words, for counters that several processes update: an
-    /// atomic access is defined however other processes touch the same word. Empty for a sealed
+    /// atomic access is defined however other processes touch the same word. Empty for a read-only
     /// mapping.
     pub fn atomic_words(&self) -> &[AtomicU32] {
-        if self.sealed {
+        if !self.writable {
             return &[];
         }
         // SAFETY: the mapping is page-aligned and writable, and AtomicU32 has the size and
@@ -1198,11 +1254,11 @@ impl Mapping {
     }
 
     /// The 32-bit atomic word at byte `offset` (a multiple of 4 inside the mapping); `None` for
-    /// a sealed mapping or an offset out of bounds or misaligned.
+    /// a read-only mapping or an offset out of bounds or misaligned.
     #[inline]
     pub fn atomic_u32(&self, offset: usize) -> Option<&AtomicU32> {
         let fits = offset.checked_add(4).is_some_and(|end| end <= self.len);
-        if self.sealed || !fits || offset % 4 != 0 {
+        if !self.writable || !fits || offset % 4 != 0 {
             return None;
         }
         // SAFETY: in bounds and 4-aligned (the mapping is page-aligned), writable, and every
@@ -1212,10 +1268,10 @@ impl Mapping {
     }
 
     /// The 64-bit atomic word at byte `offset` (a multiple of 8 inside the mapping); `None` for
-    /// a sealed mapping or an offset out of bounds or misaligned.
+    /// a read-only mapping or an offset out of bounds or misaligned.
     pub fn atomic_u64(&self, offset: usize) -> Option<&std::sync::atomic::AtomicU64> {
         let fits = offset.checked_add(8).is_some_and(|end| end <= self.len);
-        if self.sealed || !fits || offset % 8 != 0 {
+        if !self.writable || !fits || offset % 8 != 0 {
             return None;
         }
         // SAFETY: in bounds and 8-aligned (the mapping is page-aligned), writable, and every

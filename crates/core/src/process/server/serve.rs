@@ -239,7 +239,8 @@ fn report_exit(served: &Served) -> bool {
 fn run_preload(task: &str, args: &[u8], control: &Channel) {
     panic::install_panic_hook();
     let outcome = registry::lookup(task).map_err(|e| (None, e.to_string())).and_then(|entry| {
-        match panic::catch_panic(|| (entry.make_state)(args)) {
+        match panic::catch_panic(|| (entry.make_state)(crate::transport::codec::Input::whole(args)))
+        {
             Ok(Ok(state)) => Ok(state),
             Ok(Err(e)) => Err((None, e.to_string())),
             Err(panic) => Err((Some(panic), String::from("the preload task panicked"))),

@@ -11,8 +11,10 @@ use bincode::de::{BorrowDecode, DecoderImpl};
 use bincode::error::DecodeError;
 use serde::de::{self, DeserializeSeed, IntoDeserializer, Visitor};
 
+use std::mem::MaybeUninit;
+
 use super::packed::{self, Kind};
-use super::{CodecError, config};
+use super::{Arrival, CodecError, Input, config};
 
 /// A sequence may claim more elements than there are bytes left only if its elements take no
 /// bytes (a `Vec<()>`); beyond this many, such a claim is taken for what it almost surely is, a
@@ -20,7 +22,69 @@ use super::{CodecError, config};
 const MAX_EMPTY_ELEMENTS: usize = 1 << 24;
 
 /// What is left of the input.
-struct Cursor<'de>(&'de [u8]);
+struct Cursor<'de> {
+    /// The bytes left that are known to be in place (all of them, unless arriving).
+    rest: &'de [u8],
+    /// For input still arriving: all of it, and what says how much is in place.
+    arriving: Option<(&'de [u8], &'de dyn Arrival)>,
+}
+
+impl<'de> Cursor<'de> {
+    /// Bytes left to read, in place or not.
+    #[inline]
+    fn left(&self) -> usize {
+        match self.arriving {
+            None => self.rest.len(),
+            Some((all, _)) => all.len() - self.position(all),
+        }
+    }
+
+    /// How far into `all` (the whole arriving input) the reading is.
+    fn position(&self, all: &[u8]) -> usize {
+        self.rest.as_ptr() as usize - all.as_ptr() as usize
+    }
+
+    /// Makes `rest` hold at least `len` bytes, waiting for arriving input; fails if the input
+    /// is shorter, or will never arrive.
+    #[cold]
+    fn more(&mut self, len: usize) -> Result<(), DecodeError> {
+        let Some((all, arrival)) = self.arriving else {
+            return Err(DecodeError::UnexpectedEnd { additional: len - self.rest.len() });
+        };
+        let position = self.position(all);
+        let needed = position + len;
+        if needed > all.len() {
+            return Err(DecodeError::UnexpectedEnd { additional: needed - all.len() });
+        }
+        let ready = arrival.wait_for(needed).map_err(DecodeError::OtherString)?;
+        self.rest = &all[position..ready.clamp(needed, all.len())];
+        Ok(())
+    }
+
+    /// The next byte, without taking it.
+    fn peek_byte(&mut self) -> Option<u8> {
+        if self.rest.is_empty() && self.arriving.is_some() {
+            self.more(1).ok()?;
+        }
+        self.rest.first().copied()
+    }
+
+    /// Copies the next `out.len()` bytes into `out` as they arrive.
+    fn copy_arriving(&mut self, out: &mut [MaybeUninit<u8>]) -> Result<(), DecodeError> {
+        let mut done = 0;
+        while done < out.len() {
+            if self.rest.is_empty() {
+                self.more(1)?;
+            }
+            let n = self.rest.len().min(out.len() - done);
+            let (piece, rest) = self.rest.split_at(n);
+            crate::sys::copy_into(&mut out[done..done + n], piece);
+            self.rest = rest;
+            done += n;
+        }
+        Ok(())
+    }
+}
 
 impl Reader for Cursor<'_> {
     #[inline]
@@ -32,23 +96,24 @@ impl Reader for Cursor<'_> {
 
     #[inline]
     fn peek_read(&mut self, n: usize) -> Option<&[u8]> {
-        self.0.get(..n)
+        // Short of arriving input, `None` sends bincode to `read`, which waits.
+        self.rest.get(..n)
     }
 
     #[inline]
     fn consume(&mut self, n: usize) {
-        self.0 = self.0.get(n..).unwrap_or_default();
+        self.rest = &self.rest[n.min(self.rest.len())..];
     }
 }
 
 impl<'de> BorrowReader<'de> for Cursor<'de> {
     #[inline]
     fn take_bytes(&mut self, length: usize) -> Result<&'de [u8], DecodeError> {
-        if length > self.0.len() {
-            return Err(DecodeError::UnexpectedEnd { additional: length - self.0.len() });
+        if length > self.rest.len() {
+            self.more(length)?;
         }
-        let (taken, rest) = self.0.split_at(length);
-        self.0 = rest;
+        let (taken, rest) = self.rest.split_at(length);
+        self.rest = rest;
         Ok(taken)
     }
 }
@@ -65,7 +130,22 @@ pub(super) struct Decoder<'de> {
 
 impl<'de> Decoder<'de> {
     pub(super) fn new(input: &'de [u8]) -> Self {
-        Decoder { inner: DecoderImpl::new(Cursor(input), config(), ()), depth: 0 }
+        Self::with_cursor(Cursor { rest: input, arriving: None })
+    }
+
+    /// A decoder of `input`, which may still be arriving.
+    pub(super) fn with_input(input: Input<'de>) -> Self {
+        match input.arrival {
+            None => Self::new(input.bytes),
+            Some(arrival) => Self::with_cursor(Cursor {
+                rest: &input.bytes[..0],
+                arriving: Some((input.bytes, arrival)),
+            }),
+        }
+    }
+
+    fn with_cursor(cursor: Cursor<'de>) -> Self {
+        Decoder { inner: DecoderImpl::new(cursor, config(), ()), depth: 0 }
     }
 
     /// Decodes one level deeper: every compound value goes through here, so that bytes that
@@ -96,7 +176,7 @@ impl<'de> Decoder<'de> {
 
     /// Bytes not decoded yet.
     pub(super) fn left(&mut self) -> usize {
-        self.rest().0.len()
+        self.rest().left()
     }
 
     /// Reads a `T` the way bincode writes it.
@@ -120,7 +200,14 @@ impl<'de> Decoder<'de> {
 
     /// The kind and elements of a packed sequence, if one comes next (see `packed`).
     fn get_packed(&mut self) -> Result<Option<(Kind, &'de [u8])>, CodecError> {
-        if self.rest().0.first() != Some(&packed::PACKED) {
+        let Some((kind, size)) = self.get_packed_head()? else { return Ok(None) };
+        self.take(size).map(|bytes| Some((kind, bytes)))
+    }
+
+    /// The kind of a packed sequence and the size of its elements in bytes, if one comes next;
+    /// its elements are next to read.
+    fn get_packed_head(&mut self) -> Result<Option<(Kind, usize)>, CodecError> {
+        if self.rest().peek_byte() != Some(packed::PACKED) {
             return Ok(None);
         }
         self.take(1)?;
@@ -134,7 +221,7 @@ impl<'de> Decoder<'de> {
                 "the bytes claim {len} packed elements with only {left} bytes left"
             ))
         })?;
-        self.take(size).map(|bytes| Some((kind, bytes)))
+        Ok(Some((kind, size)))
     }
 
     /// A byte string: length-prefixed, or a packed sequence of `u8`, which is what a `Vec<u8>`
@@ -252,10 +339,19 @@ impl<'de> de::Deserializer<'de> for &mut Decoder<'de> {
     /// A packed sequence becomes the `Vec` its visitor wants in one copy, when that is a `Vec`
     /// of its very element type; otherwise its elements are handed over one by one.
     fn deserialize_seq<V: Visitor<'de>>(self, visitor: V) -> Result<V::Value, CodecError> {
-        let Some((kind, bytes)) = self.get_packed()? else {
+        let Some((kind, size)) = self.get_packed_head()? else {
             let len = self.get_len()?;
             return self.elements(len, visitor);
         };
+        if self.rest().arriving.is_some() {
+            // Copied as it arrives, into memory made ready while it does.
+            let cursor = self.rest();
+            let fill = |out: &mut [MaybeUninit<u8>]| cursor.copy_arriving(out);
+            if let Some(vec) = packed::to_vec_filled::<V::Value, _>(kind, size, fill) {
+                return vec.map_err(decode_error);
+            }
+        }
+        let bytes = self.take(size)?;
         match packed::to_vec::<V::Value>(kind, bytes) {
             Some(vec) => Ok(vec),
             None => visitor.visit_seq(Packed { kind, bytes }),

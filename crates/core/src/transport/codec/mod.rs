@@ -367,24 +367,21 @@ impl bincode::enc::write::Writer for Sink<'_> {
     }
 }
 
-/// The writer of [`encode_spilling`]: keeps the bytes until they reach `threshold`, then
-/// hands them, and everything after, to `spill`, gathered into chunks of at least
-/// [`SPILL_CHUNK`] bytes; a piece that large by itself (a packed slice) goes straight from the
-/// value's own memory.
-struct Spill<'a> {
+/// The writer of [`encode_in_pieces`]: hands the bytes on to `out` gathered into pieces of
+/// at least [`PIECE`] bytes; a write that large by itself (a packed slice) goes straight from
+/// the value's own memory.
+struct Pieces<'a> {
     kept: Vec<u8>,
-    threshold: usize,
-    spilled: bool,
-    spill: &'a mut dyn FnMut(&[u8]) -> Result<(), String>,
+    out: &'a mut dyn FnMut(&[u8]) -> Result<(), String>,
     failure: Option<String>,
 }
 
-/// How many bytes [`encode_spilling`] gathers before it hands them on.
-const SPILL_CHUNK: usize = 1 << 20;
+/// How many bytes [`encode_in_pieces`] gathers before it hands them on.
+const PIECE: usize = 1 << 20;
 
-impl Spill<'_> {
+impl Pieces<'_> {
     fn hand_on(&mut self, bytes: &[u8]) -> Result<(), bincode::error::EncodeError> {
-        (self.spill)(bytes).map_err(|e| {
+        (self.out)(bytes).map_err(|e| {
             self.failure = Some(e);
             bincode::error::EncodeError::Other("the bytes could not be written on")
         })
@@ -402,34 +399,25 @@ impl Spill<'_> {
     }
 }
 
-impl bincode::enc::write::Writer for Spill<'_> {
+impl bincode::enc::write::Writer for Pieces<'_> {
     fn write(&mut self, bytes: &[u8]) -> Result<(), bincode::error::EncodeError> {
-        if !self.spilled {
-            if self.kept.len() + bytes.len() < self.threshold {
-                self.kept.extend_from_slice(bytes);
-                return Ok(());
-            }
-            self.spilled = true;
-        }
-        if bytes.len() >= SPILL_CHUNK {
+        if bytes.len() >= PIECE {
             self.flush()?;
             return self.hand_on(bytes);
         }
         self.kept.extend_from_slice(bytes);
-        if self.kept.len() >= SPILL_CHUNK { self.flush() } else { Ok(()) }
+        if self.kept.len() >= PIECE { self.flush() } else { Ok(()) }
     }
 }
 
-/// The encoding of `value`, if it is shorter than `threshold` bytes; otherwise (`None`) every
-/// byte of it was handed, in order, to `spill`, in pieces, without the whole encoding ever
-/// being held in memory: what a large value written into a file costs is then one copy.
-pub fn encode_spilling<T: Serialize + ?Sized>(
+/// Hands every byte of the encoding of `value`, in order, to `out`, in pieces, without the
+/// whole encoding ever being held in memory: what a large value written into a file costs is
+/// then one copy. A failure of `out` stops the encoding and is its error.
+pub fn encode_in_pieces<T: Serialize + ?Sized>(
     value: &T,
-    threshold: usize,
-    spill: &mut dyn FnMut(&[u8]) -> Result<(), String>,
-) -> Result<Option<Vec<u8>>, CodecError> {
-    let mut writer =
-        Spill { kept: Vec::with_capacity(32), threshold, spilled: false, spill, failure: None };
+    out: &mut dyn FnMut(&[u8]) -> Result<(), String>,
+) -> Result<(), CodecError> {
+    let mut writer = Pieces { kept: Vec::new(), out, failure: None };
     let encoded = value.serialize(&mut ser::Encoder::new(&mut writer));
     let cannot = |e: &dyn fmt::Display| {
         CodecError(format!("cannot encode {}: {e}", std::any::type_name::<T>()))
@@ -438,11 +426,65 @@ pub fn encode_spilling<T: Serialize + ?Sized>(
         return Err(cannot(&failure));
     }
     encoded.map_err(|e| cannot(&e))?;
-    if !writer.spilled {
-        return Ok(Some(writer.kept));
+    writer.flush().map_err(|e| cannot(&writer.failure.take().unwrap_or_else(|| e.to_string())))
+}
+
+/// The writer of [`encode_below`]: a [`Sink`] that refuses to grow to `limit` bytes.
+struct Below<'a> {
+    sink: Sink<'a>,
+    limit: usize,
+    reached: bool,
+}
+
+impl bincode::enc::write::Writer for Below<'_> {
+    #[inline]
+    fn write(&mut self, bytes: &[u8]) -> Result<(), bincode::error::EncodeError> {
+        if self.sink.0.len() + bytes.len() >= self.limit {
+            self.reached = true;
+            return Err(bincode::error::EncodeError::Other("the encoding reached its limit"));
+        }
+        self.sink.append(bytes);
+        Ok(())
     }
-    writer.flush().map_err(|e| cannot(&writer.failure.take().unwrap_or_else(|| e.to_string())))?;
-    Ok(None)
+}
+
+/// The encoding of `value` if it is shorter than `limit` bytes; `None`, as soon as it is
+/// known not to be (the encoding stops there).
+pub fn encode_below<T: Serialize + ?Sized>(
+    value: &T,
+    limit: usize,
+) -> Result<Option<Vec<u8>>, CodecError> {
+    let mut out = Vec::new();
+    let mut writer = Below { sink: Sink(&mut out), limit, reached: false };
+    let encoded = value.serialize(&mut ser::Encoder::new(&mut writer));
+    match encoded {
+        Ok(()) => Ok(Some(out)),
+        Err(_) if writer.reached => Ok(None),
+        Err(e) => Err(CodecError(format!("cannot encode {}: {e}", std::any::type_name::<T>()))),
+    }
+}
+
+/// The writer of [`encoded_len`]: counts the bytes.
+struct Count(usize);
+
+impl bincode::enc::write::Writer for Count {
+    #[inline]
+    fn write(&mut self, bytes: &[u8]) -> Result<(), bincode::error::EncodeError> {
+        self.0 += bytes.len();
+        Ok(())
+    }
+}
+
+/// How many bytes the encoding of `value` takes, found by encoding it into nothing (a packed
+/// slice is counted, not walked). Inside [`collecting`], the descriptors and blocks the value
+/// holds are collected as an encoding would, so an encoding made after it refers to them by
+/// the same indices.
+pub fn encoded_len<T: Serialize + ?Sized>(value: &T) -> Result<usize, CodecError> {
+    let mut count = Count(0);
+    value
+        .serialize(&mut ser::Encoder::new(&mut count))
+        .map_err(|e| CodecError(format!("cannot encode {}: {e}", std::any::type_name::<T>())))?;
+    Ok(count.0)
 }
 
 /// The encoding of `value`.
@@ -460,14 +502,55 @@ pub fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, CodecError> {
     decode_seed(std::marker::PhantomData::<T>, bytes)
 }
 
+/// Bytes that another process is still writing, in order, and that it says how far it has
+/// got with: what a decoder reads behind the writer (see [`Input::arriving`]).
+pub trait Arrival {
+    /// Waits until at least the first `len` bytes are in place and returns how many are (at
+    /// least `len`); fails when they never will be (the writer failed, or went away).
+    fn wait_for(&self, len: usize) -> Result<usize, String>;
+}
+
+/// The encoded bytes a value is decoded from: all in place, or still arriving.
+#[derive(Clone, Copy)]
+pub struct Input<'a> {
+    bytes: &'a [u8],
+    arrival: Option<&'a dyn Arrival>,
+}
+
+impl<'a> Input<'a> {
+    /// Bytes that are all in place.
+    pub fn whole(bytes: &'a [u8]) -> Self {
+        Input { bytes, arrival: None }
+    }
+
+    /// `bytes`, the whole encoding, of which the decoder reads only what `arrival` says is in
+    /// place, waiting for the rest as it needs it: a large value decodes behind its writer
+    /// instead of after it, and a packed vector is copied piece by piece as it arrives.
+    pub fn arriving(bytes: &'a [u8], arrival: &'a dyn Arrival) -> Self {
+        Input { bytes, arrival: Some(arrival) }
+    }
+}
+
+/// Decodes a `T` that must fill `input` exactly.
+pub fn decode_input<T: DeserializeOwned>(input: Input<'_>) -> Result<T, CodecError> {
+    decode_from(std::marker::PhantomData::<T>, de::Decoder::with_input(input))
+}
+
 /// Decodes through `seed` (which may, say, push elements straight into an existing buffer);
 /// the value must fill `bytes` exactly.
 pub fn decode_seed<'de, S: DeserializeSeed<'de>>(
     seed: S,
     bytes: &'de [u8],
 ) -> Result<S::Value, CodecError> {
+    decode_from(seed, de::Decoder::new(bytes))
+}
+
+/// Runs `seed` over what `decoder` reads, which the value must fill exactly.
+fn decode_from<'de, S: DeserializeSeed<'de>>(
+    seed: S,
+    mut decoder: de::Decoder<'de>,
+) -> Result<S::Value, CodecError> {
     let what = || std::any::type_name::<S::Value>();
-    let mut decoder = de::Decoder::new(bytes);
     let value = seed
         .deserialize(&mut decoder)
         .map_err(|e| CodecError(format!("cannot decode {}: {e}", what())))?;
@@ -684,28 +767,33 @@ mod tests {
     }
 
     #[test]
-    fn a_spilled_encoding_is_the_encoding_in_order_and_a_small_one_stays_whole() {
-        let small = vec![1u32, 2, 3];
-        let mut never = |_: &[u8]| -> Result<(), String> { panic!("nothing to spill") };
-        assert_eq!(
-            encode_spilling(&small, 1 << 10, &mut never).unwrap(),
-            Some(encode(&small).unwrap())
-        );
+    fn an_encoding_in_pieces_is_the_encoding_in_order() {
         // A large packed vector inside a struct, with small fields around it.
         let large = (7u8, (0..1_000_000u64).collect::<Vec<_>>(), String::from("tail"));
         let mut pieces: Vec<usize> = Vec::new();
         let mut out = Vec::new();
-        let mut spill = |piece: &[u8]| -> Result<(), String> {
+        let mut collect = |piece: &[u8]| -> Result<(), String> {
             pieces.push(piece.len());
             out.extend_from_slice(piece);
             Ok(())
         };
-        assert_eq!(encode_spilling(&large, 1 << 10, &mut spill).unwrap(), None);
+        encode_in_pieces(&large, &mut collect).unwrap();
         assert_eq!(out, encode(&large).unwrap());
+        assert_eq!(encoded_len(&large).unwrap(), out.len());
         assert!(pieces.len() >= 2, "the head, then the vector's bytes: {pieces:?}");
         let mut failing = |_: &[u8]| -> Result<(), String> { Err("disk full".into()) };
-        let error = encode_spilling(&large, 1 << 10, &mut failing).unwrap_err();
+        let error = encode_in_pieces(&large, &mut failing).unwrap_err();
         assert!(error.to_string().contains("disk full"), "{error}");
+    }
+
+    #[test]
+    fn an_encoding_below_a_limit_is_whole_or_none() {
+        let small = vec![1u32, 2, 3];
+        assert_eq!(encode_below(&small, 1 << 10).unwrap(), Some(encode(&small).unwrap()));
+        let large = (0..1_000u64).map(|i| i.to_string()).collect::<Vec<_>>();
+        assert_eq!(encode_below(&large, 1 << 10).unwrap(), None);
+        assert_eq!(encode_below(&large, 1 << 20).unwrap(), Some(encode(&large).unwrap()));
+        assert_eq!(encoded_len(&small).unwrap(), encode(&small).unwrap().len());
     }
 
     #[test]

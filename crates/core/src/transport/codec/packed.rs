@@ -116,6 +116,23 @@ macro_rules! numbers {
             )*
             None
         }
+
+        /// [`to_vec`] of `size` bytes that `fill` copies in, into memory faulted in first:
+        /// for elements that are still arriving. `None` if `V` is not a `Vec` of exactly that
+        /// number type (then `fill` is not called).
+        pub(super) fn to_vec_filled<V, E>(
+            kind: Kind,
+            size: usize,
+            fill: impl FnOnce(&mut [std::mem::MaybeUninit<u8>]) -> Result<(), E>,
+        ) -> Option<Result<V, E>> {
+            $(
+                if kind == $kind && unty::type_equal::<V, Vec<$ty>>() {
+                    let vec = sys::vec_filled::<$ty, E>(size / kind.width(), fill);
+                    return vec.map(|vec| sys::vec_as::<V, $ty>(vec).ok()).transpose();
+                }
+            )*
+            None
+        }
     };
 }
 
