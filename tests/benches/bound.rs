@@ -191,13 +191,14 @@ fn main() -> Result<(), multiproc::Error> {
         "Under fork, arguments and initializer arguments are moved into the child, not encoded.",
     );
     table.note(
-        "Under spawn and forkserver the vector's encoding is written once into sealed memory \
-         before any worker can decode it, and the baseline writes nothing: that write is what \
-         stands between the initializer row and 1.1×. Measured apart (80 MB, this VM): encoding \
-         it 37-49 ms, of which one pwrite into a memfd 28-32 ms, the fastest way found (mapping \
-         and copying 51-54 ms, two threads copying halves 34-52 ms, malloc and memcpy into \
-         fresh memory 34-44 ms; shared memory has no huge pages here). Only workers decoding \
-         behind the writer, or not copying (the sealed slice row), avoid it.",
+        "Under spawn and forkserver the vector's encoding is written once into shared memory \
+         by build(), after the workers have started, and each worker decodes it behind the \
+         writing (copying each piece as it is published); the baseline writes nothing. With no \
+         more CPUs than workers (this 2-vCPU VM, 2 workers) the parent's copy (one pwrite into \
+         a memfd, 28-32 ms for 80 MB here) competes with the workers' own copies for the CPUs: \
+         that is what stands between the initializer row and 1.1× here. In a scratch A/B (9 \
+         rounds alternating with the baseline), reading behind the writer instead of after it \
+         took the median from 1.25× to 1.14× (spawn) and from 1.32× to 1.18× (forkserver).",
     );
     table.note("The forkserver's preload is built once per server (before this table), so its row has nothing left to build or ship.");
     table.finish();
