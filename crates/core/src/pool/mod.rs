@@ -101,9 +101,11 @@ impl PoolBuilder<()> {
     /// megabyte or more are written once into shared memory, which every worker maps and
     /// decodes from, instead of being sent through each worker's socket: they are measured
     /// here and written by `build()` once the workers have started, each decoding behind the
-    /// writing (so a large vector costs about one copy, not a copy and then a decode). If the initializer
-    /// panics, `build()` fails with that panic; if it panics in a replacement worker, the pool
-    /// stops replacing workers (no endless respawn loop) and finishes with those it has.
+    /// writing (so a large vector costs about one copy, not a copy and then a decode). If
+    /// their `Serialize` impl fails, panics or encodes to another length in that writing,
+    /// `build()` fails (or panics) after stopping the workers. If the initializer panics,
+    /// `build()` fails with that panic; if it panics in a replacement worker, the pool stops
+    /// replacing workers (no endless respawn loop) and finishes with those it has.
     pub fn initializer<A: Portable, S: Send + 'static>(
         self,
         task: Task<A, S>,
