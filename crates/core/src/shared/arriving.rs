@@ -209,7 +209,9 @@ impl Arrival for ArrivingReader<'_> {
             header.waiters.fetch_add(1, SeqCst);
             let woken = sys::futex_wait(header.turn, turn, Some(Instant::now() + WRITER_CHECK));
             header.waiters.fetch_sub(1, SeqCst);
-            if matches!(woken, Ok(false)) && self.writer_gone() {
+            // Not woken (the check's time passed, or the wait itself failed, which must not
+            // become a loop that never looks at the writer): is it still there?
+            if !matches!(woken, Ok(true)) && self.writer_gone() {
                 return Err("the parent went away while writing them".into());
             }
         }
